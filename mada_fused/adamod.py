@@ -1,0 +1,64 @@
+"""AdaMod (SPEC section 3) and DiffMod (section 4)."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from . import _checks
+from .backends.base import AdamodKernelConfig
+from .optimizer import FusedOptimizer, Work
+
+
+class AdaMod(FusedOptimizer):
+    """Adam whose per-element step size is capped by its own long-term EMA."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        beta3: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        backend: str = "auto",
+    ) -> None:
+        self._kcfg = self._kernel_config(betas, _checks.beta("beta3", beta3), eps)
+        super().__init__(params, lr, weight_decay, backend)
+
+    def _kernel_config(self, betas, beta3: float, eps) -> AdamodKernelConfig:
+        beta1, beta2 = _checks.beta_pair("betas", betas)
+        return AdamodKernelConfig(
+            beta1, beta2, beta3, _checks.non_negative("eps", eps), diff=isinstance(self, DiffMod)
+        )
+
+    def _state_names(self) -> tuple[str, ...]:
+        return ("m", "v", "s") + (("g_prev",) if self._kcfg.diff else ())
+
+    def _config(self) -> dict[str, Any]:
+        return {"optimizer": type(self).__name__}
+
+    def _run(self, work: list[Work], ok: dict[torch.device, torch.Tensor | None]) -> None:
+        for backend, bucket, seg, sc in work:
+            backend.adamod_step(bucket, seg, sc, self._kcfg)
+
+
+class DiffMod(AdaMod):
+    """AdaMod with diffGrad's friction: steps shrink where the gradient barely changes."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        len_memory: float = 1000,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        backend: str = "auto",
+    ) -> None:
+        len_memory = _checks.real_number("len_memory", len_memory)
+        if len_memory < 1:
+            raise ValueError(f"len_memory must be >= 1, got {len_memory}")
+        self._kcfg = self._kernel_config(betas, 1.0 - 1.0 / len_memory, eps)
+        FusedOptimizer.__init__(self, params, lr, weight_decay, backend)

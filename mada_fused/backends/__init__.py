@@ -1,0 +1,99 @@
+"""Backend registry: which compute backends exist and which one a bucket uses.
+
+Each backend lives in its own module with a ``load() -> Backend`` function
+that raises :class:`BackendUnavailable` with a reason a user can act on.
+Loading is lazy, so a missing optional dependency (Triton, a CUDA build)
+only matters to someone who asks for it.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from .base import Backend
+
+NAMES: tuple[str, ...] = ("reference", "cpu", "cuda", "triton")
+# "auto" tries these in order and takes the first that loads and supports the bucket.
+_AUTO_ORDER: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
+ENV_VAR = "MADA_FUSED_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend that exists in the code base but cannot run here."""
+
+
+_loaded: dict[str, Backend] = {}
+_failed: dict[str, str] = {}
+
+
+def load(name: str) -> Backend:
+    if name not in NAMES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + NAMES}")
+    if name in _loaded:
+        return _loaded[name]
+    if name in _failed:
+        raise BackendUnavailable(_failed[name])
+    try:
+        backend = importlib.import_module(f"{__name__}.{name}").load()
+    except BackendUnavailable as e:
+        _failed[name] = str(e)
+        raise
+    except ImportError as e:
+        _failed[name] = f"the {name} backend failed to import ({e}); reinstall mada-fused"
+        raise BackendUnavailable(_failed[name]) from e
+    _loaded[name] = backend
+    return backend
+
+
+def available() -> list[str]:
+    """Names of the backends that load on this machine (for any device)."""
+    out = []
+    for name in NAMES:
+        try:
+            load(name)
+        except BackendUnavailable:
+            continue
+        out.append(name)
+    return out
+
+
+def unavailable_reasons() -> dict[str, str]:
+    available()
+    return dict(_failed)
+
+
+def check_name(name: str) -> str:
+    """Validate a user's ``backend=`` argument; returns the effective request."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    if name == "auto":
+        name = os.environ.get(ENV_VAR, "auto") or "auto"
+        if name != "auto" and name not in NAMES:
+            raise ValueError(f"{ENV_VAR}={name!r} is not a backend; choose one of {NAMES}")
+    elif name not in NAMES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + NAMES}")
+    if name != "auto":
+        load(name)  # fail at construction, with the reason, not at the first step
+    return name
+
+
+def resolve(request: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend that steps a (device, dtype) bucket for a checked request."""
+    if request != "auto":
+        backend = load(request)
+        if not backend.supports(device, dtype):
+            raise ValueError(
+                f"backend {request!r} cannot step {dtype} parameters on {device}; "
+                f"use backend='auto' or one of {available()}"
+            )
+        return backend
+    for name in _AUTO_ORDER:
+        try:
+            backend = load(name)
+        except BackendUnavailable:
+            continue
+        if backend.supports(device, dtype):
+            return backend
+    raise AssertionError("the reference backend supports every device")  # pragma: no cover

@@ -1,0 +1,122 @@
+"""The contract between the optimizer classes and a compute backend.
+
+The optimizer owns all bookkeeping: flat state buckets, validation, AMP
+plumbing, step counters and the hyper-update. A backend only runs the
+per-element pass over one bucket. Every scalar that changes between steps (lr,
+weight decay, coefficients, step counts, grad scale, found_inf) is a tensor on
+the bucket's device, so a backend never needs the host to know a value and a
+step can be captured in a CUDA graph.
+
+Per call, a backend must, for every active segment i (elements
+``offsets[i] : offsets[i] + numels[i]`` of the flat state):
+
+1. If ``scalars.found_inf`` is set (non-zero), change nothing at all.
+2. Form ``g = grad / grad_scale`` (when given), negated when ``maximize``.
+3. ``mada_step``: when ``dot_out`` is given, first add ``sum(g * T)`` over the
+   stored tangent rows ``T`` (the previous step's du/dk) into
+   ``dot_out[j]``, in a fixed order so the result is bitwise deterministic;
+   then run the SPEC section 1 update with ``t = steps[param_index[i]]``
+   (already incremented by the optimizer), write params and state, and, when
+   ``cfg.learn`` is non-empty, overwrite the tangent rows with this step's
+   du/dk. ``mada_dot`` does only the first part (``hyper_order="exact"``).
+4. ``adamod_step``: SPEC sections 3 and 4.
+
+Arithmetic is in the state dtype (float32, or float64 for float64 params).
+Parameters of lower precision are read, updated in the state dtype and
+rounded once on the way back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..flat_state import Bucket
+
+COEFFICIENTS: tuple[str, ...] = ("beta1", "beta2", "beta3", "rho", "c", "gamma")
+
+
+@dataclass(frozen=True)
+class MadaKernelConfig:
+    """Host constants of a MADA pass; fixed for the optimizer's lifetime."""
+
+    learn: tuple[int, ...]  # canonical indices (into COEFFICIENTS) of learned coefficients
+    has_beta3: bool  # state n, g_prev
+    has_vbar: bool  # state vb
+    has_lion: bool  # state l
+    has_mod: bool  # state s
+    eps: float
+    mod_beta: float
+    lion_betas: tuple[float, float]
+    vbar_detach: bool
+    maximize: bool
+
+
+@dataclass(frozen=True)
+class AdamodKernelConfig:
+    beta1: float
+    beta2: float
+    beta3: float
+    eps: float
+    diff: bool  # DiffMod's friction term (state g_prev)
+
+
+@dataclass
+class DeviceScalars:
+    """Per-step scalars, all on the bucket's device."""
+
+    coef: torch.Tensor | None  # (6,) float64, canonical order; None for AdaMod/DiffMod
+    lr: torch.Tensor  # (num_groups,) float64
+    weight_decay: torch.Tensor  # (num_groups,) float64
+    grad_scale: torch.Tensor | None  # 1-element float32, GradScaler's scale
+    found_inf: torch.Tensor | None  # 1-element float32, non-zero = skip the step
+
+
+@dataclass
+class Segments:
+    """The active part of a bucket for one step: parameters whose grad is set.
+
+    ``params[i]`` and ``grads[i]`` are contiguous, of the bucket's dtype and
+    device. The tables are in bucket order.
+    """
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    offsets: list[int]  # element offset into the flat state
+    numels: list[int]
+    groups: list[int]  # param-group index (into DeviceScalars.lr / weight_decay)
+    param_index: list[int]  # index into Bucket.steps
+
+
+class Backend(Protocol):
+    name: str
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether this backend can step a bucket of this device and dtype."""
+
+    def mada_step(
+        self,
+        bucket: Bucket,
+        seg: Segments,
+        scalars: DeviceScalars,
+        cfg: MadaKernelConfig,
+        dot_out: torch.Tensor | None,
+    ) -> None: ...
+
+    def mada_dot(
+        self,
+        bucket: Bucket,
+        seg: Segments,
+        scalars: DeviceScalars,
+        cfg: MadaKernelConfig,
+        dot_out: torch.Tensor,
+    ) -> None: ...
+
+    def adamod_step(
+        self,
+        bucket: Bucket,
+        seg: Segments,
+        scalars: DeviceScalars,
+        cfg: AdamodKernelConfig,
+    ) -> None: ...

@@ -1,0 +1,66 @@
+"""Flat optimizer state: one buffer per state name for a (device, dtype) bucket.
+
+Fused kernels want a few long buffers; users, checkpoints and LR tooling want
+per-parameter tensors. A bucket gives both: ``optimizer.state[p][name]`` is a
+view into the bucket's flat buffer, so state_dict sees per-parameter tensors
+and load_state_dict writes straight into the buffers the kernels read.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def state_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
+    # Low-precision params keep fp32 state; fp64 params (the test oracle) keep fp64.
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+class Bucket:
+    """State of all parameters of one device and dtype that joined together.
+
+    ``buffers[name]`` is a 1-D buffer of ``numel`` elements; parameter ``i``
+    owns elements ``offsets[i] : offsets[i] + params[i].numel()``. Tangents
+    are one ``(num_learned, numel)`` buffer. ``steps[i]`` counts parameter
+    ``i``'s successful steps.
+    """
+
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        state_names: tuple[str, ...],
+        num_tangents: int,
+    ) -> None:
+        first = params[0]
+        self.device = first.device
+        self.dtype = first.dtype
+        self.state_dtype = state_dtype_for(first.dtype)
+        self.params = list(params)
+        self.offsets: list[int] = []
+        total = 0
+        for p in self.params:
+            self.offsets.append(total)
+            total += p.numel()
+        self.numel = total
+        self.index = {p: i for i, p in enumerate(self.params)}
+        opts = dict(device=self.device, dtype=self.state_dtype)
+        self.buffers = {name: torch.zeros(total, **opts) for name in state_names}
+        self.tangents = torch.zeros(num_tangents, total, **opts) if num_tangents else None
+        self.steps = torch.zeros(len(self.params), device=self.device, dtype=torch.float64)
+
+    def views(self, i: int) -> dict[str, torch.Tensor]:
+        """Per-parameter state of parameter ``i``: views, never copies."""
+        p, lo = self.params[i], self.offsets[i]
+        hi = lo + p.numel()
+        out = {"step": self.steps[i]}
+        for name, buf in self.buffers.items():
+            out[name] = buf[lo:hi].view(p.shape)
+        if self.tangents is not None:
+            out["tangents"] = self.tangents[:, lo:hi].view(len(self.tangents), *p.shape)
+        return out
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the bucket owns (for snapshot/restore)."""
+        out = list(self.buffers.values()) + [self.steps]
+        if self.tangents is not None:
+            out.append(self.tangents)
+        return out

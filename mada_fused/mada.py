@@ -1,0 +1,197 @@
+"""MADA, the meta-adaptive optimizer, and AVGrad, one of its corners."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from . import _checks
+from .backends.base import COEFFICIENTS, MadaKernelConfig
+from .hyper import HyperConfig, HyperState
+from .optimizer import FusedOptimizer, Work
+
+
+class MADA(FusedOptimizer):
+    """Moves between Adam, AVGrad, Yogi, Adan and Lion through six coefficients
+    (beta1, beta2, beta3, rho, c, gamma), learned by hyper-gradient descent.
+
+    ``betas``/``beta3``/``rho``/``c``/``gamma`` are the starting coefficients,
+    shared by all parameter groups; ``lr`` and ``weight_decay`` are per group.
+    ``mod_beta > 0`` turns on the AdaMod clip. See SPEC.md for every equation.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        beta3: float = 0.0,
+        rho: float = 1.0,
+        c: float = 1.0,
+        gamma: float = 1.0,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        mod_beta: float = 0.0,
+        lion_betas: tuple[float, float] = (0.95, 0.98),
+        learn: Iterable[str] = COEFFICIENTS,
+        hyper_lr: Mapping[str, float] | None = None,
+        hyper_clip: float | None = 10.0,
+        hyper_warmup: int = 50,
+        bounds: Mapping[str, tuple[float, float]] | str | None = None,
+        vbar: str = "full",
+        hyper_order: str = "lagged",
+        maximize: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        beta1, beta2 = _checks.beta_pair("betas", betas)
+        values = {
+            "beta1": beta1,
+            "beta2": beta2,
+            "beta3": _checks.beta("beta3", beta3),
+            "rho": _checks.in_range("rho", rho, 0.0, 1.0),
+            "c": _checks.in_range("c", c, 0.0, 1.0),
+            "gamma": _checks.in_range("gamma", gamma, 0.0, 1.0),
+        }
+        hyper = HyperConfig.build(learn, hyper_lr, bounds, hyper_clip, hyper_warmup)
+        hyper.check_values(values)
+        if vbar not in ("full", "detach"):
+            raise ValueError(f"vbar must be 'full' or 'detach', got {vbar!r}")
+        if hyper_order not in ("lagged", "exact"):
+            raise ValueError(f"hyper_order must be 'lagged' or 'exact', got {hyper_order!r}")
+        if not isinstance(maximize, bool):
+            raise TypeError("maximize must be a bool")
+        self._kcfg = MadaKernelConfig(
+            learn=hyper.learn_index,
+            has_beta3=values["beta3"] != 0.0 or "beta3" in hyper.learn,
+            has_vbar=values["rho"] != 1.0 or "rho" in hyper.learn,
+            has_lion=values["gamma"] != 1.0 or "gamma" in hyper.learn,
+            has_mod=_checks.beta("mod_beta", mod_beta) > 0.0,
+            eps=_checks.non_negative("eps", eps),
+            mod_beta=float(mod_beta),
+            lion_betas=_checks.beta_pair("lion_betas", lion_betas),
+            vbar_detach=vbar == "detach",
+            maximize=maximize,
+        )
+        self._exact = hyper_order == "exact"
+        self._fixed = {n: v for n, v in values.items() if n not in hyper.learn}
+        super().__init__(params, lr, weight_decay, backend)
+        device = self.param_groups[0]["params"][0].device
+        self._hyper = HyperState(hyper, values, device)
+        self._has_tangents = False  # host-side: no tangents before the first step
+        self._h_valid = False  # host-side: a hyper-gradient has been computed
+
+    # -- public read-outs (these sync the host; step() never does) -------------
+    @property
+    def coefficients(self) -> dict[str, float]:
+        return dict(zip(COEFFICIENTS, self._hyper.coef.tolist()))
+
+    @property
+    def hypergradients(self) -> dict[str, float]:
+        if not self._h_valid:
+            return {}
+        h = self._hyper.hypergrad.tolist()
+        return {n: h[COEFFICIENTS.index(n)] for n in self._hyper.cfg.learn}
+
+    # -- FusedOptimizer hooks -----------------------------------------------------
+    def _state_names(self) -> tuple[str, ...]:
+        k = self._kcfg
+        return (
+            ("m", "v")
+            + (("n", "g_prev") if k.has_beta3 else ())
+            + (("l",) if k.has_lion else ())
+            + (("vb",) if k.has_vbar else ())
+            + (("s",) if k.has_mod else ())
+        )
+
+    def _num_tangents(self) -> int:
+        return len(self._kcfg.learn)
+
+    def _config(self) -> dict[str, Any]:
+        k = self._kcfg
+        return {
+            "optimizer": type(self).__name__,
+            "learn": [COEFFICIENTS[i] for i in k.learn],
+            "fixed": dict(self._fixed),
+            "mod_beta": k.mod_beta,
+            "lion_betas": list(k.lion_betas),
+        }
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "hyper": self._hyper.state_dict(),
+            "has_tangents": self._has_tangents,
+            "hypergradients_valid": self._h_valid,
+        }
+
+    def _check_extra_state(self, extra: Mapping[str, Any]) -> None:
+        self._hyper.check_state_dict(extra.get("hyper"))
+        for key in ("has_tangents", "hypergradients_valid"):
+            if not isinstance(extra.get(key), bool):
+                raise ValueError(f"state_dict['mada'][{key!r}] must be a bool")
+
+    def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
+        self._hyper.load_state_dict(extra["hyper"])
+        self._has_tangents = extra["has_tangents"]
+        self._h_valid = extra["hypergradients_valid"]
+
+    def _run(self, work: list[Work], ok: dict[torch.device, torch.Tensor | None]) -> None:
+        hyper, cfg = self._hyper, self._kcfg
+        ok_any = next(iter(ok.values()))
+        ok_home = None if ok_any is None else ok_any.to(hyper.device)
+        hyper.count_step(ok_home)
+        want_dot = bool(cfg.learn) and self._has_tangents
+
+        if want_dot and self._exact:  # reduce, update k, then step with the new k
+            dots = self._dots(work)
+            self._bind_coef(work)
+            for backend, bucket, seg, sc in work:
+                backend.mada_dot(bucket, seg, sc, cfg, dots[bucket.device])
+            hyper.update(self._reduce(dots), ok_home)
+        lagged = want_dot and not self._exact
+        dots = self._dots(work) if lagged else {}
+        self._bind_coef(work)
+        for backend, bucket, seg, sc in work:
+            backend.mada_step(bucket, seg, sc, cfg, dots.get(bucket.device))
+        if lagged:  # k moves after the pass that read it
+            hyper.update(self._reduce(dots), ok_home)
+        self._has_tangents = self._has_tangents or bool(cfg.learn)
+        self._h_valid = self._h_valid or want_dot
+
+    def _bind_coef(self, work: list[Work]) -> None:
+        """Point every bucket at the current coefficients (a copy off the home device)."""
+        coef = self._hyper.coef
+        for _, bucket, _, sc in work:
+            sc.coef = coef if bucket.device == coef.device else coef.to(bucket.device)
+
+    def _dots(self, work: list[Work]) -> dict[torch.device, torch.Tensor]:
+        """Zeroed per-device accumulators that backends add their partial sums into."""
+        n = len(self._kcfg.learn)
+        devices = {bucket.device for _, bucket, _, _ in work}
+        return {d: torch.zeros(n, dtype=torch.float64, device=d) for d in devices}
+
+    def _reduce(self, dots: dict[torch.device, torch.Tensor]) -> torch.Tensor:
+        """The global sum(g_next * du/dk), on the coefficients' device."""
+        home = self._hyper.device
+        total = None
+        for d in dots.values():
+            total = d.to(home) if total is None else total + d.to(home)
+        return total
+
+
+class AVGrad(MADA):
+    """Adam with a running mean of v in place of AMSGrad's max (MADA at rho = 0)."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            params, lr=lr, betas=betas, rho=0.0, eps=eps, weight_decay=weight_decay,
+            learn=(), backend=backend,
+        )
