@@ -35,7 +35,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._buckets: list[Bucket] = []
         self._bucket_of: dict[torch.Tensor, Bucket] = {}
         self._scalars: dict[torch.device, tuple[torch.Tensor, list]] = {}
-        self._index_cache: dict[tuple, torch.Tensor] = {}
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
 
     # -- what subclasses provide ---------------------------------------------
@@ -97,6 +96,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         ]
         if not active:
             return loss
+        for device, dtype in {(p.device, p.dtype) for _, p, _ in active}:
+            backends.resolve(self._backend_request, device, dtype)
         # Everything below mutates; everything above only checked.
         self._allocate([p for _, p, _ in active])
         grad_scale = getattr(self, "grad_scale", None)
@@ -167,10 +168,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if len(index) == len(bucket.params):
             bucket.steps.add_(inc)
             return
-        key = (id(bucket), tuple(index))
-        idx = self._index_cache.get(key)
+        key = tuple(index)
+        idx = bucket.index_cache.get(key)
         if idx is None:  # built once per pattern of missing grads: no per-step copy
-            idx = self._index_cache[key] = torch.tensor(index, device=bucket.device)
+            idx = bucket.index_cache[key] = torch.tensor(index, device=bucket.device)
         bucket.steps.index_add_(0, idx, torch.ones(len(index), dtype=torch.float64, device=bucket.device) * inc)
 
     def _group_scalars(self, device: torch.device) -> torch.Tensor:
@@ -220,7 +221,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, value in saved.items():
                 if key != "params":
                     group[key] = value
-        self._buckets, self._bucket_of, self._index_cache = [], {}, {}
+        self._buckets, self._bucket_of = [], {}
         self.state.clear()
         for members in layout:
             bucket = self._add_bucket([params[i] for i in members])

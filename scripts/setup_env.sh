@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv (once) with torch 2.13 and mada-fused installed in editable mode.
+# torch is pinned: on these machines 2.13.0 resolves to the CPU wheel on disk,
+# while a looser pin would pull several GB of CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q "torch==2.13.0"
+# The CUDA extension is compiled whenever nvcc exists; one arch keeps this fast.
+MADA_CUDA_ARCHS=${MADA_CUDA_ARCHS:-90} python -m pip install -q -e ".[test,triton,bench]"
+python -m mada_fused.info

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command: set up the environment, run the test suite, then the wheel smoke job.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh || exit 1
+. .venv/bin/activate
+python -m pytest tests -q -ra
+rc=$?
+# pytest exits 5 when it collected nothing; that is a broken suite here, not a pass.
+[ $rc -eq 0 ] || exit $rc
+if [ -f .ci/wheel_smoke.sh ]; then
+  bash .ci/wheel_smoke.sh || exit 1
+fi
