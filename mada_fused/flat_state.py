@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .distributed import local_shape
+
 
 def state_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
     # Low-precision params keep fp32 state; fp64 params (the test oracle) keep fp64.
@@ -35,11 +37,13 @@ class Bucket:
         self.dtype = first.dtype
         self.state_dtype = state_dtype_for(first.dtype)
         self.params = list(params)
+        # A DTensor parameter (FSDP2) keeps state for its local shard only.
+        self.shapes = [local_shape(p) for p in self.params]
         self.offsets: list[int] = []
         total = 0
-        for p in self.params:
+        for shape in self.shapes:
             self.offsets.append(total)
-            total += p.numel()
+            total += shape.numel()
         self.numel = total
         self.index = {p: i for i, p in enumerate(self.params)}
         opts = dict(device=self.device, dtype=self.state_dtype)
@@ -51,13 +55,13 @@ class Bucket:
 
     def views(self, i: int) -> dict[str, torch.Tensor]:
         """Per-parameter state of parameter ``i``: views, never copies."""
-        p, lo = self.params[i], self.offsets[i]
-        hi = lo + p.numel()
+        shape, lo = self.shapes[i], self.offsets[i]
+        hi = lo + shape.numel()
         out = {"step": self.steps[i]}
         for name, buf in self.buffers.items():
-            out[name] = buf[lo:hi].view(p.shape)
+            out[name] = buf[lo:hi].view(shape)
         if self.tangents is not None:
-            out["tangents"] = self.tangents[:, lo:hi].view(len(self.tangents), *p.shape)
+            out["tangents"] = self.tangents[:, lo:hi].view(len(self.tangents), *shape)
         return out
 
     def tensors(self) -> list[torch.Tensor]:

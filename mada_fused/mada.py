@@ -8,6 +8,7 @@ import torch
 
 from . import _checks
 from .backends.base import COEFFICIENTS, MadaKernelConfig
+from .distributed import ShardSum
 from .hyper import HyperConfig, HyperState
 from .optimizer import FusedOptimizer, Work
 
@@ -19,6 +20,11 @@ class MADA(FusedOptimizer):
     ``betas``/``beta3``/``rho``/``c``/``gamma`` are the starting coefficients,
     shared by all parameter groups; ``lr`` and ``weight_decay`` are per group.
     ``mod_beta > 0`` turns on the AdaMod clip. See SPEC.md for every equation.
+
+    ``process_group`` (a ProcessGroup or 1-D DeviceMesh) is the group the
+    hyper-gradient's per-rank partial sums are summed over. By default that is
+    found from the parameters: none for plain tensors (DDP), the shard
+    dimensions of the mesh for sharded DTensors (FSDP2).
     """
 
     def __init__(
@@ -43,6 +49,7 @@ class MADA(FusedOptimizer):
         hyper_order: str = "lagged",
         maximize: bool = False,
         backend: str = "auto",
+        process_group: Any = None,
     ) -> None:
         beta1, beta2 = _checks.beta_pair("betas", betas)
         values = {
@@ -75,6 +82,8 @@ class MADA(FusedOptimizer):
         )
         self._exact = hyper_order == "exact"
         self._fixed = {n: v for n, v in values.items() if n not in hyper.learn}
+        # Before super(): add_param_group reads it. Without learning there is no sum.
+        self._shard_sum = ShardSum(process_group, needed=bool(hyper.learn))
         super().__init__(params, lr, weight_decay, backend)
         device = self.param_groups[0]["params"][0].device
         self._hyper = HyperState(hyper, values, device)
@@ -92,6 +101,14 @@ class MADA(FusedOptimizer):
             return {}
         h = self._hyper.hypergrad.tolist()
         return {n: h[COEFFICIENTS.index(n)] for n in self._hyper.cfg.learn}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._shard_sum.add(self.param_groups[-1]["params"])
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     # -- FusedOptimizer hooks -----------------------------------------------------
     def _state_names(self) -> tuple[str, ...]:
@@ -176,7 +193,7 @@ class MADA(FusedOptimizer):
         total = None
         for d in dots.values():
             total = d.to(home) if total is None else total + d.to(home)
-        return total
+        return self._shard_sum(total)  # sharded parameters: sum over the ranks too
 
 
 class AVGrad(MADA):

@@ -15,6 +15,7 @@ import torch
 
 from . import _checks, backends
 from .backends.base import Backend, DeviceScalars, Segments
+from .distributed import local_grad, local_shape, local_tensor, param_state
 from .flat_state import Bucket
 
 # One unit of work: a bucket's active segments and the backend that steps them.
@@ -89,7 +90,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):
             _checks.group_lr(group, i)
         active = [
-            (gi, p, _checks.grad_of(p))
+            (gi, p, local_grad(p, _checks.grad_of(p)))  # a DTensor's local shard
             for gi, group in enumerate(self.param_groups)
             for p in group["params"]
             if p.grad is not None
@@ -123,7 +124,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._buckets.append(bucket)
         for i, p in enumerate(params):
             self._bucket_of[p] = bucket
-            self.state[p] = bucket.views(i)
+            self.state[p] = param_state(p, bucket.views(i))
         return bucket
 
     def _plan(self, active, grad_scale, found_inf) -> tuple[list[Work], list, dict]:
@@ -138,14 +139,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             for i, p in enumerate(bucket.params):
                 if p not in grad_of:
                     continue
-                data = p
-                if not p.is_contiguous():
-                    data = p.contiguous()
-                    staged.append((p, data))
+                data = local = local_tensor(p)  # FSDP2: step this rank's shard
+                if not local.is_contiguous():
+                    data = local.contiguous()
+                    staged.append((local, data))
                 seg.params.append(data)
                 seg.grads.append(grad_of[p].contiguous())
                 seg.offsets.append(bucket.offsets[i])
-                seg.numels.append(p.numel())
+                seg.numels.append(data.numel())
                 seg.groups.append(group_of[p])
                 seg.param_index.append(i)
             if not seg.params:
@@ -227,7 +228,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             bucket = self._add_bucket([params[i] for i in members])
             for j, i in enumerate(members):
                 for name, dst in bucket.views(j).items():
-                    dst.copy_(saved_state[i][name])
+                    dst.copy_(local_tensor(saved_state[i][name]))
         self._load_extra_state(state_dict["mada"])
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
@@ -240,7 +241,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             return ValueError(f"cannot load this state_dict into {type(self).__name__}: {why}")
 
         if not isinstance(sd, Mapping) or not {"state", "param_groups", "mada"} <= set(sd):
-            raise bad("it needs the keys 'state', 'param_groups' and 'mada'")
+            raise bad(
+                "it needs the keys 'state', 'param_groups' and 'mada' (torch.distributed.checkpoint's "
+                "state_dict helpers drop 'mada': use those in mada_fused.distributed)"
+            )
         extra = sd["mada"]
         if not isinstance(extra, Mapping) or extra.get("config") != self._config():
             raise bad(f"it comes from another configuration ({extra.get('config') if isinstance(extra, Mapping) else extra} != {self._config()})")
@@ -261,7 +265,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         flat = [i for b in layout if b is not None for i in b]
         if None in layout or -1 in flat or len(set(flat)) != len(flat) or any(not b for b in layout):
             raise bad("its bucket layout does not match its parameter groups")
-        state = {pos.get(k, -1): v for k, v in sd["state"].items()}
+        # Reading optimizer.state[p] of a parameter that never stepped leaves an
+        # empty entry behind (it is a defaultdict); that is no state at all.
+        state = {pos.get(k, -1): v for k, v in sd["state"].items() if not (isinstance(v, Mapping) and not v)}
         if set(state) != set(flat):
             raise bad("its per-parameter state does not match its bucket layout")
         for members in layout:
@@ -285,3 +291,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             t = st[name]
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
                 raise ValueError(f"state[{i}][{name!r}] must be a float tensor of shape {shape}")
+            # A sharded parameter needs its state sharded the same way (DCP does that).
+            local = shape[: len(shape) - p.dim()] + tuple(local_shape(p))
+            if name != "step" and tuple(local_shape(t)) != local:
+                raise ValueError(f"state[{i}][{name!r}] is not sharded like its parameter ({local} here)")

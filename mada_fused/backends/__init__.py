@@ -20,7 +20,7 @@ _AUTO_ORDER: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
 ENV_VAR = "MADA_FUSED_BACKEND"
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(ValueError):
     """A backend that exists in the code base but cannot run here."""
 
 

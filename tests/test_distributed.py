@@ -1,0 +1,337 @@
+"""torch.distributed: FSDP2 / DTensor shards, DDP, and DCP checkpoints, on CPU with gloo.
+
+One module-scoped fixture spawns two ranks once (starting processes is most of
+the cost) and runs every scenario there; each test compares one scenario's
+results with a single process that sees the same global batch.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from mada_fused import MADA, AdaMod, AVGrad, DiffMod
+
+if not (dist.is_available() and dist.is_gloo_available()):
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+try:
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # torch < 2.6
+    try:
+        from torch.distributed._composable.fsdp import fully_shard
+    except ImportError:
+        pytest.skip("FSDP2 (fully_shard) is not available in this torch", allow_module_level=True)
+
+WORLD = 2
+STEPS = 12
+F64, F32 = torch.float64, torch.float32
+# Learning on from the first step, every state allocated, hyper-rates large enough
+# that the coefficients travel (beta2: 0.999 -> 0.959 in 12 steps).
+MADA_KW = dict(lr=1e-2, beta3=0.3, rho=0.7, c=0.9, gamma=0.8, mod_beta=0.9, weight_decay=0.01,
+               hyper_warmup=0, hyper_lr=dict(beta1=0.05, beta2=0.05, beta3=0.1, rho=0.1, c=0.1, gamma=0.1))
+OTHERS = {"AdaMod": (AdaMod, dict(lr=1e-2, beta3=0.9)), "DiffMod": (DiffMod, dict(lr=1e-2, len_memory=10)),
+          "AVGrad": (AVGrad, dict(lr=1e-2))}
+# Manually sharded DTensors: uneven (5 rows: 3 + 2), along dim 1, and empty on rank 1.
+SHAPES = [((5, 7), 0), ((4, 6), 1), ((1, 3), 0), ((3,), 0)]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def make_model(dtype: torch.dtype) -> torch.nn.Module:
+    """7 -> 5 -> 1: under FSDP2 on 2 ranks the 5-row weight splits 3 + 2 and the
+    1-row weight and bias are empty on rank 1."""
+    m = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)).to(dtype)
+    g = _gen(0)
+    with torch.no_grad():  # the same start in every process, whatever its default dtype
+        for p in m.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=F64))
+    return m
+
+
+def batches(dtype: torch.dtype, steps: int = STEPS) -> list:
+    g = _gen(1)
+    return [(torch.randn(8, 7, generator=g, dtype=F64).to(dtype), torch.randn(8, 1, generator=g, dtype=F64).to(dtype))
+            for _ in range(steps)]
+
+
+def train(model, opt, data, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Each rank takes its slice of the global batch; returns the coefficient trajectory."""
+    coefs = []
+    for x, y in data:
+        n = x.shape[0] // world
+        x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        coefs.append(opt._hyper.coef.clone() if isinstance(opt, MADA) else torch.zeros(6, dtype=F64))
+    return torch.stack(coefs)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
+
+
+def manual_grads(dtype: torch.dtype, steps: int = STEPS) -> list:
+    g = _gen(2)
+    return [[torch.randn(s, generator=g, dtype=F64).to(dtype) for s, _ in SHAPES] for _ in range(steps)]
+
+
+def manual_params(dtype: torch.dtype) -> list:
+    g = _gen(3)
+    return [torch.randn(s, generator=g, dtype=F64).to(dtype).requires_grad_() for s, _ in SHAPES]
+
+
+def run_manual(opt, params, grads, cut=lambda g, i: g.clone()) -> torch.Tensor:
+    """Steps with given full gradients, ``cut(grad, i)`` down to parameter i's shard."""
+    coefs = []
+    for row in grads:
+        for i, (p, g) in enumerate(zip(params, row)):
+            p.grad = cut(g, i)
+        opt.step()
+        coefs.append(opt._hyper.coef.clone())
+    return torch.stack(coefs)
+
+
+# --------------------------------------------------------------------------- #
+# What the two ranks run
+# --------------------------------------------------------------------------- #
+
+def _fsdp(mesh, dtype):
+    m = make_model(dtype)
+    fully_shard(m[0], mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    return m
+
+
+def _scenarios(rank: int, mesh, ckpt_dir: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mada_fused import distributed as md
+
+    out = {}
+
+    def fsdp_mada(dtype, on=mesh):
+        m = _fsdp(on, dtype)
+        opt = MADA(m.parameters(), **MADA_KW)
+        coefs = train(m, opt, batches(dtype), rank, WORLD)
+        st = opt.state[m[0].weight]
+        layout = {k: (type(v).__name__, str(getattr(v, "placements", None))) for k, v in st.items()}
+        return dict(coefs=coefs, params=[full(p) for p in m.parameters()], groups=len(opt._shard_sum.groups),
+                    layout=layout)
+
+    def fsdp_other(name):
+        cls, kw = OTHERS[name]
+        m = _fsdp(mesh, F64)
+        train(m, cls(m.parameters(), **kw), batches(F64), rank, WORLD)
+        return dict(params=[full(p) for p in m.parameters()])
+
+    def ddp_mada():
+        m = DistributedDataParallel(make_model(F64))
+        opt = MADA(m.parameters(), **MADA_KW)
+        coefs = train(m, opt, batches(F64), rank, WORLD)
+        params = [full(p) for p in m.module.parameters()]
+        return dict(coefs=coefs, params=params, groups=len(opt._shard_sum.groups))
+
+    def manual(explicit):
+        # DTensors from distribute_tensor (placements FSDP2 never makes), or plain
+        # local shards with an explicit process_group (sharding MADA cannot see).
+        dims = [d for _, d in SHAPES]
+        if explicit:
+            def cut(t, i):
+                return t.detach().tensor_split(WORLD, dims[i])[rank].clone()
+
+            live = [cut(p, i).requires_grad_() for i, p in enumerate(manual_params(F64))]
+            opt = MADA(live, process_group=dist.group.WORLD, **MADA_KW)
+        else:
+            def cut(t, i):
+                return distribute_tensor(t.detach(), mesh, [Shard(dims[i])])
+
+            live = [cut(p, i).requires_grad_() for i, p in enumerate(manual_params(F64))]
+            opt = MADA(live, process_group=mesh, **MADA_KW)
+        coefs = run_manual(opt, live, manual_grads(F64), cut)
+        return dict(coefs=coefs, params=[p.detach() for p in live] if explicit else [full(p) for p in live])
+
+    def dcp_resume(name):
+        cls, kw = (MADA, MADA_KW) if name == "MADA" else OTHERS[name]
+        data, where = batches(F64), os.path.join(ckpt_dir, name)
+        m = _fsdp(mesh, F64)
+        opt = cls(m.parameters(), **kw)
+        train(m, opt, data[:5], rank, WORLD)
+        sd = {"model": get_model_state_dict(m), "optim": md.get_optimizer_state_dict(m, opt)}
+        dcp.save(sd, checkpoint_id=where)
+        straight = train(m, opt, data[5:], rank, WORLD)
+        m2 = _fsdp(mesh, F64)  # back at the initial weights
+        opt2 = cls(m2.parameters(), **kw)  # fresh: no state until set_optimizer_state_dict
+        sd = {"model": get_model_state_dict(m2), "optim": md.get_optimizer_state_dict(m2, opt2)}
+        dcp.load(sd, checkpoint_id=where)
+        set_model_state_dict(m2, sd["model"])
+        md.set_optimizer_state_dict(m2, opt2, sd["optim"])
+        resumed = train(m2, opt2, data[5:], rank, WORLD)
+        pairs = list(zip(m.parameters(), m2.parameters()))
+        same_state = all(torch.equal(md.local_tensor(a), md.local_tensor(b))
+                         for p, q in pairs for a, b in zip(opt.state[p].values(), opt2.state[q].values()))
+        same_params = all(torch.equal(p.to_local(), q.to_local()) for p, q in pairs)
+        return dict(coefs=torch.stack([straight, resumed]), same_state=same_state, same_params=same_params)
+
+    def mixed_rejected():
+        m = _fsdp(mesh, F64)
+        mixed = [*m.parameters(), torch.zeros(3, requires_grad=True)]
+        AVGrad(mixed)  # nothing learned, nothing summed: fine
+        try:
+            MADA(mixed, **MADA_KW)
+        except ValueError as e:
+            return dict(error=str(e))
+        return dict(error=None)
+
+    # HSDP: replicate over 2 ranks, shard over 1. FSDP2 averages the grads over the
+    # replicas, so MADA must sum over the (trivial) shard dimension only.
+    hsdp = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
+    jobs = [("fsdp_f64", lambda: fsdp_mada(F64)), ("fsdp_f32", lambda: fsdp_mada(F32)),
+            ("ddp", ddp_mada), ("hsdp", lambda: fsdp_mada(F64, hsdp)),
+            ("dtensor", lambda: manual(False)), ("explicit_group", lambda: manual(True)),
+            ("mixed", mixed_rejected), *[(f"other_{n}", lambda n=n: fsdp_other(n)) for n in OTHERS],
+            *[(f"dcp_{n}", lambda n=n: dcp_resume(n)) for n in ("MADA", "AdaMod")]]
+    for name, job in jobs:
+        try:
+            out[name] = job()
+        except BaseException:  # DCP's CheckpointException is not an Exception
+            # The other rank may be waiting in a collective now: stop here.
+            out[name] = dict(failed=traceback.format_exc())
+            break
+    return out
+
+
+def _worker(rank: int, tmp: str) -> None:
+    os.environ.pop("MADA_FUSED_BACKEND", None)  # as conftest does for the single-process side
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        torch.save(_scenarios(rank, init_device_mesh("cpu", (WORLD,)), tmp), f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    tmp = str(tmp_path_factory.mktemp("dist"))
+    ctx = torch.multiprocessing.start_processes(_worker, args=(tmp,), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two ranks did not finish in 240 s")
+    return [torch.load(f"{tmp}/rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def result(ranks: list[dict], name: str) -> list[dict]:
+    for r, out in enumerate(ranks):
+        assert name in out, f"rank {r} never ran {name!r} (an earlier scenario failed)"
+        assert "failed" not in out[name], f"rank {r}, {name}:\n{out[name]['failed']}"
+    return [out[name] for out in ranks]
+
+
+def assert_rel(got: torch.Tensor, want: torch.Tensor, rel: float, what: str) -> None:
+    err = (got.to(F64) - want.to(F64)).abs().max().item()
+    scale = want.to(F64).abs().max().item()
+    assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel:g} * {scale:.3g}"
+
+
+def single_process(dtype: torch.dtype, make_opt=lambda ps: MADA(ps, **MADA_KW)) -> tuple[torch.Tensor, list]:
+    m = make_model(dtype)
+    coefs = train(m, make_opt(m.parameters()), batches(dtype))
+    return coefs, [p.detach() for p in m.parameters()]
+
+
+def assert_same_bits_on_ranks(res: list[dict]) -> None:
+    for r in range(1, WORLD):
+        assert torch.equal(res[0]["coefs"], res[r]["coefs"]), "coefficients differ between ranks"
+
+
+# --------------------------------------------------------------------------- #
+# Tests
+# --------------------------------------------------------------------------- #
+
+@pytest.mark.parametrize("dtype,rel", [(F64, 1e-10), (F32, 1e-5)], ids=["float64", "float32"])
+def test_fsdp2_mada_matches_single_process(ranks, dtype, rel):
+    res = result(ranks, "fsdp_f64" if dtype == F64 else "fsdp_f32")
+    assert_same_bits_on_ranks(res)
+    coefs, params = single_process(dtype)
+    assert not torch.allclose(coefs[-1], coefs[0], rtol=0, atol=1e-3), "the coefficients should have moved"
+    assert_rel(res[0]["coefs"], coefs, rel, "coefficient trajectory")
+    for i, (got, want) in enumerate(zip(res[0]["params"], params)):
+        assert_rel(got, want, rel, f"parameter {i}")
+    assert res[0]["groups"] == 1  # one all-reduce per step, over the shard group
+    layout = res[0]["layout"]
+    assert layout["step"] == ("Tensor", "None")
+    assert layout["m"] == ("DTensor", "(Shard(dim=0),)")
+    assert layout["tangents"] == ("DTensor", "(Shard(dim=1),)")
+
+
+@pytest.mark.parametrize("name", sorted(OTHERS))
+def test_fsdp2_other_optimizers_match_single_process(ranks, name):
+    (res, _) = result(ranks, f"other_{name}")
+    cls, kw = OTHERS[name]
+    _, params = single_process(F64, lambda ps: cls(ps, **kw))
+    for i, (got, want) in enumerate(zip(res["params"], params)):
+        assert_rel(got, want, 1e-10, f"{name} parameter {i}")
+
+
+@pytest.mark.parametrize("name", ["ddp", "hsdp"])
+def test_replicas_match_single_process(ranks, name):
+    """DDP: no hyper-gradient all-reduce. HSDP: one over the shard dimension only."""
+    res = result(ranks, name)
+    assert_same_bits_on_ranks(res)
+    coefs, params = single_process(F64)
+    assert_rel(res[0]["coefs"], coefs, 1e-10, "coefficient trajectory")
+    for r in range(WORLD):
+        for i, (got, want) in enumerate(zip(res[r]["params"], params)):
+            assert_rel(got, want, 1e-10, f"rank {r} parameter {i}")
+    assert res[0]["groups"] == (0 if name == "ddp" else 1)
+
+
+@pytest.mark.parametrize("name", ["dtensor", "explicit_group"])
+def test_hand_sharded_params_match_single_process(ranks, name):
+    """distribute_tensor shards (dim 0 and 1, uneven, empty), or plain shards with process_group=."""
+    res = result(ranks, name)
+    assert_same_bits_on_ranks(res)
+    params = manual_params(F64)
+    coefs = run_manual(MADA(params, **MADA_KW), params, manual_grads(F64))
+    assert_rel(res[0]["coefs"], coefs, 1e-10, "coefficient trajectory")
+    if name == "explicit_group":  # put the plain shards back together
+        got = [torch.cat([res[r]["params"][i] for r in range(WORLD)], dim=d) for i, (_, d) in enumerate(SHAPES)]
+    else:
+        got = res[0]["params"]
+    for i, (g, want) in enumerate(zip(got, params)):
+        assert_rel(g, want.detach(), 1e-10, f"parameter {i}")
+
+
+@pytest.mark.parametrize("name", ["MADA", "AdaMod"])
+def test_dcp_save_and_resume_is_bit_exact(ranks, name):
+    for r, res in enumerate(result(ranks, f"dcp_{name}")):
+        straight, resumed = res["coefs"]
+        assert torch.equal(straight, resumed), f"rank {r}: coefficients after resuming differ"
+        assert res["same_params"] and res["same_state"], f"rank {r}: parameters or state differ after resuming"
+
+
+def test_mixed_sharded_and_plain_params_are_rejected_when_learning(ranks):
+    res = result(ranks, "mixed")
+    assert res[0]["error"] is not None and "once per rank" in res[0]["error"]
+
+
+def test_process_group_must_be_a_group_or_mesh():
+    with pytest.raises(TypeError, match="ProcessGroup or a DeviceMesh"):
+        MADA([torch.zeros(3, requires_grad=True)], process_group="world")
