@@ -131,7 +131,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         group_of = {p: gi for gi, p, _ in active}
         grad_of = {p: g for _, p, g in active}
         devices = {b.device for b in self._buckets}
-        ok = {d: None if found_inf is None else (found_inf.to(d) == 0).to(torch.float64) for d in devices}
+        ok = {d: None if found_inf is None else (found_inf.to(d).reshape(()) == 0).to(torch.float64) for d in devices}
         work: list[Work] = []
         staged = []
         for bucket in self._buckets:

@@ -1,0 +1,230 @@
+"""Host side of the Triton backend: chunk tables, launch configs, the fixed-order reduction.
+
+A bucket's active parameters are arbitrary tensors (one grad each), so the
+kernel never sees them as arguments: it reads a chunk table, one int64 row
+(param address, grad address, state offset, element count, group, param index)
+per CHUNK elements of one parameter, so one launch covers any number of
+parameters (two when some rows are not 16-byte aligned: those run without
+alignment hints). The table is a pure function of those addresses and offsets,
+so it is cached under them and built again only when the layout moves (a new
+grad allocation); on CUDA it reaches the device by a non-blocking copy from
+pinned memory, so a step never waits for the host and a captured graph replays
+the same table.
+
+Hyper-gradient dots: each program writes one fp64 partial per learned row into
+a scratch buffer, and torch sums those in table order, so a layout and launch
+config always give the same bits. (BLOCK, num_warps) is timed once per kernel
+variant and cached; MADA_TRITON_CONFIG pins it, which also pins the bits across
+processes.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections import OrderedDict
+
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+from triton.testing import do_bench
+
+from .._segments import MADA_STATE, pack
+
+_MADA, _ADAMOD = 0, 1
+# The interpreter costs ~0.1 s per block whatever its size, so blocks are big;
+# two per chunk still let tests reach multi-row tables, full blocks and tails.
+_INTERP_CHUNK, _INTERP_BLOCK = 1024, 512
+_CHUNK = 8192  # native: 64M params -> 8192 programs, tails of small tensors stay cheap
+# (BLOCK, num_warps) candidates; every BLOCK divides _CHUNK. The first is the
+# fallback when timing is impossible (inside CUDA-graph capture).
+CONFIGS = ((1024, 8), (512, 4), (2048, 16), (2048, 8), (256, 4))
+CONFIG_ENV = "MADA_TRITON_CONFIG"  # "BLOCK,WARPS": skip timing (and pin the reduction order)
+
+_modules: dict[bool, object] = {}
+_layouts: OrderedDict = OrderedDict()
+_MAX_LAYOUTS = 64
+_captured: list = []  # layouts a CUDA graph reads: never freed, the graph replays their addresses
+_tuned: dict[tuple, tuple[int, int]] = {}
+_consts: dict[tuple, torch.Tensor] = {}
+
+
+def kernels(interpret: bool):
+    """kernels.py, compiled (CUDA) or interpreted (CPU tensors).
+
+    Triton picks the mode when a function is decorated, from TRITON_INTERPRET.
+    Loading the module once per mode, each under a pinned knob, lets the
+    interpreted copy serve CPU tensors while CUDA tensors stay compiled,
+    whatever the environment said when mada_fused was imported.
+    """
+    if interpret not in _modules:
+        name = f"{__package__}._kernels_{'interpreted' if interpret else 'compiled'}"
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        with triton.knobs.runtime.scope():
+            triton.knobs.runtime.interpret = interpret
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+        _modules[interpret] = mod
+    return _modules[interpret]
+
+
+class _Layout:
+    """Chunk table of one layout, with its reduction scratch (one fp64 partial per row and chunk)."""
+
+    def __init__(self, seg, bucket, chunk: int):
+        pes = seg.params[0].element_size()
+        ses = torch.empty((), dtype=bucket.state_dtype).element_size()
+        if any(o < 0 or o + n > bucket.numel for o, n in zip(seg.offsets, seg.numels)):
+            raise ValueError(f"triton backend: a segment lies outside the bucket's {bucket.numel} state elements")
+        # One row per parameter (the shared SegRow layout, contiguity checked), then one per
+        # chunk of it: addresses and state offset advance by the chunk's start, the count is what is left.
+        rows = torch.frombuffer(pack(seg), dtype=torch.int64).view(-1, 6).clone()
+        per = (rows[:, 3] + chunk - 1) // chunk
+        host = rows.repeat_interleave(per, dim=0)
+        first = torch.repeat_interleave(torch.cumsum(per, 0) - per, per)
+        local = (torch.arange(host.shape[0]) - first) * chunk
+        host[:, :2] += (local * pes).unsqueeze(1)
+        host[:, 2] += local
+        host[:, 3] = (host[:, 3] - local).clamp(max=chunk)
+        # Rows whose param, grad and state all start on 16-byte boundaries go first and get
+        # their own launch with alignment hints, so one odd-sized view in a flat buffer does
+        # not cost the whole bucket its vector accesses. Row order is the reduction order.
+        vec = 16 // ses
+        ok = (host[:, 0] % 16 == 0) & (host[:, 1] % 16 == 0) & (host[:, 2] % vec == 0)
+        host = torch.cat([host[ok], host[~ok]])
+        self.n_chunks = host.shape[0]
+        n_ok = int(ok.sum())
+        self.parts = [(lo, hi, aligned) for lo, hi, aligned in ((0, n_ok, True), (n_ok, self.n_chunks, False))
+                      if hi > lo]
+        self.s_vec = vec
+        self.t_aligned = bucket.numel % vec == 0
+        dev = bucket.device
+        if dev.type == "cuda":
+            self._host = host.pin_memory()  # must outlive the async copy (and any graph replay)
+            self.table = self._host.to(dev, non_blocking=True)
+        else:
+            self.table = host
+        self.partial = torch.zeros(6, max(self.n_chunks, 1), dtype=torch.float64, device=dev)
+
+
+def _layout(seg, bucket, chunk: int) -> _Layout:
+    key = (bucket.device, bucket.state_dtype, chunk, tuple(p.data_ptr() for p in seg.params),
+           tuple(g.data_ptr() for g in seg.grads), tuple(seg.offsets), tuple(seg.numels),
+           tuple(seg.groups), tuple(seg.param_index))
+    lay = _layouts.get(key)
+    if lay is None:
+        lay = _layouts[key] = _Layout(seg, bucket, chunk)
+        while len(_layouts) > _MAX_LAYOUTS:  # grads reallocated every step must not grow it forever
+            _layouts.popitem(last=False)
+    else:
+        _layouts.move_to_end(key)
+    if bucket.device.type == "cuda" and torch.cuda.is_current_stream_capturing() and lay not in _captured:
+        _captured.append(lay)
+    return lay
+
+
+def _const(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    # Host constants travel as fp64 device data: a Python float argument would be
+    # rounded to fp32, which fp64 state must not see.
+    key = (values, device)
+    if key not in _consts:
+        _consts[key] = torch.tensor(values, dtype=torch.float64, device=device)
+    return _consts[key]
+
+
+def _config(key: tuple, run, mutated: list[torch.Tensor]) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a kernel variant: pinned, cached, or timed once on the live data."""
+    pinned = os.environ.get(CONFIG_ENV)
+    if pinned:
+        block, warps = (int(x) for x in pinned.split(","))
+        if _CHUNK % block or block & (block - 1):
+            raise ValueError(f"{CONFIG_ENV}={pinned!r}: BLOCK must be a power of two dividing {_CHUNK}")
+        return block, warps
+    if key in _tuned:
+        return _tuned[key]
+    if torch.cuda.is_current_stream_capturing():
+        return CONFIGS[0]  # timing would break the capture; the caller warms up before capturing
+
+    def timed(cfg):
+        try:
+            return do_bench(lambda: run(cfg), warmup=5, rep=20)
+        except OutOfResources:  # too many registers / too much shared memory here
+            return float("inf")
+
+    saved = [t.clone() for t in mutated]  # every timed launch is a real step: undo them all
+    times = [timed(c) for c in CONFIGS]
+    for t, s in zip(mutated, saved):
+        t.copy_(s)
+    _tuned[key] = CONFIGS[times.index(min(times))]
+    return _tuned[key]
+
+
+def _launch(kind: int, bucket, seg, scalars, coef, consts, *, states, flags: dict,
+            dot_out: torch.Tensor | None, nl: int) -> None:
+    interp = bucket.device.type != "cuda"
+    chunk = _INTERP_CHUNK if interp else _CHUNK
+    lay = _layout(seg, bucket, chunk)
+    if lay.n_chunks == 0:
+        return
+    dummy = bucket.steps  # stands in for pointers a variant never dereferences
+    ptrs = [bucket.buffers.get(n, dummy) if n else dummy for n in states]
+    tan = bucket.tangents if bucket.tangents is not None else dummy
+    scale, found = scalars.grad_scale, scalars.found_inf
+    args = (lay.table, seg.params[0], *ptrs, tan, bucket.numel, coef, scalars.lr, scalars.weight_decay,
+            bucket.steps, consts, dummy if scale is None else scale, dummy if found is None else found,
+            lay.partial, lay.n_chunks)
+    meta = dict(KIND=kind, NL=nl, NLP=triton.next_power_of_2(max(nl, 1)), HAS_SCALE=scale is not None,
+                HAS_INF=found is not None, T_ALIGNED=lay.t_aligned, S_VEC=lay.s_vec, CHUNK=chunk, **flags)
+    fn = kernels(interp).fused_step
+    mutated = [*seg.params, *(b for b in (*ptrs, tan) if b is not dummy)] if flags["STEP"] else []
+    for lo, hi, aligned in lay.parts:  # the aligned rows, then the rest: at most two launches
+
+        def run(cfg, lo=lo, hi=hi, aligned=aligned):
+            # No FMA contraction: the reference and the C++ backends round after every op.
+            fn[(hi - lo,)](*args, lo, **meta, ALIGNED=aligned, BLOCK=cfg[0], num_warps=cfg[1],
+                           enable_fp_fusion=False)
+
+        if interp:
+            run((_INTERP_BLOCK, 1))  # autotuning the interpreter would only cost time
+        else:
+            key = (bucket.device, seg.params[0].dtype, bucket.state_dtype, aligned, tuple(sorted(meta.items())),
+                   bucket.numel.bit_length())
+            with torch.cuda.device(bucket.device):  # Triton launches on the current device
+                run(_config(key, run, mutated))
+    if dot_out is not None:
+        # Fixed-order fp64 reduction over chunks: the same layout and config give the same bits.
+        dot_out.add_(lay.partial[:nl, :lay.n_chunks].sum(dim=1).to(dot_out.dtype))
+
+
+# Flags a kernel kind never varies.
+_MADA_FIXED = dict(DIFF=False)
+_ADAMOD_FIXED = dict(STEP=True, DOT=False, ROWS=0, HAS_BETA3=False, HAS_VBAR=False, HAS_LION=False,
+                  HAS_MOD=False, VBAR_DETACH=False, MAXIMIZE=False)
+
+
+def mada(bucket, seg, scalars, cfg, dot_out: torch.Tensor | None, step: bool) -> None:
+    """One MADA pass: dot (if dot_out) then, when ``step``, the SPEC section 1 update."""
+    nl = len(cfg.learn)
+    rows = 0
+    for k in range(6):  # 3 bits per coefficient: its tangent row, 7 = not learned
+        rows |= (cfg.learn.index(k) if k in cfg.learn else 7) << (3 * k)
+    flags = dict(STEP=step, DOT=dot_out is not None and nl > 0, ROWS=rows, HAS_BETA3=cfg.has_beta3,
+                 HAS_VBAR=cfg.has_vbar, HAS_LION=cfg.has_lion, HAS_MOD=cfg.has_mod,
+                 VBAR_DETACH=cfg.vbar_detach, MAXIMIZE=cfg.maximize, **_MADA_FIXED)
+    if not (flags["STEP"] or flags["DOT"]):
+        return
+    consts = _const((cfg.eps, cfg.mod_beta, *cfg.lion_betas), bucket.device)
+    _launch(_MADA, bucket, seg, scalars, scalars.coef, consts,
+            states=MADA_STATE, flags=flags,
+            dot_out=dot_out if flags["DOT"] else None, nl=nl)
+
+
+def adamod(bucket, seg, scalars, cfg) -> None:
+    """One AdaMod / DiffMod pass (SPEC sections 3 and 4)."""
+    consts = _const((cfg.beta1, cfg.beta2, cfg.beta3, cfg.eps), bucket.device)
+    # The kernel's state slots are MADA's (m, v, n, g_prev, l, vb, s); AdaMod fills four.
+    _launch(_ADAMOD, bucket, seg, scalars, consts, consts,
+            states=("m", "v", None, "g_prev" if cfg.diff else None, None, None, "s"),
+            flags=dict(_ADAMOD_FIXED, DIFF=cfg.diff), dot_out=None, nl=0)
