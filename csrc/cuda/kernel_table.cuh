@@ -1,0 +1,33 @@
+// The per-dtype table of kernel launchers (see launch.h: KernelTable). Kept
+// apart from step_kernel.cuh so the kernel body also compiles as plain C++.
+#pragma once
+
+#include <utility>
+
+#include "cuda/step_kernel.cuh"
+
+namespace mada_cuda {
+
+template <typename P, class Op>
+void launch(const Args& a, int64_t blocks, void* stream) {
+  step_kernel<P, Op><<<dim3(unsigned(blocks)), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+}
+
+template <typename P, std::size_t... V>
+KernelTable make_table(std::index_sequence<V...>) {
+  using S = typename StateOf<P>::type;
+  return KernelTable{{&launch<P, MadaOp<S, int(V)>>...},
+                     &launch<P, DotOp<S>>,
+                     {&launch<P, AdamodOp<S, false>>, &launch<P, AdamodOp<S, true>>}};
+}
+
+}  // namespace mada_cuda
+
+// Defines table_<name>() in one translation unit per dtype (they compile in parallel).
+#define MADA_CUDA_DEFINE_TABLE(NAME, P)                                                  \
+  namespace mada_cuda {                                                                  \
+  const KernelTable& table_##NAME() {                                                    \
+    static const KernelTable t = make_table<P>(std::make_index_sequence<kMadaVariants>{}); \
+    return t;                                                                            \
+  }                                                                                      \
+  }

@@ -1,0 +1,90 @@
+// Planning and launching one backend call: split the active segments into
+// launches, lay them out in chunks, launch the step kernel(s) and, for a
+// hyper-gradient, the fixed-order reduction of the per-block partial sums.
+#include <stdexcept>
+#include <string>
+
+#include "cuda/launch.h"
+#include "cuda/step_kernel.cuh"
+
+namespace mada_cuda {
+namespace {
+
+// Second pass of the dot product: block r sums slot row r in a fixed order
+// (strided per thread, then the fixed block tree) and ADDS it to out[r], so
+// buckets of one optimizer accumulate into one vector, in bucket order. No
+// float atomics anywhere: the result is bitwise reproducible.
+__global__ void __launch_bounds__(kThreads)
+    reduce_slots(const double* slots, int64_t n, double* out, const float* found_inf) {
+  if (found_inf && *found_inf != 0.0f) return;
+  const double* row = slots + int64_t(blockIdx.x) * n;
+  double v = 0.0;
+  for (int64_t j = threadIdx.x; j < n; j += kThreads) v += row[j];
+  __shared__ double sh[kThreads / 32];
+  const double s = block_sum(v, sh);
+  if (threadIdx.x == 0) out[blockIdx.x] += s;
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear a non-sticky error so the next call starts clean
+    throw std::runtime_error(std::string("mada_fused CUDA backend: ") + what + ": " +
+                             cudaGetErrorString(e));
+  }
+}
+
+}  // namespace
+
+void execute(const Request& r, Plan& plan, double* slots) {
+  if (plan.launches.empty()) return;
+  const KernelTable& t = r.dtype == kF32 ? table_f32() : r.dtype == kF64 ? table_f64()
+                       : r.dtype == kBF16 ? table_bf16() : table_f16();
+  const LaunchFn fn = r.op == kMadaStep ? t.mada[r.variant & (kMadaVariants - 1)]
+                    : r.op == kMadaDot ? t.dot : t.adamod[r.variant & 1];
+  // Our static runtime keeps its own current device, apart from torch's.
+  check(cudaSetDevice(r.device), "cudaSetDevice");
+  void* stream = reinterpret_cast<void*>(r.stream);
+  for (size_t i = 0; i < plan.launches.size(); ++i) {
+    Args& a = plan.launches[i];
+    a.c.slots = slots;
+    a.c.slot_stride = plan.total_blocks;
+    fn(a, plan.blocks[i], stream);
+    check(cudaGetLastError(), "step kernel launch");
+  }
+  if (r.dot_out && r.n_learn > 0) {
+    reduce_slots<<<r.n_learn, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        slots, plan.total_blocks, r.dot_out, r.c.found_inf);
+    check(cudaGetLastError(), "reduction launch");
+  }
+}
+
+std::vector<int> built_archs() {
+#ifdef __CUDA_ARCH_LIST__
+  return {__CUDA_ARCH_LIST__};  // e.g. 800, 900: the archs nvcc compiled this file for
+#else
+  return {};
+#endif
+}
+
+bool device_ok(int device, std::string* why) {
+  int count = 0;
+  cudaError_t e = cudaGetDeviceCount(&count);
+  if (e == cudaSuccess && device >= count) {
+    *why = "device " + std::to_string(device) + " does not exist";
+    return false;
+  }
+  if (e == cudaSuccess) e = cudaSetDevice(device);
+  // Fails with cudaErrorNoKernelImageForDevice when no built arch (or PTX) fits.
+  cudaFuncAttributes attr;
+  if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, reduce_slots);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    *why = cudaGetErrorString(e);
+    return false;
+  }
+  return true;
+}
+
+int runtime_version() { return CUDART_VERSION; }
+
+}  // namespace mada_cuda

@@ -1,0 +1,264 @@
+// The fused step kernel: one template serves MADA (32 state/tangent variants), its
+// dot-only pass and AdaMod/DiffMod. The per-element math is mada_math.h; this file
+// only moves memory: chunked schedule, 16-byte vector loads, deterministic partial
+// sums. Included by kernel_table.cuh (the per-dtype kernel files) and launch.cu.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstring>
+
+#include "cuda/launch.h"
+#include "mada_math.h"
+
+namespace mada_cuda {
+
+// State and arithmetic dtype: fp32, except fp64 for fp64 params (base.py).
+template <typename P> struct StateOf { using type = float; };
+template <> struct StateOf<double> { using type = double; };
+
+__device__ __forceinline__ float to_state(float x) { return x; }
+__device__ __forceinline__ double to_state(double x) { return x; }
+__device__ __forceinline__ float to_state(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_state(__half x) { return __half2float(x); }
+
+// Round once, to nearest even, as torch's .to(dtype) does.
+template <typename P> __device__ __forceinline__ P from_state(typename StateOf<P>::type x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_state<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __half from_state<__half>(float x) { return __float2half_rn(x); }
+
+// N consecutive elements; VEC: as 16-byte accesses (caller checked alignment).
+template <bool VEC, int N, typename T>
+__device__ __forceinline__ void load(const T* p, T (&out)[N]) {
+  if constexpr (VEC) {
+    constexpr int per = 16 / sizeof(T);
+    static_assert(N % per == 0, "vector unit must fill whole 16-byte words");
+#pragma unroll
+    for (int w = 0; w < N / per; ++w) {
+      const uint4 raw = reinterpret_cast<const uint4*>(p)[w];
+      memcpy(&out[w * per], &raw, 16);  // register bit-cast, no memory traffic
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = p[j];
+  }
+}
+
+template <bool VEC, int N, typename T>
+__device__ __forceinline__ void store(T* p, const T (&in)[N]) {
+  if constexpr (VEC) {
+    constexpr int per = 16 / sizeof(T);
+#pragma unroll
+    for (int w = 0; w < N / per; ++w) {
+      uint4 raw;
+      memcpy(&raw, &in[w * per], 16);
+      reinterpret_cast<uint4*>(p)[w] = raw;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) p[j] = in[j];
+  }
+}
+
+// ---- Ops: which buffers a pass touches, its per-segment scalars, its element ----
+
+struct NoScalars {};
+
+template <typename S, int V>
+struct MadaOp {
+  static constexpr bool kBeta3 = V & kHasBeta3, kVbar = V & kHasVbar, kLion = V & kHasLion,
+                        kMod = V & kHasMod, kTan = V & kTangents;
+  static constexpr bool kUpdate = true;
+  static constexpr bool kMayDot = kTan;  // a dot needs last step's tangents
+  static constexpr unsigned kBufMask = mada_buffers(V);
+  using Scalars = mada::MadaScalars<S>;
+
+  __device__ static Scalars make(const Common& c, double lr, double wd, double t) {
+    const mada::MadaConst k{c.k[0], c.k[1], c.k[2], c.k[3], c.k[4] != 0.0};
+    return mada::make_mada_scalars<S>(c.coef, lr, wd, t, k);
+  }
+  __device__ static S element(const Scalars& k, S g, S theta, S (&st)[kBufs], S (&tan)[kNumCoef]) {
+    mada::MadaState<S> s{st[0], st[1], st[2], st[3], st[4], st[5], st[6]};
+    const S out = mada::mada_element<S, kBeta3, kVbar, kLion, kMod, kTan>(k, g, theta, s, tan);
+    st[0] = s.m; st[1] = s.v; st[2] = s.n; st[3] = s.g_prev; st[4] = s.l; st[5] = s.vb; st[6] = s.s;
+    return out;
+  }
+};
+
+// hyper_order="exact": reads grads and tangents only (no scalars, no element math).
+template <typename S>
+struct DotOp {
+  static constexpr bool kUpdate = false, kMayDot = true, kTan = false;
+  static constexpr unsigned kBufMask = 0;
+  using Scalars = NoScalars;
+};
+
+template <typename S, bool DIFF>
+struct AdamodOp {
+  static constexpr bool kUpdate = true, kMayDot = false, kTan = false;
+  static constexpr unsigned kBufMask = adamod_buffers(DIFF);
+  using Scalars = mada::AdamodScalars<S>;
+  __device__ static Scalars make(const Common& c, double lr, double wd, double t) {
+    return mada::make_adamod_scalars<S>(c.k[0], c.k[1], c.k[2], c.k[3], lr, wd, t);
+  }
+  __device__ static S element(const Scalars& k, S g, S theta, S (&st)[kBufs], S (&)[kNumCoef]) {
+    return mada::adamod_element<S, DIFF>(k, g, theta, st[0], st[1], st[2], st[3]);
+  }
+};
+
+// ---- One unit: N consecutive elements of one segment, starting at element i ----
+// Params and grads move as one 16-byte word of N elements; state and tangents
+// in sub-units of M (one 16-byte word of the state dtype), so a bf16 unit holds
+// half its state in registers at a time.
+
+template <typename P, class Op, bool VEC, int N>
+__device__ __forceinline__ void run_unit(const Common& c, const typename Op::Scalars& k, P* param,
+                                         const P* grad, int64_t soff, int64_t i, bool dot,
+                                         typename StateOf<P>::type scale, double (&acc)[kNumCoef]) {
+  using S = typename StateOf<P>::type;
+  constexpr int M = (VEC && N * sizeof(S) > 16) ? int(16 / sizeof(S)) : N;
+  P graw[N], praw[N];
+  load<VEC>(grad + i, graw);
+  if constexpr (Op::kUpdate) load<VEC>(param + i, praw);
+  S g[N];
+#pragma unroll
+  for (int q = 0; q < N; ++q) {
+    g[q] = to_state(graw[q]);
+    if (c.grad_scale) g[q] = g[q] / scale;
+    if (c.maximize) g[q] = -g[q];
+  }
+#pragma unroll
+  for (int h = 0; h < N; h += M) {
+    const int64_t e = soff + i + h;  // flat state index
+    // Tangent row of coefficient j is its rank among the learned ones (base.py).
+    S* trow[kNumCoef] = {};
+    if constexpr (Op::kMayDot || Op::kTan) {
+#pragma unroll
+      for (int j = 0, r = 0; j < kNumCoef; ++j) {
+        trow[j] = static_cast<S*>(c.tan) + r * c.tan_stride + e;
+        r += (c.learn_mask >> j) & 1u;
+      }
+    }
+    if (Op::kMayDot && dot) {  // last step's tangents, before this step overwrites them
+#pragma unroll
+      for (int j = 0; j < kNumCoef; ++j) {
+        if (!((c.learn_mask >> j) & 1u)) continue;
+        S t[M];
+        load<VEC>(trow[j], t);
+#pragma unroll
+        for (int q = 0; q < M; ++q) acc[j] = fma(double(g[h + q]), double(t[q]), acc[j]);
+      }
+    }
+    if constexpr (Op::kUpdate) {
+      S st[kBufs][M] = {};
+#pragma unroll
+      for (int b = 0; b < kBufs; ++b)
+        if ((Op::kBufMask >> b) & 1u) load<VEC>(static_cast<const S*>(c.buf[b]) + e, st[b]);
+      S tan[kNumCoef][M];
+#pragma unroll
+      for (int q = 0; q < M; ++q) {
+        S sq[kBufs], tq[kNumCoef] = {};
+#pragma unroll
+        for (int b = 0; b < kBufs; ++b) sq[b] = st[b][q];
+        praw[h + q] = from_state<P>(Op::element(k, g[h + q], to_state(praw[h + q]), sq, tq));
+#pragma unroll
+        for (int b = 0; b < kBufs; ++b) st[b][q] = sq[b];
+#pragma unroll
+        for (int j = 0; j < kNumCoef; ++j) tan[j][q] = tq[j];
+      }
+#pragma unroll
+      for (int b = 0; b < kBufs; ++b)
+        if ((Op::kBufMask >> b) & 1u) store<VEC>(static_cast<S*>(c.buf[b]) + e, st[b]);
+      if constexpr (Op::kTan) {
+#pragma unroll
+        for (int j = 0; j < kNumCoef; ++j)
+          if ((c.learn_mask >> j) & 1u) store<VEC>(trow[j], tan[j]);
+      }
+    }
+  }
+  if constexpr (Op::kUpdate) store<VEC>(param + i, praw);
+}
+
+// Warp shuffles, then warps in index order: a fixed tree, so bitwise deterministic.
+__device__ __forceinline__ double block_sum(double v, double* sh) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // sh may still be read from the previous call
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  double s = 0.0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < kThreads / 32; ++w) s += sh[w];
+  return s;  // valid in thread 0 only
+}
+
+// Block b owns launch indices [b * chunk, (b + 1) * chunk); a chunk can span
+// several segments, each stepped with its own scalars. Every block writes its
+// partial-sum slot (zero when it had nothing to add) so the reduction reads no
+// uninitialised memory.
+// Register cap: 3 blocks of 128 threads per SM (<= 168 registers) keeps the
+// heaviest fp32/bf16 variants (all six tangents) at 12 warps per SM with no
+// spills; fp64 (the test oracle) needs more registers and gets 2 blocks.
+template <typename P>
+constexpr int kMinBlocks = sizeof(typename StateOf<P>::type) == 8 ? 2 : 3;
+
+template <typename P, class Op>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __grid_constant__ Args a) {
+  using S = typename StateOf<P>::type;
+  const Common& c = a.c;
+  const SegTable& t = a.s;
+  if (c.found_inf && *c.found_inf != 0.0f) return;  // GradScaler skip: change nothing
+  const S scale = c.grad_scale ? S(*c.grad_scale) : S(1);
+  const bool dot = Op::kMayDot && c.dot;
+  double acc[kNumCoef] = {};
+  __shared__ typename Op::Scalars sk;
+
+  const int64_t c0 = int64_t(blockIdx.x) * c.chunk, c1 = c0 + c.chunk;
+  int lo = 0, hi = t.n - 1;  // last segment with vstart <= c0 (uniform over the block)
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (t.vstart[mid] <= c0) lo = mid; else hi = mid - 1;
+  }
+  for (int s = lo; s < t.n && t.vstart[s] < c1; ++s) {
+    const int64_t vs = t.vstart[s];
+    const int64_t a0 = (c0 > vs ? c0 : vs) - vs;  // a multiple of kPad
+    const int64_t end = vs + t.numel[s];
+    const int64_t a1 = (c1 < end ? c1 : end) - vs;
+    if (a0 >= a1) continue;
+    if constexpr (Op::kUpdate) {
+      __syncthreads();  // everyone is done with the previous segment's scalars
+      if (threadIdx.x == 0) sk = Op::make(c, c.lr[t.group[s]], c.wd[t.group[s]], c.steps[t.pidx[s]]);
+      __syncthreads();
+    }
+    const typename Op::Scalars& k = sk;  // read from shared memory at each use
+    P* param = static_cast<P*>(t.param[s]);
+    const P* grad = static_cast<const P*>(t.grad[s]);
+    const int64_t off = t.off[s];
+    int64_t tail = a0;
+    if ((t.aligned[s >> 5] >> (s & 31)) & 1u) {
+      constexpr int U = 16 / sizeof(P);  // one 16-byte word of params per unit
+      const int64_t u1 = a1 / U;
+      for (int64_t u = a0 / U + threadIdx.x; u < u1; u += kThreads)
+        run_unit<P, Op, true, U>(c, k, param, grad, off, u * U, dot, scale, acc);
+      tail = u1 * U;
+    }
+    for (int64_t i = tail + threadIdx.x; i < a1; i += kThreads)
+      run_unit<P, Op, false, 1>(c, k, param, grad, off, i, dot, scale, acc);
+  }
+
+  if (dot) {
+    __shared__ double sh[kThreads / 32];
+#pragma unroll
+    for (int j = 0, r = 0; j < kNumCoef; ++j) {
+      if (!((c.learn_mask >> j) & 1u)) continue;
+      const double v = block_sum(acc[j], sh);
+      if (threadIdx.x == 0) c.slots[r * c.slot_stride + c.block_base + blockIdx.x] = v;
+      ++r;
+    }
+  }
+}
+
+}  // namespace mada_cuda
