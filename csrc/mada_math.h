@@ -45,6 +45,13 @@ struct MadaScalars {
   T decay;     // 1 - lr * weight_decay
   T t;         // this parameter's step count, >= 1
   T bc1, bc2;  // 1 - beta^t
+  // Reciprocals of the per-parameter divisors (taken in double, rounded once):
+  // the element math multiplies by them. A divide costs 4-10x a multiply on
+  // CPUs and GPUs alike, and 10 of MADA's 12 per-element divisions were by
+  // these uniform scalars, which made the fused CPU pass compute-bound.
+  T rbc1, rbc2;      // 1 / bc
+  T rbc1sq, rbc2sq;  // 1 / bc^2
+  T rt;              // 1 / t
   T dbc1, dbc2;  // t * beta^(t-1) = d(beta^t)/d(beta)
   T w;         // d N / d v
   T eps, mod_beta, lion_beta1, lion_beta2;
@@ -66,8 +73,14 @@ MADA_HD MadaScalars<T> make_mada_scalars(const double* coef, double lr, double w
   s.lr = T(lr);
   s.decay = T(1.0 - lr * wd);
   s.t = T(t);
-  s.bc1 = T(1.0 - pow(b1, t));
-  s.bc2 = T(1.0 - pow(b2, t));
+  const double bc1 = 1.0 - pow(b1, t), bc2 = 1.0 - pow(b2, t);
+  s.bc1 = T(bc1);
+  s.bc2 = T(bc2);
+  s.rbc1 = T(1.0 / bc1);
+  s.rbc2 = T(1.0 / bc2);
+  s.rbc1sq = T(1.0 / (bc1 * bc1));
+  s.rbc2sq = T(1.0 / (bc2 * bc2));
+  s.rt = T(1.0 / t);
   s.dbc1 = T(t * pow(b1, t - 1.0));
   s.dbc2 = T(t * pow(b2, t - 1.0));
   s.w = T(k.vbar_detach ? rho : rho + (1.0 - rho) / t);
@@ -95,43 +108,69 @@ struct MadaFlags {
   bool mod;    // s
 };
 
-// One MADA step for one element. `g` is already unscaled and negated for
-// maximize. Returns the new parameter value; updates `st`; when TANGENTS, fills
-// du/dk for all six coefficients into `tan` (entries whose state is compiled out
-// are left untouched: their coefficients cannot be learned in that
-// configuration).
-template <typename T, bool BETA3, bool VBAR, bool LION, bool MOD, bool TANGENTS>
-MADA_HD T mada_element(const MadaScalars<T>& k, T g, T theta, MadaState<T>& st,
-                       T* tan) {
-  const T one(1);
-  const T d = BETA3 ? (k.t > one ? g - st.g_prev : T(0)) : T(0);
-  const T gh = BETA3 ? g + k.beta3 * d : g;
-  const T gh2 = gh * gh;
-  const T v0 = st.v, m0 = st.m;
-  const T sg = sign_of(gh2 - v0);
-  const T G = k.c * gh2 + (one - k.c) * (v0 + sg * gh2);
-  st.m = k.beta1 * m0 + (one - k.beta1) * g;
-  st.v = k.beta2 * v0 + (one - k.beta2) * G;
+// What the second half of a step needs from the first (see mada_moments).
+template <typename T>
+struct MadaMid {
+  T g, d, gh, gh2, sg, G, m0, v0, n0, uL, N, vh, A;
+};
 
-  T n0(0);
+// First half of one MADA step: every moment update, up to vh and A. Updates m,
+// v, n, g_prev, l, vb in `st`. YOGI = false compiles the Yogi term out, for a
+// configuration with c fixed at 1 (not learned): then G = gh^2 exactly as with
+// c = 1 (1 * x = x and 0 * x = 0 for finite x), sg is left 0, and the only
+// output that reads it, du/dc, is never used because c is not learned.
+//
+// The split exists for the CPU: running the halves as two loops over a small
+// block keeps each dependency chain short enough for out-of-order execution to
+// overlap elements; one long chain (moments -> sqrt -> divide -> update) is
+// latency-bound. mada_element below composes them into the same operations.
+template <typename T, bool BETA3, bool VBAR, bool LION, bool MOD, bool TANGENTS,
+          bool YOGI = true>
+MADA_HD MadaMid<T> mada_moments(const MadaScalars<T>& k, T g, MadaState<T>& st) {
+  const T one(1);
+  MadaMid<T> x;
+  x.g = g;
+  x.d = BETA3 ? (k.t > one ? g - st.g_prev : T(0)) : T(0);
+  x.gh = BETA3 ? g + k.beta3 * x.d : g;
+  x.gh2 = x.gh * x.gh;
+  x.v0 = st.v;
+  x.m0 = st.m;
+  x.sg = YOGI ? sign_of(x.gh2 - x.v0) : T(0);
+  x.G = YOGI ? k.c * x.gh2 + (one - k.c) * (x.v0 + x.sg * x.gh2) : x.gh2;
+  st.m = k.beta1 * x.m0 + (one - k.beta1) * g;
+  st.v = k.beta2 * x.v0 + (one - k.beta2) * x.G;
+
+  x.n0 = T(0);
   if (BETA3) {
-    n0 = st.n;
-    st.n = k.beta3 * n0 + (one - k.beta3) * d;
+    x.n0 = st.n;
+    st.n = k.beta3 * x.n0 + (one - k.beta3) * x.d;
     st.g_prev = g;
   }
-  T uL(0);
+  x.uL = T(0);
   if (LION) {
-    uL = k.lion_beta1 * st.l + (one - k.lion_beta1) * g;
+    x.uL = k.lion_beta1 * st.l + (one - k.lion_beta1) * g;
     st.l = k.lion_beta2 * st.l + (one - k.lion_beta2) * g;
   }
-  T N = st.v;
+  x.N = st.v;
   if (VBAR) {
-    st.vb = ((k.t - one) * st.vb + st.v) / k.t;
-    N = k.rho * st.v + (one - k.rho) * st.vb;
+    st.vb = ((k.t - one) * st.vb + st.v) * k.rt;
+    x.N = k.rho * st.v + (one - k.rho) * st.vb;
   }
-  const T vh = N / k.bc2;
-  const T A = BETA3 ? st.m / k.bc1 + k.beta3 * st.n : st.m / k.bc1;
-  const T sq = sqrt(vh);
+  x.vh = x.N * k.rbc2;
+  x.A = BETA3 ? st.m * k.rbc1 + k.beta3 * st.n : st.m * k.rbc1;
+  return x;
+}
+
+// Second half: the step size, AdaMod clip (updates st.s), the update and, when
+// TANGENTS, du/dk for all six coefficients into `tan` (entries whose state is
+// compiled out are left untouched: their coefficients cannot be learned in that
+// configuration). Reads st.m, st.n, st.v, st.vb as the first half left them.
+// Returns the new parameter value.
+template <typename T, bool BETA3, bool VBAR, bool LION, bool MOD, bool TANGENTS>
+MADA_HD T mada_apply(const MadaScalars<T>& k, T theta, const MadaMid<T>& x,
+                     MadaState<T>& st, T* tan) {
+  const T one(1);
+  const T sq = sqrt(x.vh);
   const T D = sq + k.eps;
   const T eta = k.lr / D;
   T etah = eta;
@@ -141,8 +180,8 @@ MADA_HD T mada_element(const MadaScalars<T>& k, T g, T theta, MadaState<T>& st,
     clipped = eta > st.s;
     etah = clipped ? st.s : eta;
   }
-  T u = k.gamma * etah * A;
-  if (LION) u += (one - k.gamma) * k.lr * sign_of(uL);
+  T u = k.gamma * etah * x.A;
+  if (LION) u += (one - k.gamma) * k.lr * sign_of(x.uL);
 
   if (TANGENTS) {
     const T om = clipped ? one - k.mod_beta : one;
@@ -150,19 +189,29 @@ MADA_HD T mada_element(const MadaScalars<T>& k, T g, T theta, MadaState<T>& st,
     // gradient (A = 0 too); their tangent is defined as 0 rather than NaN so an
     // unused embedding row cannot poison the global hyper-gradient.
     const T deta = sq > T(0) ? -k.lr / (T(2) * sq * D * D) : T(0);
-    const T F = k.gamma * om * deta * A;
+    const T F = k.gamma * om * deta * x.A;
     const T b2w = k.w * (one - k.beta2);
-    tan[kBeta1] = k.gamma * etah * ((m0 - g) / k.bc1 + k.dbc1 * st.m / (k.bc1 * k.bc1));
-    tan[kBeta2] = F * (k.w * (v0 - G) / k.bc2 + k.dbc2 * N / (k.bc2 * k.bc2));
-    tan[kC] = F * (b2w * (gh2 - v0 - sg * gh2) / k.bc2);
+    tan[kBeta1] = k.gamma * etah * ((x.m0 - x.g) * k.rbc1 + k.dbc1 * st.m * k.rbc1sq);
+    tan[kBeta2] = F * (k.w * (x.v0 - x.G) * k.rbc2 + k.dbc2 * x.N * k.rbc2sq);
+    tan[kC] = F * (b2w * (x.gh2 - x.v0 - x.sg * x.gh2) * k.rbc2);
     if (BETA3) {
-      const T dvh = b2w * (k.c + (one - k.c) * sg) * T(2) * gh * d / k.bc2;
-      tan[kBeta3] = F * dvh + k.gamma * etah * (st.n + k.beta3 * (n0 - d));
+      const T dvh = b2w * (k.c + (one - k.c) * x.sg) * T(2) * x.gh * x.d * k.rbc2;
+      tan[kBeta3] = F * dvh + k.gamma * etah * (st.n + k.beta3 * (x.n0 - x.d));
     }
-    if (VBAR) tan[kRho] = F * ((st.v - st.vb) / k.bc2);
-    if (LION) tan[kGamma] = etah * A - k.lr * sign_of(uL);
+    if (VBAR) tan[kRho] = F * ((st.v - st.vb) * k.rbc2);
+    if (LION) tan[kGamma] = etah * x.A - k.lr * sign_of(x.uL);
   }
   return theta * k.decay - u;
+}
+
+// One MADA step for one element: both halves. `g` is already unscaled and
+// negated for maximize. Returns the new parameter value; updates `st`; when
+// TANGENTS, fills du/dk into `tan` as mada_apply does.
+template <typename T, bool BETA3, bool VBAR, bool LION, bool MOD, bool TANGENTS>
+MADA_HD T mada_element(const MadaScalars<T>& k, T g, T theta, MadaState<T>& st,
+                       T* tan) {
+  const MadaMid<T> x = mada_moments<T, BETA3, VBAR, LION, MOD, TANGENTS>(k, g, st);
+  return mada_apply<T, BETA3, VBAR, LION, MOD, TANGENTS>(k, theta, x, st, tan);
 }
 
 // AdaMod (SPEC 3) and DiffMod (SPEC 4).

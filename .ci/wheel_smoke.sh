@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Issue #8's wheel job. Builds a wheel (CPU extension + CUDA extension for one
+# arch, in pip's isolated build env, which has no torch), checks what is in it,
+# installs it into a FRESH venv with torch==2.13.0 (the CPU wheel that pip's
+# configured find-links provide: a looser pin would pull GBs of CUDA packages)
+# and runs a smoke test plus the CPU-backend tests there, against the
+# installed wheel, not the source tree.
+#
+#   MADA_WHEEL_ARCH   CUDA arch to build (default 80: one arch keeps it fast)
+#   MADA_BUILD_CUDA   1 (default): fail without nvcc; auto: CPU-only if none
+#   MADA_WHEEL_TORCH  torch requirement for the venv (default torch==2.13.0)
+#   MAX_JOBS          parallel compile jobs (default: all cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+ARCH=${MADA_WHEEL_ARCH:-80}
+export MADA_BUILD_CUDA=${MADA_BUILD_CUDA:-1}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/mada-wheel.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+START=$SECONDS
+step() { echo "== [$((SECONDS - START))s] $*"; }
+
+step "pip wheel . (MADA_CUDA_ARCHS=$ARCH, MADA_BUILD_CUDA=$MADA_BUILD_CUDA)"
+if ! MADA_CUDA_ARCHS=$ARCH "$PY" -m pip wheel . --no-deps -w "$WORK/dist" -v >"$WORK/build.log" 2>&1; then
+    tail -n 60 "$WORK/build.log"
+    echo "wheel build FAILED" >&2
+    exit 1
+fi
+grep "mada-fused:" "$WORK/build.log" | sort -u
+WHEEL=$(ls "$WORK"/dist/mada_fused-*.whl)
+echo "built $(basename "$WHEEL") ($(du -h "$WHEEL" | cut -f1))"
+
+step "wheel contents"
+"$PY" - "$WHEEL" "$MADA_BUILD_CUDA" <<'EOF'
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+def has(prefix, suffix=""):
+    return any(n.startswith(prefix) and n.endswith(suffix) for n in names)
+need = [("mada_fused/_C_cpu", ".so"), ("mada_fused/triton_kernels/__init__.py", ""),
+        ("mada_fused/backends/reference.py", ""), ("mada_fused/info.py", "")]
+if sys.argv[2] == "1":
+    need.append(("mada_fused/_C_cuda", ".so"))
+missing = [p + s for p, s in need if not has(p, s)]
+stray = [n for n in names if n.split("/")[0] in ("triton_kernels", "bench", "tests", "csrc")]
+meta = next(zipfile.ZipFile(sys.argv[1]).read(n).decode() for n in names if n.endswith("METADATA"))
+torch_reqs = [l for l in meta.splitlines() if l.startswith("Requires-Dist: torch")]
+assert not missing, f"missing from the wheel: {missing}"
+assert not stray, f"stray top-level entries: {stray[:5]}"
+assert torch_reqs == ["Requires-Dist: torch>=2.4"], torch_reqs
+print(f"ok: {len(names)} files; requires {torch_reqs[0].split(': ')[1]}")
+EOF
+
+step "fresh venv with ${MADA_WHEEL_TORCH:-torch==2.13.0} + the wheel"
+"$PY" -m venv "$WORK/venv"
+VPY="$WORK/venv/bin/python"
+# (grep: pip's configured extra index lists names it has no folder for, one warning each)
+"$VPY" -m pip install -q "${MADA_WHEEL_TORCH:-torch==2.13.0}" numpy pytest "$WHEEL" 2>&1 \
+    | { grep -v "^WARNING: Location 'file:" || true; }
+
+step "smoke test in the venv"
+cd "$WORK"  # nothing from the source tree is importable from here
+"$VPY" - "$MADA_BUILD_CUDA" "$ARCH" <<'EOF'
+import importlib.util, subprocess, sys
+import torch
+import mada_fused
+from mada_fused import MADA, AdaMod
+
+info = mada_fused.build_info()
+assert mada_fused.__file__.startswith(sys.prefix), mada_fused.__file__
+assert info["cpu_ext"], info
+if sys.argv[1] == "1":
+    assert info["cuda_ext"] and info["cuda_archs"] == [f"sm_{sys.argv[2]}"], info
+assert importlib.util.find_spec("triton_kernels") is None  # never a top-level package
+assert importlib.util.find_spec("mada_fused.triton_kernels") is not None  # imports once Triton is installed
+for name in ("_C_cpu", "_C_cuda"):
+    spec = importlib.util.find_spec(f"mada_fused.{name}")
+    if spec is None:
+        continue
+    deps = subprocess.run(["ldd", spec.origin], capture_output=True, text=True).stdout
+    bad = [lib for lib in ("libtorch", "libc10", "libcudart.so") if lib in deps]
+    assert not bad, f"{name} links {bad}:\n{deps}"
+for cls, kw in ((MADA, dict(learn=("beta1", "gamma"), gamma=0.9, hyper_warmup=0)), (AdaMod, {})):
+    torch.manual_seed(0)
+    runs = []
+    for backend in ("cpu", "reference"):
+        p = torch.nn.Parameter(torch.randn(1000, 3))
+        opt = cls([p], lr=1e-2, backend=backend, **kw)
+        torch.manual_seed(1)
+        for _ in range(3):
+            p.grad = torch.randn_like(p)
+            opt.step()
+        runs.append(p.detach())
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-6, atol=1e-7)
+print(f"ok: torch {torch.__version__}, cpu_ext, cuda_ext={info['cuda_ext']} {info['cuda_archs']}, "
+      f"auto on cpu = {info['auto']['cpu']}, no libtorch/libc10/libcudart.so in ldd")
+EOF
+"$VPY" -m mada_fused.info
+
+step "CPU-backend tests against the installed wheel"
+mkdir -p "$WORK/tests"
+cp "$ROOT"/tests/conftest.py "$ROOT"/tests/spec_model.py "$ROOT"/tests/test_cpu_backend.py "$WORK/tests/"
+"$VPY" -m pytest -q -p no:cacheprovider "$WORK/tests/test_cpu_backend.py"
+
+step "wheel job passed"

@@ -1,0 +1,367 @@
+// The fused CPU passes: one sweep over a bucket's active segments per step,
+// with the per-element math of ../mada_math.h (the same code the CUDA kernels
+// run). setup.py compiles this file once per (instruction set, parameter
+// dtype), e.g. -DMADA_PARAM_CODE=2 -DMADA_TABLE=kernels_avx2_bf16 -mavx2 ...;
+// binding.cpp picks the object at run time, so one wheel is portable and still
+// uses AVX2 where the CPU has it.
+//
+// Determinism: the element space (active segments, concatenated) is cut into
+// fixed 64K-element chunks whatever the thread count; each chunk sums its
+// hyper-gradient terms into 16 sequential lanes and writes one slot; slots are
+// added in chunk order. Same inputs, same bits, for any OMP thread count, and
+// (with -ffp-contract=off) for either instruction set.
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "cpu_calls.h"
+
+#if !defined(MADA_PARAM_CODE) || !defined(MADA_TABLE)
+#error "setup.py defines MADA_PARAM_CODE and MADA_TABLE for each kernel object"
+#endif
+
+namespace mada_cpu {
+// Internal linkage for everything compiled with this object's ISA flags,
+// including the header's inline functions: the linker must never merge an AVX2
+// copy with the baseline one (an ODR "duplicate" that would crash old CPUs).
+// <cmath>/<cstdint>/<cstring> are already included above, so the includes of
+// the headers below expand to nothing inside this namespace.
+namespace {
+#include "../mada_math.h"
+
+using mada::AdamodScalars;
+using mada::MadaConst;
+using mada::MadaScalars;
+using mada::MadaState;
+
+constexpr int64_t kChunk = int64_t(1) << 16;  // fixed, never derived from the thread count
+constexpr int kBlock = 64;                    // block scratch stays in L1 (measured best)
+constexpr int kLanes = 16;                    // sequential partial sums per chunk and row
+
+#include "param_types.inc"
+
+// Per-chunk scratch: hyper-gradient lanes plus the scalars of the last
+// (group, step) seen, so many small tensors do not each pay for pow().
+template <class S>
+struct Chunk {
+  double lanes[6][kLanes] = {};
+  int64_t group = -1;
+  double t = -1.0;
+  S k{};
+
+  template <class Make>
+  const S& scalars(const Common& c, const SegRow& r, Make make) {
+    const double tr = c.steps[r.pindex];
+    if (r.group != group || tr != t) {
+      group = r.group;
+      t = tr;
+      k = make(c.lr[r.group], c.wd[r.group], tr);
+    }
+    return k;
+  }
+};
+
+// Runs piece(row, lo, hi, chunk) over every part of every segment, chunk by
+// chunk, in parallel; total[j] gets row j's sum over all chunks, in order.
+template <class S, class Piece>
+void run_chunks(const Common& c, int rows, double* total, Piece piece) {
+  std::vector<int64_t> start(c.nseg + 1, 0);
+  for (int64_t s = 0; s < c.nseg; ++s) start[s + 1] = start[s] + c.seg[s].numel;
+  const int64_t n = start[c.nseg];
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> slots(size_t(nchunks) * rows);
+#pragma omp parallel for schedule(static) num_threads(c.num_threads) if (nchunks > 1)
+  for (int64_t ch = 0; ch < nchunks; ++ch) {
+    Chunk<S> chunk;
+    int64_t lo = ch * kChunk;
+    const int64_t hi = std::min(n, lo + kChunk);
+    // Last segment starting at or before lo: skips zero-size segments.
+    int64_t s = std::upper_bound(start.begin(), start.end(), lo) - start.begin() - 1;
+    for (; lo < hi; ++s) {
+      const int64_t end = std::min(hi, start[s + 1]);
+      if (end > lo) piece(c.seg[s], lo - start[s], end - start[s], chunk);
+      lo = std::max(lo, end);
+    }
+    for (int j = 0; j < rows; ++j) {
+      double sum = 0.0;
+      for (int l = 0; l < kLanes; ++l) sum += chunk.lanes[j][l];
+      slots[size_t(ch) * rows + j] = sum;
+    }
+  }
+  for (int j = 0; j < rows; ++j) {
+    double sum = 0.0;
+    for (int64_t ch = 0; ch < nchunks; ++ch) sum += slots[size_t(ch) * rows + j];
+    total[j] = sum;
+  }
+}
+
+template <class T>
+T* slot_ptr(void* const* state, int i, int64_t offset) {
+  return state[i] ? static_cast<T*>(state[i]) + offset : nullptr;
+}
+
+// Adds sum(g * row) for the L stored tangent rows into the lanes; the product
+// is rounded in T like the reference's, the sum is in double.
+// The lanes are summed in registers (16 = four independent AVX2 chains, so
+// the adds do not wait on each other) and stored back once per block.
+template <class T>
+void dot_rows(const MadaCall& c, const T* __restrict__ g, int nb, int64_t at,
+              double (*lanes)[kLanes]) {
+  for (int j = 0; j < c.num_learn; ++j) {
+    const T* __restrict__ row = static_cast<const T*>(c.tangents) + j * c.tan_stride + at;
+    double acc[kLanes];
+    for (int l = 0; l < kLanes; ++l) acc[l] = lanes[j][l];
+    int i = 0;
+    for (; i + kLanes <= nb; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) acc[l] += double(g[i + l] * row[i + l]);
+    for (; i < nb; ++i) acc[i % kLanes] += double(g[i] * row[i]);
+    for (int l = 0; l < kLanes; ++l) lanes[j][l] = acc[l];
+  }
+}
+
+// The processed gradient of one block into out[0, nb): unscaled (a division,
+// as the reference does) and negated for maximize (a multiply by -1 is
+// exact). Without a GradScaler the division is skipped, not done by 1: the
+// divider is the scarce unit of the whole pass.
+template <int D>
+void load_grad(const typename Param<D>::P* __restrict__ g, int nb, const float* grad_scale,
+               typename Param<D>::T sign, typename Param<D>::T* __restrict__ out) {
+  using T = typename Param<D>::T;
+  if (grad_scale) {
+    const T scale = T(*grad_scale);
+#pragma GCC ivdep
+    for (int j = 0; j < nb; ++j) out[j] = Param<D>::load(g[j]) / scale * sign;
+  } else {
+#pragma GCC ivdep
+    for (int j = 0; j < nb; ++j) out[j] = Param<D>::load(g[j]) * sign;
+  }
+}
+
+// Block scratch between the two halves of a MADA step (mada_moments ->
+// mada_apply): only the members the second half reads in this configuration.
+template <class T, bool B3, bool LI, bool TAN>
+struct Stash {
+  alignas(64) T vh[kBlock], A[kBlock], uL[kBlock];
+  alignas(64) T g[kBlock], gh2[kBlock], sg[kBlock], G[kBlock], m0[kBlock], v0[kBlock], N[kBlock];
+  alignas(64) T gh[kBlock], d[kBlock], n0[kBlock];
+
+  void put(int j, const mada::MadaMid<T>& x) {
+    vh[j] = x.vh, A[j] = x.A;
+    if (LI) uL[j] = x.uL;
+    if (TAN) g[j] = x.g, gh2[j] = x.gh2, sg[j] = x.sg, G[j] = x.G, m0[j] = x.m0, v0[j] = x.v0, N[j] = x.N;
+    if (TAN && B3) gh[j] = x.gh, d[j] = x.d, n0[j] = x.n0;
+  }
+  mada::MadaMid<T> get(int j) const {
+    mada::MadaMid<T> x{};
+    x.vh = vh[j], x.A = A[j];
+    if (LI) x.uL = uL[j];
+    if (TAN) x.g = g[j], x.gh2 = gh2[j], x.sg = sg[j], x.G = G[j], x.m0 = m0[j], x.v0 = v0[j], x.N = N[j];
+    if (TAN && B3) x.gh = gh[j], x.d = d[j], x.n0 = n0[j];
+    return x;
+  }
+};
+
+// One segment part [lo, hi), block by block: grads, then the first half of
+// the step for the block, then the second half (two short dependency chains
+// that out-of-order execution overlaps, instead of one long one), then the
+// hyper-gradient partial sums and the new tangent rows.
+template <int D, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI>
+void mada_piece(const MadaCall& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
+                int64_t lo, int64_t hi, typename Param<D>::T sign, double (*lanes)[kLanes]) {
+  using T = typename Param<D>::T;
+  using P = typename Param<D>::P;
+  const P* __restrict__ grad = reinterpret_cast<const P*>(r.grad);
+  P* __restrict__ param = reinterpret_cast<P*>(r.param);
+  T* __restrict__ m = slot_ptr<T>(c.state, kM, r.offset);
+  T* __restrict__ v = slot_ptr<T>(c.state, kV, r.offset);
+  T* __restrict__ n = slot_ptr<T>(c.state, kN, r.offset);
+  T* __restrict__ gp = slot_ptr<T>(c.state, kGPrev, r.offset);
+  T* __restrict__ l = slot_ptr<T>(c.state, kL, r.offset);
+  T* __restrict__ vb = slot_ptr<T>(c.state, kVb, r.offset);
+  T* __restrict__ s = slot_ptr<T>(c.state, kS, r.offset);
+  alignas(64) T gbuf[kBlock];
+  alignas(64) T tbuf[mada::kNumCoef][kBlock];
+  Stash<T, B3, LI, TAN> mid;
+  for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+    const int nb = int(std::min<int64_t>(kBlock, hi - b0));
+    load_grad<D>(grad + b0, nb, c.c.grad_scale, sign, gbuf);
+#pragma GCC ivdep
+    for (int j = 0; j < nb; ++j) {
+      const int64_t i = b0 + j;
+      MadaState<T> st{};
+      st.m = m[i], st.v = v[i];
+      if (B3) st.n = n[i], st.g_prev = gp[i];
+      if (LI) st.l = l[i];
+      if (VB) st.vb = vb[i];
+      mid.put(j, mada::mada_moments<T, B3, VB, LI, MO, TAN, YOGI>(k, gbuf[j], st));
+      m[i] = st.m, v[i] = st.v;
+      if (B3) n[i] = st.n, gp[i] = st.g_prev;
+      if (LI) l[i] = st.l;
+      if (VB) vb[i] = st.vb;
+    }
+#pragma GCC ivdep
+    for (int j = 0; j < nb; ++j) {
+      const int64_t i = b0 + j;
+      MadaState<T> st{};  // what mada_apply reads: the state the first half wrote
+      if (MO) st.s = s[i];
+      if (TAN) st.m = m[i], st.v = v[i];
+      if (TAN && B3) st.n = n[i];
+      if (TAN && VB) st.vb = vb[i];
+      T tan[mada::kNumCoef] = {};
+      param[i] = Param<D>::store(mada::mada_apply<T, B3, VB, LI, MO, TAN>(
+          k, Param<D>::load(param[i]), mid.get(j), st, tan));
+      if (MO) s[i] = st.s;
+      if (TAN)
+        for (int q = 0; q < mada::kNumCoef; ++q) tbuf[q][j] = tan[q];
+    }
+    const int64_t at = r.offset + b0;
+    // The stored rows are still the previous step's tangents: reduce, then overwrite.
+    if (c.dot_out) dot_rows<T>(c, gbuf, nb, at, lanes);
+    if (TAN)
+      for (int j = 0; j < c.num_learn; ++j) {
+        // Constant size for full blocks: g++ expands a variable-size copy into
+        // `rep movsq`, whose start-up cost dominated the whole tangent pass.
+        T* row = static_cast<T*>(c.tangents) + j * c.tan_stride + at;
+        if (nb == kBlock)
+          std::memcpy(row, tbuf[c.learn[j]], sizeof(T) * kBlock);
+        else
+          std::memcpy(row, tbuf[c.learn[j]], sizeof(T) * nb);
+      }
+  }
+}
+
+template <int D>
+void mada_dot_piece(const MadaCall& c, const SegRow& r, int64_t lo, int64_t hi,
+                    typename Param<D>::T sign, double (*lanes)[kLanes]) {
+  using T = typename Param<D>::T;
+  const auto* __restrict__ grad = reinterpret_cast<const typename Param<D>::P*>(r.grad);
+  alignas(64) T gbuf[kBlock];
+  for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+    const int nb = int(std::min<int64_t>(kBlock, hi - b0));
+    load_grad<D>(grad + b0, nb, c.c.grad_scale, sign, gbuf);
+    dot_rows<T>(c, gbuf, nb, r.offset + b0, lanes);
+  }
+}
+
+// One MADA pass for one flag combination; STEP = false is the dot-only pass
+// (hyper_order="exact"), instantiated once rather than inside every variant.
+template <int D, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI, bool STEP = true>
+void mada_pass(const MadaCall& c) {
+  using T = typename Param<D>::T;
+  const MadaConst kc{c.eps, c.mod_beta, c.lion_beta1, c.lion_beta2, c.vbar_detach};
+  const T sign = c.maximize ? T(-1) : T(1);
+  const int rows = c.dot_out ? c.num_learn : 0;
+  double total[mada::kNumCoef] = {};
+  auto make = [&](double lr, double wd, double t) {
+    return mada::make_mada_scalars<T>(c.coef, lr, wd, t, kc);
+  };
+  run_chunks<MadaScalars<T>>(c.c, rows, total, [&](const SegRow& r, int64_t lo, int64_t hi,
+                                                   Chunk<MadaScalars<T>>& ch) {
+    if constexpr (STEP)
+      mada_piece<D, B3, VB, LI, MO, TAN, YOGI>(c, ch.scalars(c.c, r, make), r, lo, hi, sign,
+                                               ch.lanes);
+    else
+      mada_dot_piece<D>(c, r, lo, hi, sign, ch.lanes);
+  });
+  for (int j = 0; j < rows; ++j) {
+    if (c.dot_is_f64)
+      static_cast<double*>(c.dot_out)[j] += total[j];
+    else
+      static_cast<float*>(c.dot_out)[j] += float(total[j]);
+  }
+}
+
+using MadaFn = void (*)(const MadaCall&);
+
+// Flag bits: 1 beta3, 2 vbar, 4 lion, 8 mod, 16 tangents, 32 "c is 1 and not
+// learned" (the Yogi term compiles out). Learning configurations keep the
+// Yogi term (bit 32 ignored): it is a small part of their work, and 16 more
+// variants would cost build time for nothing.
+template <int D, int F>
+void mada_flags(const MadaCall& c) {
+  constexpr bool tan = (F & 16) != 0, yogi = tan || (F & 32) == 0;
+  mada_pass<D, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0, (F & 8) != 0, tan, yogi>(c);
+}
+template <int D, int... F>
+constexpr std::array<MadaFn, sizeof...(F)> mada_table(std::integer_sequence<int, F...>) {
+  return {{&mada_flags<D, F>...}};
+}
+
+template <int D>
+void mada_entry(const MadaCall& c) {
+  if (c.c.found_inf && *c.c.found_inf != 0.0f) return;  // GradScaler skip: touch nothing
+  if (!c.step) return mada_pass<D, false, false, false, false, false, true, false>(c);
+  static constexpr auto table = mada_table<D>(std::make_integer_sequence<int, 64>{});
+  bool c_learned = false;
+  for (int j = 0; j < c.num_learn; ++j) c_learned |= c.learn[j] == mada::kC;
+  const int f = (c.state[kN] != nullptr) | (c.state[kVb] != nullptr) << 1 |
+                (c.state[kL] != nullptr) << 2 | (c.state[kS] != nullptr) << 3 |
+                (c.num_learn > 0) << 4 | (!c_learned && c.coef[mada::kC] == 1.0) << 5;
+  table[f](c);
+}
+
+template <int D, bool DIFF>
+void adamod_pass(const AdamodCall& c) {
+  using T = typename Param<D>::T;
+  using P = typename Param<D>::P;
+  auto make = [&](double lr, double wd, double t) {
+    return mada::make_adamod_scalars<T>(c.beta1, c.beta2, c.beta3, c.eps, lr, wd, t);
+  };
+  run_chunks<AdamodScalars<T>>(c.c, 0, nullptr, [&](const SegRow& r, int64_t lo, int64_t hi,
+                                                    Chunk<AdamodScalars<T>>& ch) {
+    const AdamodScalars<T>& k = ch.scalars(c.c, r, make);
+    const P* __restrict__ grad = reinterpret_cast<const P*>(r.grad);
+    P* __restrict__ param = reinterpret_cast<P*>(r.param);
+    T* __restrict__ m = slot_ptr<T>(c.state, kAm, r.offset);
+    T* __restrict__ v = slot_ptr<T>(c.state, kAv, r.offset);
+    T* __restrict__ s = slot_ptr<T>(c.state, kAs, r.offset);
+    T* __restrict__ gp = slot_ptr<T>(c.state, kAgPrev, r.offset);
+    alignas(64) T gbuf[kBlock];
+    for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+      const int nb = int(std::min<int64_t>(kBlock, hi - b0));
+      load_grad<D>(grad + b0, nb, c.c.grad_scale, T(1), gbuf);
+#pragma GCC ivdep
+      for (int j = 0; j < nb; ++j) {
+        const int64_t i = b0 + j;
+        T gprev = DIFF ? gp[i] : T(0);
+        param[i] = Param<D>::store(mada::adamod_element<T, DIFF>(
+            k, gbuf[j], Param<D>::load(param[i]), m[i], v[i], s[i], gprev));
+        if (DIFF) gp[i] = gprev;
+      }
+    }
+  });
+}
+
+template <int D>
+void adamod_entry(const AdamodCall& c) {
+  if (c.c.found_inf && *c.c.found_inf != 0.0f) return;
+  if (c.state[kAgPrev])
+    adamod_pass<D, true>(c);
+  else
+    adamod_pass<D, false>(c);
+}
+
+template <int D>
+void to_state(const void* src, void* dst, int64_t n) {
+  const auto* s = static_cast<const typename Param<D>::P*>(src);
+  auto* d = static_cast<typename Param<D>::T*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = Param<D>::load(s[i]);
+}
+template <int D>
+void from_state(const void* src, void* dst, int64_t n) {
+  const auto* s = static_cast<const typename Param<D>::T*>(src);
+  auto* d = static_cast<typename Param<D>::P*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = Param<D>::store(s[i]);
+}
+
+}  // namespace
+
+extern const KernelTable MADA_TABLE;
+const KernelTable MADA_TABLE = {&mada_entry<MADA_PARAM_CODE>, &adamod_entry<MADA_PARAM_CODE>,
+                                &to_state<MADA_PARAM_CODE>, &from_state<MADA_PARAM_CODE>};
+
+}  // namespace mada_cpu
