@@ -80,9 +80,9 @@ for name in ("_C_cpu", "_C_cuda"):
     bad = [lib for lib in ("libtorch", "libc10", "libcudart.so") if lib in deps]
     assert not bad, f"{name} links {bad}:\n{deps}"
 for cls, kw in ((MADA, dict(learn=("beta1", "gamma"), gamma=0.9, hyper_warmup=0)), (AdaMod, {})):
-    torch.manual_seed(0)
     runs = []
     for backend in ("cpu", "reference"):
+        torch.manual_seed(0)
         p = torch.nn.Parameter(torch.randn(1000, 3))
         opt = cls([p], lr=1e-2, backend=backend, **kw)
         torch.manual_seed(1)

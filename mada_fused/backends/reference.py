@@ -1,9 +1,11 @@
 """The pure-PyTorch backend: the fallback on any device and the test oracle.
 
-It is SPEC.md written in tensor ops, one parameter at a time, and mirrors
+It is SPEC.md written in tensor ops, one parameter at a time, and follows
 csrc/mada_math.h term by term (coefficients are rounded to the state dtype
 first, powers are taken in float64), so fused backends can be held to it at
-rounding level. It never reads a device value on the host.
+rounding level; the header multiplies by reciprocals of the bias corrections
+where this divides, a one-ulp difference. It never reads a device value on
+the host.
 """
 from __future__ import annotations
 
