@@ -196,6 +196,11 @@ def run_jobs(jobs: list[Job], build_dir: str) -> None:
 
 
 class BuildExt(build_ext):
+    def run(self) -> None:
+        # setuptools clears `inplace` while building and copies to the tree after.
+        self._to_source_tree = self.inplace or getattr(self, "editable_mode", False)
+        super().run()
+
     def build_extensions(self) -> None:
         import pybind11  # build requirement
 
@@ -203,6 +208,7 @@ class BuildExt(build_ext):
         os.makedirs(tmp, exist_ok=True)
         includes = ["-I" + os.path.join(ROOT, "csrc"), "-I" + pybind11.get_include(),
                     "-I" + sysconfig.get_paths()["include"], "-I" + tmp]
+        self._drop_stale_cuda()
         jobs: list[Job] = []
         for ext in self.extensions:
             out = os.path.abspath(self.get_ext_fullpath(ext.name))
@@ -212,6 +218,19 @@ class BuildExt(build_ext):
             else:
                 jobs += self._cuda_jobs(tmp, includes, out)
         run_jobs(jobs, tmp)
+
+    def _drop_stale_cuda(self) -> None:
+        """Without a CUDA build this time, an old _C_cuda (in build/lib, or in the
+        source tree from an editable install) was built from other sources: the
+        wheel must not ship it and imports must not find it."""
+        if CUDA:
+            return
+        old = [self.get_ext_fullpath("mada_fused._C_cuda")]
+        if getattr(self, "_to_source_tree", False):
+            old += glob.glob(os.path.join(ROOT, "mada_fused", "_C_cuda*"))
+        for path in filter(os.path.exists, old):
+            note(f"removing {rel(path)}: not rebuilt in this build")
+            os.remove(path)
 
     def _cpu_jobs(self, tmp: str, includes: list[str], out: str) -> list[Job]:
         if CUDA:

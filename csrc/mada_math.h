@@ -46,9 +46,10 @@ struct MadaScalars {
   T t;         // this parameter's step count, >= 1
   T bc1, bc2;  // 1 - beta^t
   // Reciprocals of the per-parameter divisors (taken in double, rounded once):
-  // the element math multiplies by them. A divide costs 4-10x a multiply on
-  // CPUs and GPUs alike, and 10 of MADA's 12 per-element divisions were by
-  // these uniform scalars, which made the fused CPU pass compute-bound.
+  // the element math multiplies by them, which can differ from dividing by up
+  // to an ulp. A divide costs 4-10x a multiply on CPUs and GPUs alike, and 10
+  // of MADA's 12 per-element divisions were by these uniform scalars, which
+  // made the fused CPU pass compute-bound.
   T rbc1, rbc2;      // 1 / bc
   T rbc1sq, rbc2sq;  // 1 / bc^2
   T rt;              // 1 / t
@@ -117,8 +118,9 @@ struct MadaMid {
 // First half of one MADA step: every moment update, up to vh and A. Updates m,
 // v, n, g_prev, l, vb in `st`. YOGI = false compiles the Yogi term out, for a
 // configuration with c fixed at 1 (not learned): then G = gh^2 exactly as with
-// c = 1 (1 * x = x and 0 * x = 0 for finite x), sg is left 0, and the only
-// output that reads it, du/dc, is never used because c is not learned.
+// c = 1 (1 * x = x and 0 * x = 0 for finite x), and sg is left 0: du/dc, which
+// reads it, is never used (c is not learned), and du/dbeta3's c + (1 - c) * sg
+// is c either way.
 //
 // The split exists for the CPU: running the halves as two loops over a small
 // block keeps each dependency chain short enough for out-of-order execution to

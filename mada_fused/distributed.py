@@ -21,11 +21,17 @@ from typing import Any
 import torch
 
 
+_DTENSOR: list[type] = []  # the class, once someone has imported it
+
+
 def _dtensor_type() -> type | None:
+    if _DTENSOR:  # checked on every parameter of every step: keep it a lookup
+        return _DTENSOR[0]
     # torch >= 2.5 exports DTensor from torch.distributed.tensor, 2.4 from ._tensor.
     for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
         cls = getattr(sys.modules.get(name), "DTensor", None)
         if cls is not None:
+            _DTENSOR.append(cls)
             return cls
     return None
 

@@ -50,8 +50,8 @@ class Bucket:
         self.buffers = {name: torch.zeros(total, **opts) for name in state_names}
         self.tangents = torch.zeros(num_tangents, total, **opts) if num_tangents else None
         self.steps = torch.zeros(len(self.params), device=self.device, dtype=torch.float64)
-        # Device index tensors for steps where only some parameters have grads.
-        self.index_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        # (indices, ones) on the device for steps where only some parameters have grads.
+        self.index_cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def views(self, i: int) -> dict[str, torch.Tensor]:
         """Per-parameter state of parameter ``i``: views, never copies."""

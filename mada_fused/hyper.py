@@ -154,7 +154,8 @@ class HyperState:
         return self.coef.device
 
     def count_step(self, ok: torch.Tensor | None) -> None:
-        self.steps.add_(1.0 if ok is None else ok)
+        if self.cfg.learn:  # only the warm-up reads it
+            self.steps.add_(1.0 if ok is None else ok)
 
     def update(self, dot: torch.Tensor | None, ok: torch.Tensor | None) -> None:
         """Apply one hyper-update from ``dot = sum(g_next * du/dk)`` (learned rows).

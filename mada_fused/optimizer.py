@@ -35,7 +35,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._backend_request = backends.check_name(backend)
         self._buckets: list[Bucket] = []
         self._bucket_of: dict[torch.Tensor, Bucket] = {}
-        self._scalars: dict[torch.device, tuple[torch.Tensor, list]] = {}
+        self._scalars: dict[torch.device, tuple] = {}
+        self._backend_for: dict[tuple[torch.device, torch.dtype], Backend] = {}
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
 
     # -- what subclasses provide ---------------------------------------------
@@ -78,8 +79,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's version keeps only defaults/state/param_groups; deepcopy and
-        # pickle need the buckets and the device scalars too.
-        return self.__dict__.copy()
+        # pickle need the buckets and the device scalars too. Backends hold
+        # extension modules, which do not pickle: a copy resolves them again.
+        return {**self.__dict__, "_backend_for": {}}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -97,8 +99,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         ]
         if not active:
             return loss
-        for device, dtype in {(p.device, p.dtype) for _, p, _ in active}:
-            backends.resolve(self._backend_request, device, dtype)
+        for key in {(p.device, p.dtype) for _, p, _ in active}:
+            if key not in self._backend_for:  # resolved once: every step would ask again
+                self._backend_for[key] = backends.resolve(self._backend_request, *key)
         # Everything below mutates; everything above only checked.
         self._allocate([p for _, p, _ in active])
         grad_scale = getattr(self, "grad_scale", None)
@@ -128,8 +131,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         return bucket
 
     def _plan(self, active, grad_scale, found_inf) -> tuple[list[Work], list, dict]:
-        group_of = {p: gi for gi, p, _ in active}
-        grad_of = {p: g for _, p, g in active}
+        # Keyed by id: a Tensor's __hash__ is a Python call, and this runs per parameter per step.
+        active_by_id = {id(p): (gi, g) for gi, p, g in active}
         devices = {b.device for b in self._buckets}
         ok = {d: None if found_inf is None else (found_inf.to(d).reshape(()) == 0).to(torch.float64) for d in devices}
         work: list[Work] = []
@@ -137,57 +140,59 @@ class FusedOptimizer(torch.optim.Optimizer):
         for bucket in self._buckets:
             seg = Segments([], [], [], [], [], [])
             for i, p in enumerate(bucket.params):
-                if p not in grad_of:
+                entry = active_by_id.get(id(p))
+                if entry is None:
                     continue
                 data = local = local_tensor(p)  # FSDP2: step this rank's shard
                 if not local.is_contiguous():
                     data = local.contiguous()
                     staged.append((local, data))
                 seg.params.append(data)
-                seg.grads.append(grad_of[p].contiguous())
+                seg.grads.append(entry[1].contiguous())
                 seg.offsets.append(bucket.offsets[i])
                 seg.numels.append(data.numel())
-                seg.groups.append(group_of[p])
+                seg.groups.append(entry[0])
                 seg.param_index.append(i)
             if not seg.params:
                 continue
             self._count_steps(bucket, seg.param_index, ok[bucket.device])
-            backend = backends.resolve(self._backend_request, bucket.device, bucket.dtype)
-            lr_wd = self._group_scalars(bucket.device)
+            lr, weight_decay = self._group_scalars(bucket.device)
             scalars = DeviceScalars(
                 coef=None,  # MADA fills in its coefficients
-                lr=lr_wd[0],
-                weight_decay=lr_wd[1],
+                lr=lr,
+                weight_decay=weight_decay,
                 grad_scale=None if grad_scale is None else grad_scale.to(bucket.device),
                 found_inf=None if found_inf is None else found_inf.to(bucket.device),
             )
-            work.append((backend, bucket, seg, scalars))
+            work.append((self._backend_for[bucket.device, bucket.dtype], bucket, seg, scalars))
         return work, staged, ok
 
     def _count_steps(self, bucket: Bucket, index: list[int], ok: torch.Tensor | None) -> None:
-        inc = 1.0 if ok is None else ok
         if len(index) == len(bucket.params):
-            bucket.steps.add_(inc)
+            bucket.steps.add_(1.0 if ok is None else ok)
             return
         key = tuple(index)
-        idx = bucket.index_cache.get(key)
-        if idx is None:  # built once per pattern of missing grads: no per-step copy
-            idx = bucket.index_cache[key] = torch.tensor(index, device=bucket.device)
-        bucket.steps.index_add_(0, idx, torch.ones(len(index), dtype=torch.float64, device=bucket.device) * inc)
+        cached = bucket.index_cache.get(key)
+        if cached is None:  # built once per pattern of missing grads: no per-step copy
+            ones = torch.ones(len(index), dtype=torch.float64, device=bucket.device)
+            cached = bucket.index_cache[key] = (torch.tensor(index, device=bucket.device), ones)
+        idx, ones = cached
+        bucket.steps.index_add_(0, idx, ones if ok is None else ones * ok)
 
-    def _group_scalars(self, device: torch.device) -> torch.Tensor:
-        """(2, num_groups) float64 [lr; weight_decay] on ``device``, refreshed without a sync.
+    def _group_scalars(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num_groups,) float64 lr and weight_decay on ``device``, refreshed without a sync.
 
         A tensor lr (for CUDA graphs) is copied on the device each step; a
         Python float is written only when it changed, as a fill, so a step
         never waits for a host-to-device copy.
         """
         n = len(self.param_groups)
-        table, seen = self._scalars.get(device, (None, None))
+        table, seen, lr, weight_decay = self._scalars.get(device, (None,) * 4)
         if table is None or table.shape[1] != n:
             table = torch.zeros(2, n, dtype=torch.float64, device=device)
             seen = [[None] * n, [None] * n]
-            self._scalars[device] = (table, seen)
+            lr, weight_decay = table[0], table[1]  # views: backends see the same tensors each step
+            self._scalars[device] = (table, seen, lr, weight_decay)
         for gi, group in enumerate(self.param_groups):
             for row, key in enumerate(self._PER_GROUP):
                 value = group[key]
@@ -196,7 +201,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 elif seen[row][gi] != value:
                     table[row, gi].fill_(value)
                     seen[row][gi] = value
-        return table
+        return lr, weight_decay
 
     # -- state_dict -------------------------------------------------------------
     def _param_list(self) -> list[torch.Tensor]:

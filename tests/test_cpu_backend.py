@@ -34,6 +34,10 @@ CONFIGS = {
     "mada_learn_all": (MADA, dict(LEARN, mod_beta=0.9, weight_decay=0.05)),
     "mada_exact_detach_max": (MADA, dict(LEARN, hyper_order="exact", vbar="detach", maximize=True)),
     "mada_learn_beta1_only": (MADA, dict(learn=("beta1",), hyper_warmup=0)),
+    # Nothing learned: the clip alone runs the one-loop kernel, a fixed
+    # interior point the two-loop one without tangents.
+    "mada_clip_fixed": (MADA, dict(learn=(), mod_beta=0.9, maximize=True)),
+    "mada_interior_fixed": (MADA, dict(LEARN, learn=(), mod_beta=0.9)),
     "avgrad": (AVGrad, dict(weight_decay=0.01)),
     "adamod": (AdaMod, dict(weight_decay=0.01)),
     "diffmod": (DiffMod, dict(len_memory=10)),

@@ -14,6 +14,7 @@ contraction).
 from __future__ import annotations
 
 import array
+import operator
 import weakref
 
 import torch
@@ -35,17 +36,17 @@ class CpuBackend:
 
     def __init__(self, ext) -> None:
         self._ext = ext
-        self._checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # Per bucket: facts checked once (its buffers and the optimizer's scalar
+        # tables never change identity) and the state addresses per config.
+        self._known: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type == "cpu" and dtype in _segments.DTYPE_CODES
 
-    def _common(self, bucket: Bucket, seg: Segments, sc: DeviceScalars) -> tuple[array.array, list[int]]:
-        """The segment table (keep it alive during the call) and the common header."""
-        self._check_bucket(bucket)
-        groups = sc.lr.numel()
-        _check("lr", sc.lr, torch.float64)
-        _check("weight_decay", sc.weight_decay, torch.float64, groups)
+    def _common(self, bucket: Bucket, seg: Segments, sc: DeviceScalars) -> tuple[array.array, list[int], dict]:
+        """The segment table (keep it alive during the call), the common header
+        and the bucket's cache of per-config state addresses."""
+        known = self._check(bucket, sc)
         _check("grad_scale", sc.grad_scale, torch.float32, 1)
         _check("found_inf", sc.found_inf, torch.float32, 1)
         table = _segments.pack(seg)
@@ -54,7 +55,7 @@ class CpuBackend:
             len(seg.params),
             _segments.DTYPE_CODES[bucket.dtype],
             bucket.numel,
-            groups,
+            sc.lr.numel(),
             len(bucket.params),
             sc.lr.data_ptr(),
             sc.weight_decay.data_ptr(),
@@ -63,38 +64,52 @@ class CpuBackend:
             _segments.address(sc.found_inf),
             torch.get_num_threads(),
         ]
-        return table, common
+        return table, common, known["addresses"]
 
-    def _check_bucket(self, bucket: Bucket) -> None:
-        """A bucket's buffers never change identity: check them once, not every step."""
-        key = tuple(map(id, bucket.tensors()))
-        if self._checked.get(bucket) == key:
-            return
-        _check("steps", bucket.steps, torch.float64, len(bucket.params))
-        for name, buf in bucket.buffers.items():
-            _check(f"state {name!r}", buf, bucket.state_dtype, bucket.numel)
-        if bucket.tangents is not None:
-            _check("tangents", bucket.tangents, bucket.state_dtype)
-        self._checked[bucket] = key
+    def _check(self, bucket: Bucket, sc: DeviceScalars) -> dict:
+        """Checks what the extension reads by address, once per tensor identity
+        (a wrong dtype or size there would be a wild memory access)."""
+        tensors = bucket.tensors()
+        known = self._known.get(bucket)
+        if known is None or known["tensors"] != list(map(id, tensors)):
+            _check("steps", bucket.steps, torch.float64, len(bucket.params))
+            for name, buf in bucket.buffers.items():
+                _check(f"state {name!r}", buf, bucket.state_dtype, bucket.numel)
+            if bucket.tangents is not None:
+                _check("tangents", bucket.tangents, bucket.state_dtype)
+            known = self._known[bucket] = {"tensors": list(map(id, tensors)), "scalars": None, "addresses": {}}
+        scalars = (sc.lr, sc.weight_decay, sc.coef)
+        if known["scalars"] is None or any(map(operator.is_not, known["scalars"], scalars)):
+            _check("lr", sc.lr, torch.float64)
+            _check("weight_decay", sc.weight_decay, torch.float64, sc.lr.numel())
+            _check("coef", sc.coef, torch.float64, 6)
+            known["scalars"] = scalars  # held, so no other tensor can take their ids
+        return known
 
     def _mada(self, bucket, seg, sc, cfg: MadaKernelConfig, dot_out, step: bool) -> None:
-        table, common = self._common(bucket, seg, sc)  # `table` lives until the call returns
-        _check("coef", sc.coef, torch.float64, 6)
+        table, common, addresses = self._common(bucket, seg, sc)  # `table` lives until the call returns
+        if sc.coef is None:
+            raise ValueError("cpu backend: a MADA pass needs the coefficients")
         learn = list(cfg.learn)
         if dot_out is not None:
             if dot_out.dtype not in (torch.float32, torch.float64):
                 raise ValueError(f"cpu backend: dot_out must be float32 or float64, got {dot_out.dtype}")
             _check("dot_out", dot_out, dot_out.dtype, len(learn))
-        tangents = bucket.tangents if learn else None
-        # The kernel variant follows from which state is passed: exactly what cfg says exists.
-        optional = {"n": cfg.has_beta3, "g_prev": cfg.has_beta3, "vb": cfg.has_vbar, "l": cfg.has_lion,
-                    "s": cfg.has_mod}
-        state = {k: t for k, t in bucket.buffers.items() if optional.get(k, True)}
+        state = addresses.get(cfg)
+        if state is None:
+            # The kernel variant follows from which state is passed: exactly what cfg says exists.
+            optional = {"n": cfg.has_beta3, "g_prev": cfg.has_beta3, "vb": cfg.has_vbar, "l": cfg.has_lion,
+                        "s": cfg.has_mod}
+            buffers = {k: t for k, t in bucket.buffers.items() if optional.get(k, True)}
+            tangents = bucket.tangents if learn else None
+            state = addresses[cfg] = (
+                _segments.addresses(buffers, _segments.MADA_STATE),
+                _segments.address(tangents),
+                bucket.numel if tangents is None else tangents.stride(0),
+            )
         self._ext.mada(
             common,
-            _segments.addresses(state, _segments.MADA_STATE),
-            _segments.address(tangents),
-            bucket.numel if tangents is None else tangents.stride(0),
+            *state,
             learn,
             _segments.address(dot_out),
             dot_out is not None and dot_out.dtype == torch.float64,
@@ -112,13 +127,12 @@ class CpuBackend:
         self._mada(bucket, seg, scalars, cfg, dot_out, step=False)
 
     def adamod_step(self, bucket, seg, scalars, cfg: AdamodKernelConfig) -> None:
-        table, common = self._common(bucket, seg, scalars)  # `table` lives until the call returns
-        state = {k: t for k, t in bucket.buffers.items() if k != "g_prev" or cfg.diff}
-        self._ext.adamod(
-            common,
-            _segments.addresses(state, _segments.ADAMOD_STATE),
-            [cfg.beta1, cfg.beta2, cfg.beta3, cfg.eps],
-        )
+        table, common, addresses = self._common(bucket, seg, scalars)  # `table` lives until the call returns
+        state = addresses.get(cfg)
+        if state is None:
+            buffers = {k: t for k, t in bucket.buffers.items() if k != "g_prev" or cfg.diff}
+            state = addresses[cfg] = _segments.addresses(buffers, _segments.ADAMOD_STATE)
+        self._ext.adamod(common, state, [cfg.beta1, cfg.beta2, cfg.beta3, cfg.eps])
 
 
 def load() -> CpuBackend:
