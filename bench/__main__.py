@@ -73,6 +73,8 @@ def markdown(result: dict) -> str:
         "Bytes moved = read param + grad, write param, read + write every state buffer the config",
         "allocates (fp32 for mada_fused; torch keeps state in the param dtype). `state` = buffer count",
         "including one tangent buffer per learned coefficient. `x fused` = time / torch fused AdamW time.",
+        "With --rounds N every case ran N times, interleaved, each with fresh state; `median ms` is then",
+        "the median of the N round medians and `rounds` their range.",
         "",
     ]
     lines += [f"- {n}" for n in result["notes"]]
@@ -82,14 +84,18 @@ def markdown(result: dict) -> str:
         if not rows:
             continue
         lines += [f"## Layout `{layout}` ({rows[0]['n_tensors']} tensor(s) at the first size)", "",
-                  "| size | config | backend | state | median ms | min ms | MB moved | GB/s | % copy BW | x fused |",
-                  "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| size | config | backend | state | median ms | min ms | rounds: min-max ms | MB moved | GB/s "
+                  "| % copy BW | x fused |",
+                  "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             if "time_ms" in r:
-                cells = [fmt(r["time_ms"], ".3f"), fmt(r["time_min_ms"], ".3f"), fmt(r["bytes"] / 1e6, ".1f"), fmt(r["gbps"], ".1f"),
+                spread = r["round_ms"]
+                cells = [fmt(r["time_ms"], ".3f"), fmt(r["time_min_ms"], ".3f"),
+                         f"{min(spread):.3f}-{max(spread):.3f} ({len(spread)})" if len(spread) > 1 else "",
+                         fmt(r["bytes"] / 1e6, ".1f"), fmt(r["gbps"], ".1f"),
                          fmt(100 * r["frac_copy"], ".0f"), fmt(r["ratio_torch_fused"], ".2f")]
             else:
-                cells = [f"skipped: {r['skipped']}", "", fmt(r["bytes"] / 1e6, ".1f"), "", "", ""]
+                cells = [f"skipped: {r['skipped']}", "", "", fmt(r["bytes"] / 1e6, ".1f"), "", "", ""]
             lines.append(f"| {size_label(r['numel'])} | {r['config']} | {r['backend']} | {r['n_state']} | "
                          + " | ".join(cells) + " |")
         lines.append("")
@@ -110,8 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, short timing budget")
     ap.add_argument("--stat", default="median", choices=["median", "min"],
                     help="step time behind GB/s and ratios (min resists other load on a shared machine)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every case this many times, interleaved, each with fresh state; "
+                         "rows report the median of the round medians")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
 
     sizes = [parse_size(s) for s in (args.sizes or ("1M,4M" if args.quick else "1M,4M,16M,64M,256M")).split(",")]
     configs = [c for c in args.configs.split(",") if c]
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0, load0 = time.perf_counter(), os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows, bw = run_benchmark(args.device, sizes, layouts, configs, backends, DTYPES[args.dtype],
-                             args.quick, args.stat, progress=progress_bar)
+                             args.quick, args.stat, progress=progress_bar, rounds=args.rounds)
     result = {"meta": dict(machine_info(args.device), loadavg_start=load0), "args": dict(vars(args), configs=configs, layouts=layouts,
                                                                backends=backends, sizes=sizes),
               "notes": notes, "copy_bandwidth": bw, "rows": rows, "wall_s": time.perf_counter() - t0,

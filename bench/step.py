@@ -187,16 +187,23 @@ def fits(numel: int, largest: int, param_bytes: int, n_state: int, backend: str,
     return need < 0.8 * free_bytes(device)
 
 
-def run_case(cfg: Config, backend: str, params: list[torch.Tensor], device: str, quick: bool) -> dict:
-    """Time one (config, backend) on prepared params; returns the row's measured fields."""
+def run_case(cfg: Config, backend: str, params: list[torch.Tensor], device: str, quick: bool) -> list[float]:
+    """Seconds per step of one (config, backend) on prepared params, fresh optimizer state."""
     opt = make_optimizer(cfg, backend, params)
     try:
-        times = time_fn(opt.step, device, warmup=2 if quick else 3, min_reps=3 if quick else 5,
-                        max_reps=20 if quick else 100, budget_s=0.3 if quick else 2.0)
+        return time_fn(opt.step, device, warmup=2 if quick else 3, min_reps=3 if quick else 5,
+                       max_reps=20 if quick else 100, budget_s=0.3 if quick else 2.0)
     finally:
         del opt
         gc.collect()
-    return {"time_ms": statistics.median(times) * 1e3, "time_min_ms": min(times) * 1e3, "reps": len(times)}
+
+
+def summarize(rounds: list[list[float]]) -> dict:
+    """A row's times from its rounds: the median of the round medians, so no single
+    placement of the state buffers in memory decides a ratio, and their spread."""
+    medians = [statistics.median(t) for t in rounds]
+    return {"time_ms": statistics.median(medians) * 1e3, "time_min_ms": min(map(min, rounds)) * 1e3,
+            "reps": sum(map(len, rounds)), "round_ms": [m * 1e3 for m in medians]}
 
 
 def cases(configs: list[str], backends: list[str]) -> list[tuple[Config, str]]:
@@ -207,33 +214,49 @@ def cases(configs: list[str], backends: list[str]) -> list[tuple[Config, str]]:
 
 def run_benchmark(device: str, sizes: list[int], layouts: list[str], configs: list[str],
                   backends: list[str], dtype: torch.dtype, quick: bool, stat: str = "median",
-                  progress: Callable[[int], Callable[[str | None], None]] | None = None) -> tuple[list[dict], dict]:
-    """All rows for sizes x layouts x cases, plus the copy-bandwidth probe."""
+                  progress: Callable[[int], Callable[[str | None], None]] | None = None,
+                  rounds: int = 1) -> tuple[list[dict], dict]:
+    """All rows for sizes x layouts x cases, plus the copy-bandwidth probe.
+
+    With ``rounds > 1`` every case is timed that many times, interleaved with the
+    others and each time with freshly allocated state: step time depends on where
+    the allocator put the buffers (at 1M on a CPU, +-20 % between processes), and
+    a ratio of two single runs would mostly measure that. Cases slower than
+    SLOW_S per step (the reference at large sizes) run once.
+    """
     bw = copy_bandwidth(device, (256 << 20) if device.startswith("cuda") else (64 << 20), quick)
     pbytes = torch.empty((), dtype=dtype).element_size()
     todo = cases(configs, backends)
-    tick = progress(len(sizes) * len(layouts) * len(todo)) if progress else (lambda _msg: None)
+    tick = progress(len(sizes) * len(layouts) * len(todo) * rounds) if progress else (lambda _msg: None)
     rows: list[dict] = []
     for layout in layouts:
         for size in sizes:
             shapes = LAYOUTS[layout](size)
             numel, largest = numel_of(shapes), max(numel_of([s]) for s in shapes)
             params = None
+            block = []
             for cfg, backend in todo:
-                tick(f"{layout} {numel / 1e6:.0f}M {cfg.name}@{backend}")
                 n_state = state_buffers(cfg)
                 row = {"layout": layout, "numel": numel, "n_tensors": len(shapes), "config": cfg.name,
                        "backend": backend, "dtype": str(dtype).replace("torch.", ""), "n_state": n_state,
                        "bytes": bytes_moved(numel, pbytes, n_state, pbytes if backend in ANCHORS else 4)}
                 if not fits(numel, largest, pbytes, n_state, backend, device, params is not None):
-                    rows.append(dict(row, skipped="does not fit in free memory"))
-                    continue
-                if params is None:
+                    row["skipped"] = "does not fit in free memory"
+                elif params is None:
                     params = make_params(shapes, device, dtype)
-                try:
-                    row.update(run_case(cfg, backend, params, device, quick))
-                except Exception as exc:  # one broken backend must not sink the table
-                    row["skipped"] = f"error: {exc.__class__.__name__}: {str(exc)[:160]}"
+                block.append((cfg, backend, row, []))
+            for r in range(rounds):
+                for cfg, backend, row, times in block:
+                    tick(f"{layout} {numel / 1e6:.0f}M {cfg.name}@{backend}" + (f" round {r + 1}" if rounds > 1 else ""))
+                    if "skipped" in row or (times and statistics.median(times[0]) > SLOW_S):
+                        continue
+                    try:
+                        times.append(run_case(cfg, backend, params, device, quick))
+                    except Exception as exc:  # one broken backend must not sink the table
+                        row["skipped"] = f"error: {exc.__class__.__name__}: {str(exc)[:160]}"
+            for _, _, row, times in block:
+                if "skipped" not in row:
+                    row.update(summarize(times))
                 rows.append(row)
             del params
             gc.collect()
