@@ -99,7 +99,7 @@ EOF
 # CI builds the CUDA extension only here, so its import and host-side tests run here too.
 step "CPU-backend and CUDA-extension tests against the installed wheel"
 mkdir -p "$WORK/tests"
-cp "$ROOT"/tests/conftest.py "$ROOT"/tests/spec_model.py "$ROOT"/tests/test_cpu_backend.py \
+cp "$ROOT"/tests/conftest.py "$ROOT"/tests/spec_model.py "$ROOT"/tests/backend_cases.py "$ROOT"/tests/test_cpu_backend.py \
    "$ROOT"/tests/test_cuda_backend.py "$WORK/tests/"
 "$VPY" -m pytest -q -p no:cacheprovider "$WORK/tests/test_cpu_backend.py" "$WORK/tests/test_cuda_backend.py"
 

@@ -34,17 +34,19 @@ def test_rounds_interleave_and_summarize(monkeypatch):
 
     monkeypatch.setattr(step, "run_case", fake_run_case)
     monkeypatch.setattr(step, "copy_bandwidth", lambda *a: {"gbps": 10.0, "gbps_min_time": 20.0})
-    rows, _ = step.run_benchmark("cpu", [1024], ["flat"], ["adam_corner"], ["reference"], torch.float32,
+    rows, _ = step.run_benchmark("cpu", [1024], ["flat"], ["adam_corner"], ["reference", "cpu"], torch.float32,
                                  quick=True, rounds=3)
-    per_round = [("adamw", "torch_fused"), ("adamw", "torch_foreach"), ("adam_corner", "reference")]
-    assert calls == per_round * 3  # interleaved: every case once per round
-    corner = next(r for r in rows if r["config"] == "adam_corner")
+    per_round = [("adamw", "torch_fused"), ("adamw", "torch_foreach"), ("adam_corner", "cpu")]
+    # Interleaved, every case once per round; the reference once, after all rounds.
+    assert calls == per_round * 3 + [("adam_corner", "reference")]
+    corner = next(r for r in rows if r["config"] == "adam_corner" and r["backend"] == "cpu")
     # Rounds 1..3 of this case were calls 3, 6, 9: medians 2 * 0.003, 2 * 0.006, 2 * 0.009 s.
     assert corner["round_ms"] == pytest.approx([6.0, 12.0, 18.0])
     assert corner["time_ms"] == pytest.approx(12.0) and corner["time_min_ms"] == pytest.approx(3.0)
     fused = next(r for r in rows if r["backend"] == "torch_fused")
     assert corner["ratio_torch_fused"] == pytest.approx(12.0 / fused["time_ms"])
     assert corner["bytes"] == 1024 * (3 * 4 + 2 * 4 * 2)
+    assert next(r for r in rows if r["backend"] == "reference")["round_ms"] == pytest.approx([20.0])
 
 
 def test_slow_cases_run_once(monkeypatch):

@@ -44,32 +44,16 @@ import mada_fused  # noqa: E402
 from mada_fused import backends  # noqa: E402
 
 import spec_model  # noqa: E402  (tests/, on sys.path through conftest)
+from backend_cases import ALL, CASES, FULL, grads  # noqa: E402  (likewise)
 
 CUDA = torch.cuda.is_available()
 SHAPES = [(1100,), (37,), (9, 13)]  # 2 chunks (2 full blocks + a tail), a lone tail, a 2-D tensor
-ALL = ("beta1", "beta2", "beta3", "rho", "c", "gamma")
-FULL = dict(lr=1e-2, beta3=0.5, rho=0.6, c=0.7, gamma=0.8, learn=ALL, hyper_warmup=0)
-CASES = {
-    "adam_corner": (mada_fused.MADA, dict(lr=1e-2, learn=())),
-    "full_mod": (mada_fused.MADA, dict(FULL, mod_beta=0.9)),
-    "full_exact_detach_max": (mada_fused.MADA, dict(FULL, vbar="detach", hyper_order="exact", maximize=True)),
-    "subset_rows": (mada_fused.MADA, dict(lr=1e-2, gamma=0.7, learn=("gamma", "beta2"), hyper_warmup=0)),
-    "avgrad": (mada_fused.AVGrad, dict(lr=1e-2)),
-    "adamod": (mada_fused.AdaMod, dict(lr=1e-2, beta3=0.9)),
-    "diffmod": (mada_fused.DiffMod, dict(lr=1e-2, len_memory=10)),
-}
 
 
 @pytest.fixture
 def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("MADA_TRITON_CONFIG", raising=False)
-
-
-def _grads(shapes, steps, dtype, device, scale=1.0):
-    """Log-normal magnitudes, so sign switches and the AdaMod clip go both ways."""
-    return [[(scale * torch.exp(0.7 * torch.randn(s)) * torch.randn(s)).to(dtype).to(device) for s in shapes]
-            for _ in range(steps)]
 
 
 GROUP_LR_WD = [(None, 0.0), (3e-3, 0.1)]  # (lr or the default, weight decay) of the two groups
@@ -120,7 +104,7 @@ def _run(cls, kw, dtype=torch.float32, device="cpu", shapes=SHAPES, steps=3, dro
     mada = issubclass(cls, mada_fused.MADA) and bool(kw.get("learn", ALL))
     (tp, topt), (rp, ropt) = _pair(cls, kw, dtype, device, shapes)
     scale = 64.0 if amp else 1.0  # fp16 grads times the scale must stay finite
-    for i, grads in enumerate(_grads(shapes, steps, dtype, device, scale=scale)):
+    for i, grads in enumerate(grads(shapes, steps, dtype, device, scale=scale)):
         skip = amp and i == 1
         for ps, opt in ((tp, topt), (rp, ropt)):
             for j, (p, g) in enumerate(zip(ps, grads)):
@@ -361,7 +345,7 @@ def test_cuda_graph_capture(pinned):
     """A captured step replays exactly what eager steps compute (scalars never leave the device)."""
     torch.manual_seed(3)
     base = [torch.randn(s, device="cuda") for s in BIG]
-    seq = _grads(BIG, 6, torch.float32, "cuda")
+    seq = grads(BIG, 6, torch.float32, "cuda")
     kw = dict(FULL, mod_beta=0.9)
 
     eager = [b.clone().requires_grad_() for b in base]

@@ -30,15 +30,7 @@ _F32, _F64 = torch.float32, torch.float64
 
 
 def _check(name: str, t: torch.Tensor | None, device: torch.device, dtype: torch.dtype, numel: int | None = None):
-    """A wrong dtype, device or size here would be a wild access on the GPU, so it is an error."""
-    if t is None:
-        return
-    if t.device != device or t.dtype != dtype or not t.is_contiguous() or (numel is not None and t.numel() != numel):
-        raise ValueError(
-            f"cuda backend: {name} must be a contiguous {dtype} tensor on {device}"
-            + ("" if numel is None else f" of {numel} elements")
-            + f", got {t.dtype} {tuple(t.shape)} on {t.device}"
-        )
+    _segments.check_tensor("cuda", name, t, device, dtype, numel)  # a mismatch would be a wild GPU access
 
 
 class CudaBackend:
