@@ -22,7 +22,7 @@ CASES = {
 }
 
 
-def grads(shapes, steps, dtype, device, scale=1.0):
+def random_grads(shapes, steps, dtype, device, scale=1.0):
     """Log-normal magnitudes, so sign switches and the AdaMod clip go both ways."""
     return [[(scale * torch.exp(0.7 * torch.randn(s)) * torch.randn(s)).to(dtype).to(device) for s in shapes]
             for _ in range(steps)]

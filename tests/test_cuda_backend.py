@@ -30,7 +30,7 @@ import torch
 import mada_fused
 from mada_fused import backends
 
-from backend_cases import ALL, CASES, FULL, grads  # tests/, on sys.path through conftest
+from backend_cases import ALL, CASES, FULL, random_grads  # tests/, on sys.path through conftest
 
 try:
     from mada_fused import _C_cuda
@@ -103,7 +103,7 @@ def _run(cls, kw, dtype=F32, device=None, shapes=LAYOUTS["odd"], steps=4, drop=N
     mada = isinstance(copt, mada_fused.MADA)
     scale, sign = (64.0 if amp else 1.0), (-1.0 if kw.get("maximize") else 1.0)
     prev_h = {}
-    for i, grads in enumerate(grads(shapes, steps, dtype, device, scale)):
+    for i, grads in enumerate(random_grads(shapes, steps, dtype, device, scale)):
         skip = amp and i == 1
         for ps, opt in ((cp, copt), (rp, ropt)):
             for j, (p, g) in enumerate(zip(ps, grads)):
@@ -249,7 +249,7 @@ def test_many_segments_and_misaligned_params():
     pc, pr = torch.nn.Parameter(base.clone()[1:]), torch.nn.Parameter(base.clone()[1:])
     assert pc.data_ptr() % 16 != 0
     oc, orf = mada_fused.MADA([pc], backend="cuda", **FULL), mada_fused.MADA([pr], backend="reference", **FULL)
-    for (g,) in grads([(4098,)], 3, F32, DEV):
+    for (g,) in random_grads([(4098,)], 3, F32, DEV):
         for p, o in ((pc, oc), (pr, orf)):
             p.grad = g.clone()
             o.step()
@@ -262,7 +262,7 @@ def test_gradscaler_found_inf_changes_nothing():
     a step with an inf grad leaves params, state, step counts and coefficients as they were."""
     assert mada_fused.MADA._step_supports_amp_scaling
     base = [torch.randn(s, dtype=F32) for s in LAYOUTS["odd"]]
-    seq = grads(LAYOUTS["odd"], 4, F32, DEV)
+    seq = random_grads(LAYOUTS["odd"], 4, F32, DEV)
     runs = {}
     for backend in ("cuda", "reference"):
         ps, opt = _make(mada_fused.MADA, SLOW, base, DEV, backend)
@@ -296,7 +296,7 @@ def test_cuda_graph_capture_and_replay():
     tensor lr changed between replays (scalars never leave the device)."""
     shapes = LAYOUTS["odd"]
     base = [torch.randn(s, dtype=F32, device="cuda") for s in shapes]
-    seq = grads(shapes, 6, F32, "cuda")
+    seq = random_grads(shapes, 6, F32, "cuda")
     lrs = [1e-2, 1e-2, 5e-3, 5e-3, 2e-3, 2e-3]
     kw = dict(FULL, mod_beta=0.9)
     del kw["lr"]
@@ -352,7 +352,7 @@ def test_bitwise_deterministic(dtype):
     """Same inputs, same bits: per-block slots reduced in a fixed order, no float atomics."""
     shapes = [(300_000,), (77, 129), (5,)]
     base = [torch.randn(s).to(dtype) for s in shapes]
-    seq = grads(shapes, 4, dtype, DEV)
+    seq = random_grads(shapes, 4, dtype, DEV)
     runs = []
     for _ in range(2):
         ps, opt = _make(mada_fused.MADA, dict(FULL, mod_beta=0.9), base, DEV, "cuda")
@@ -375,7 +375,7 @@ def test_checkpoint_exchange(other):
         pytest.skip("the C++ CPU extension is not built")
     shapes, kw = LAYOUTS["odd"], SLOW
     base = [torch.randn(s, dtype=F32) for s in shapes]
-    seq = grads(shapes, 6, F32, "cpu")
+    seq = random_grads(shapes, 6, F32, "cpu")
 
     def steps(ps, opt, grads_list):
         for grads in grads_list:

@@ -44,7 +44,7 @@ import mada_fused  # noqa: E402
 from mada_fused import backends  # noqa: E402
 
 import spec_model  # noqa: E402  (tests/, on sys.path through conftest)
-from backend_cases import ALL, CASES, FULL, grads  # noqa: E402  (likewise)
+from backend_cases import ALL, CASES, FULL, random_grads  # noqa: E402  (likewise)
 
 CUDA = torch.cuda.is_available()
 SHAPES = [(1100,), (37,), (9, 13)]  # 2 chunks (2 full blocks + a tail), a lone tail, a 2-D tensor
@@ -104,7 +104,7 @@ def _run(cls, kw, dtype=torch.float32, device="cpu", shapes=SHAPES, steps=3, dro
     mada = issubclass(cls, mada_fused.MADA) and bool(kw.get("learn", ALL))
     (tp, topt), (rp, ropt) = _pair(cls, kw, dtype, device, shapes)
     scale = 64.0 if amp else 1.0  # fp16 grads times the scale must stay finite
-    for i, grads in enumerate(grads(shapes, steps, dtype, device, scale=scale)):
+    for i, grads in enumerate(random_grads(shapes, steps, dtype, device, scale=scale)):
         skip = amp and i == 1
         for ps, opt in ((tp, topt), (rp, ropt)):
             for j, (p, g) in enumerate(zip(ps, grads)):
@@ -345,7 +345,7 @@ def test_cuda_graph_capture(pinned):
     """A captured step replays exactly what eager steps compute (scalars never leave the device)."""
     torch.manual_seed(3)
     base = [torch.randn(s, device="cuda") for s in BIG]
-    seq = grads(BIG, 6, torch.float32, "cuda")
+    seq = random_grads(BIG, 6, torch.float32, "cuda")
     kw = dict(FULL, mod_beta=0.9)
 
     eager = [b.clone().requires_grad_() for b in base]
