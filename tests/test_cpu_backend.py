@@ -164,29 +164,31 @@ def test_amp_unscale_and_skip(scale, skip):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def _learning_run(data, threads=None, isa=None):
+def _learning_run(data, config, threads=None, isa=None):
     old_threads, old_isa = torch.get_num_threads(), C.isa()
     try:
         if threads:
             torch.set_num_threads(threads)
         if isa:
             C.set_isa(isa)
-        params, opt = run("cpu", "mada_learn_all", *data, torch.float32)
+        params, opt = run("cpu", config, *data, torch.float32)
     finally:
         torch.set_num_threads(old_threads)
         C.set_isa(old_isa)
-    return [p.detach() for p in params], hyper(opt)
+    return [p.detach() for p in params], hyper(opt) if isinstance(opt, MADA) else None
 
 
-def test_deterministic_for_thread_count_and_isa():
+# DiffMod: its exp is our own polynomial, so the scalar and AVX2 objects agree bit for bit too.
+@pytest.mark.parametrize("config", ["mada_learn_all", "diffmod"])
+def test_deterministic_for_thread_count_and_isa(config):
     """Bitwise: chunking is fixed, partial sums are reduced in order, no FMA contraction."""
     data = fresh(3, BIG)
-    p1, h1 = _learning_run(data, threads=1)
-    p2, h2 = _learning_run(data, threads=2)
+    p1, h1 = _learning_run(data, config, threads=1)
+    p2, h2 = _learning_run(data, config, threads=2)
     assert all(torch.equal(a, b) for a, b in zip(p1, p2)) and h1 == h2
     cfg = C.build_config()
     if "avx2" in cfg["isas_built"] and cfg["cpu_has_avx2"]:
-        p3, h3 = _learning_run(data, isa="base")
+        p3, h3 = _learning_run(data, config, isa="base")
         assert all(torch.equal(a, b) for a, b in zip(p1, p3)) and h1 == h3
 
 
