@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import statistics
 import time
@@ -221,16 +222,22 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_FRESH, _MMAP_HEAP = 128 << 10, 32 << 20  # glibc's default, and the most its dynamic mode grows to
 
 
-def _mmap_threshold(nbytes: int) -> None:
+@functools.lru_cache(maxsize=1)
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's mallopt, looked up once (find_library runs ldconfig); None elsewhere."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:  # not glibc: nothing to steady
-        return
-    if hasattr(libc, "mallopt"):
-        libc.mallopt(_M_MMAP_THRESHOLD, nbytes)
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "mallopt", None)
+    except OSError:
+        return None
+
+
+def _mmap_threshold(nbytes: int) -> None:
+    mallopt = _mallopt()
+    if mallopt is not None:  # not glibc: nothing to steady
+        mallopt(_M_MMAP_THRESHOLD, nbytes)
         # As glibc's dynamic mode does: without it, each freed temporary at the top of the
         # heap would go back to the OS and be faulted in again on the next step.
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 * nbytes)
+        mallopt(_M_TRIM_THRESHOLD, 2 * nbytes)
 
 
 @contextlib.contextmanager
@@ -288,14 +295,14 @@ def run_benchmark(device: str, sizes: list[int], layouts: list[str], configs: li
                     with fresh_pages(device):
                         params = make_params(shapes, device, dtype)
                 block.append((cfg, backend, row, []))
-            # The reference runs once, after the rounds: whatever ran right after it came
-            # out 5-20 % slower, so no fused case or anchor may follow it within a size.
+            # The reference runs once, in the last round and last in it: whatever ran right
+            # after it came out 5-20 % slower, so no fused case or anchor may follow it.
             block.sort(key=lambda case: case[1] == "reference")
             for r in range(rounds):
                 for cfg, backend, row, times in block:
                     tick(f"{layout} {numel / 1e6:.0f}M {cfg.name}@{backend}" + (f" round {r + 1}" if rounds > 1 else ""))
-                    once = backend == "reference" or (times and statistics.median(times[0]) > SLOW_S)
-                    if "skipped" in row or (once and times) or (backend == "reference" and r < rounds - 1):
+                    slow = times and statistics.median(times[0]) > SLOW_S  # timed once is enough
+                    if "skipped" in row or slow or (backend == "reference" and r < rounds - 1):
                         continue
                     try:
                         times.append(run_case(cfg, backend, params, device, quick))
