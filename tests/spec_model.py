@@ -189,6 +189,12 @@ def set_grads(params, grads):
         p.grad = None if g is None else g.clone()
 
 
+def mada_kwargs(coeffs) -> dict:
+    """MADA constructor arguments that start it at the coefficients ``coeffs`` (name -> value)."""
+    return dict(betas=(coeffs["beta1"], coeffs["beta2"]), beta3=coeffs["beta3"], rho=coeffs["rho"],
+                c=coeffs["c"], gamma=coeffs["gamma"])
+
+
 def run_steps(opt, params, grad_seq):
     for grads in grad_seq:
         set_grads(params, grads)

@@ -85,8 +85,7 @@ def test_value_on_box_edge_is_accepted(make_params, name):
     lo, hi = sm.DEFAULT_BOUNDS[name]
     for val in (lo, hi):
         k = {**dict(beta1=0.9, beta2=0.999, beta3=0.0, rho=1.0, c=1.0, gamma=1.0), name: val}
-        MADA(make_params(), betas=(k["beta1"], k["beta2"]), beta3=k["beta3"], rho=k["rho"], c=k["c"],
-             gamma=k["gamma"], backend="reference")
+        MADA(make_params(), **sm.mada_kwargs(k), backend="reference")
 
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])

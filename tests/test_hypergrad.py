@@ -29,8 +29,7 @@ def setup(make_params, make_grads, steps, coeffs=None, shapes=None, **opt_kw):
               dict(params=params[h:], lr=LRS[1], weight_decay=WDS[1])]
     lrs = [LRS[0]] * h + [LRS[1]] * (len(params) - h)
     wds = [WDS[0]] * h + [WDS[1]] * (len(params) - h)
-    opt = MADA(groups, betas=(coeffs["beta1"], coeffs["beta2"]), beta3=coeffs["beta3"], rho=coeffs["rho"],
-               c=coeffs["c"], gamma=coeffs["gamma"], backend="reference", **opt_kw)
+    opt = MADA(groups, **sm.mada_kwargs(coeffs), backend="reference", **opt_kw)
     model = sm.MadaSim(params, lrs, wds, eps=opt_kw.get("eps", 1e-8), mod_beta=opt_kw.get("mod_beta", 0.0),
                        lion_betas=opt_kw.get("lion_betas", (0.95, 0.98)), vbar=opt_kw.get("vbar", "full"),
                        maximize=opt_kw.get("maximize", False))
@@ -264,8 +263,7 @@ def test_orders_identical_when_hyper_lr_zero(make_params, make_grads):
     runs = {}
     for order in ("lagged", "exact"):
         ps = [p.detach().clone().requires_grad_() for p in params]
-        opt = MADA(ps, lr=1e-2, betas=(coeffs["beta1"], coeffs["beta2"]), beta3=coeffs["beta3"], rho=coeffs["rho"],
-                   c=coeffs["c"], gamma=coeffs["gamma"], hyper_lr=zero, hyper_warmup=0, hyper_order=order,
+        opt = MADA(ps, lr=1e-2, **sm.mada_kwargs(coeffs), hyper_lr=zero, hyper_warmup=0, hyper_order=order,
                    backend="reference")
         sm.run_steps(opt, ps, grads)
         runs[order] = (ps, dict(opt.coefficients), dict(opt.hypergradients))
@@ -286,8 +284,7 @@ def test_orders_stay_close(make_params, make_grads):
     runs = {}
     for order in ("lagged", "exact"):
         ps = [p.detach().clone().requires_grad_() for p in params]
-        opt = MADA(ps, lr=1e-2, betas=(coeffs["beta1"], coeffs["beta2"]), beta3=coeffs["beta3"], rho=coeffs["rho"],
-                   c=coeffs["c"], gamma=coeffs["gamma"], hyper_lr=hyper_lr, hyper_warmup=0, hyper_order=order,
+        opt = MADA(ps, lr=1e-2, **sm.mada_kwargs(coeffs), hyper_lr=hyper_lr, hyper_warmup=0, hyper_order=order,
                    backend="reference")
         sm.run_steps(opt, ps, grads)
         runs[order] = (ps, dict(opt.coefficients))

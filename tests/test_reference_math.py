@@ -36,11 +36,6 @@ def two_groups(params, lrs=(1e-2, 3e-3), wds=(0.1, 0.01)):
     return groups, per_lr, per_wd
 
 
-def mada_kwargs(coeffs):
-    return dict(betas=(coeffs["beta1"], coeffs["beta2"]), beta3=coeffs["beta3"], rho=coeffs["rho"],
-                c=coeffs["c"], gamma=coeffs["gamma"])
-
-
 # --------------------------------------------------------------------------- #
 # The oracle itself
 # --------------------------------------------------------------------------- #
@@ -220,7 +215,7 @@ def test_full_mada_matches_oracle(make_params, make_grads, mod_beta, maximize, h
     coeffs = interior_coeffs()
     extra = dict(learn=()) if how == "learn_none" else dict(hyper_warmup=10 ** 6)
     opt = MADA(groups, eps=1e-6, mod_beta=mod_beta, maximize=maximize, lion_betas=(0.9, 0.97),
-               backend="reference", **mada_kwargs(coeffs), **extra)
+               backend="reference", **sm.mada_kwargs(coeffs), **extra)
     model = sm.MadaSim(params, lrs, wds, eps=1e-6, mod_beta=mod_beta, maximize=maximize, lion_betas=(0.9, 0.97))
     k = sm.kvec(coeffs)
     for step, gs in enumerate(grads):
@@ -246,7 +241,7 @@ def test_learning_on_replay_coefficients(make_params, make_grads, mod_beta):
     groups, lrs, wds = two_groups(params, (5e-3, 1e-2), (0.0, 0.05))
     coeffs = interior_coeffs()
     opt = MADA(groups, mod_beta=mod_beta, hyper_warmup=0, hyper_order="lagged",
-               hyper_lr={n: 0.02 for n in sm.CANON}, backend="reference", **mada_kwargs(coeffs))
+               hyper_lr={n: 0.02 for n in sm.CANON}, backend="reference", **sm.mada_kwargs(coeffs))
     model = sm.MadaSim(params, lrs, wds, mod_beta=mod_beta)
     seen = []
     for step, gs in enumerate(grads):
@@ -313,7 +308,7 @@ def test_previous_grad_is_a_copy(make_params, cls):
         ref = lambda th, g, st: sm.diffmod_step(th, g, st, lr=1e-2, len_memory=5)
     else:
         k = dict(beta1=0.9, beta2=0.99, beta3=0.5, rho=1.0, c=1.0, gamma=1.0)
-        opt = MADA(params, lr=1e-2, **mada_kwargs(k), learn=(), backend="reference")
+        opt = MADA(params, lr=1e-2, **sm.mada_kwargs(k), learn=(), backend="reference")
         st = sm.mada_init_state(theta)
         ref = lambda th, g, st: sm.mada_step(th, g, st, k, lr=1e-2)[:2]
     p.grad = g1.clone()
