@@ -62,6 +62,20 @@ def address(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def check_rows(backend: str, name: str, t: torch.Tensor | None, device: torch.device,
+                dtype: torch.dtype, numel: int) -> None:
+    """:func:`check_tensor` for a 2-D buffer read row by row at its row stride
+    (the tangents): contiguous rows of ``numel`` elements, none overlapping."""
+    if t is None:
+        return
+    if t.dim() != 2 or t.shape[1] != numel or t.stride(1) != 1 or t.stride(0) < numel:
+        raise ValueError(
+            f"{backend} backend: {name} must be 2-D with contiguous rows of {numel} elements, "
+            f"got shape {tuple(t.shape)} and strides {t.stride()}"
+        )
+    check_tensor(backend, name, t[0], device, dtype, numel)
+
+
 def check_tensor(backend: str, name: str, t: torch.Tensor | None, device: torch.device,
                  dtype: torch.dtype, numel: int | None = None) -> None:
     """A native backend's check of one tensor it will read by address (None passes).

@@ -17,13 +17,43 @@ def state_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
+# Host buffers: where each stream starts within a 4 KiB page. Large allocations
+# are page-aligned, so a bucket's state buffers (and tangent rows a page multiple
+# apart) would all start at the same page offset: the fused CPU pass walks 15
+# such streams in step, which then compete for the same L1 sets and make loads
+# falsely wait on stores to other streams (4K aliasing). Staggering them by
+# 256 bytes (one 64-element fp32 block) made full MADA's step 19 % faster at
+# 16M elements on the 2-core CI machine (bench/RESULTS.md). Slots 0-1 are left
+# to the parameters and gradients, which torch places near a page start.
+_PAGE = 4096
+_SLOT = 256
+_FIRST_SLOT = 2
+
+
+def _placed(numel: int, slot: int, opts: dict) -> torch.Tensor:
+    """A zeroed 1-D buffer whose data starts ``slot`` slots into a page."""
+    size = torch.empty((), dtype=opts["dtype"]).element_size()
+    raw = torch.zeros(numel + _PAGE // size, **opts)
+    skip = (slot % (_PAGE // _SLOT) * _SLOT - raw.data_ptr()) % _PAGE // size
+    return raw[skip : skip + numel]
+
+
+def _placed_rows(rows: int, numel: int, slot: int, opts: dict) -> torch.Tensor:
+    """A zeroed ``(rows, numel)`` buffer whose rows start in consecutive slots
+    (row stride: ``numel`` rounded up to whole pages, plus one slot)."""
+    size = torch.empty((), dtype=opts["dtype"]).element_size()
+    stride = -(-numel * size // _PAGE) * (_PAGE // size) + _SLOT // size
+    return _placed(rows * stride, slot, opts).view(rows, stride)[:, :numel]
+
+
 class Bucket:
     """State of all parameters of one device and dtype that joined together.
 
     ``buffers[name]`` is a 1-D buffer of ``numel`` elements; parameter ``i``
     owns elements ``offsets[i] : offsets[i] + params[i].numel()``. Tangents
-    are one ``(num_learned, numel)`` buffer. ``steps[i]`` counts parameter
-    ``i``'s successful steps.
+    are one ``(num_learned, numel)`` buffer whose rows are contiguous (on the
+    host they are padded apart: its row stride is ``tangents.stride(0)``).
+    ``steps[i]`` counts parameter ``i``'s successful steps.
     """
 
     def __init__(
@@ -47,8 +77,15 @@ class Bucket:
         self.numel = total
         self.index = {p: i for i, p in enumerate(self.params)}
         opts = dict(device=self.device, dtype=self.state_dtype)
-        self.buffers = {name: torch.zeros(total, **opts) for name in state_names}
-        self.tangents = torch.zeros(num_tangents, total, **opts) if num_tangents else None
+        if self.device.type == "cpu":
+            slots = iter(range(_FIRST_SLOT, _FIRST_SLOT + len(state_names)))
+            self.buffers = {name: _placed(total, next(slots), opts) for name in state_names}
+            self.tangents = _placed_rows(num_tangents, total, _FIRST_SLOT + len(state_names), opts)
+        else:
+            self.buffers = {name: torch.zeros(total, **opts) for name in state_names}
+            self.tangents = torch.zeros(num_tangents, total, **opts)
+        if not num_tangents:
+            self.tangents = None
         self.steps = torch.zeros(len(self.params), device=self.device, dtype=torch.float64)
         # (indices, ones) on the device for steps where only some parameters have grads.
         self.index_cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -63,6 +100,11 @@ class Bucket:
         if self.tangents is not None:
             out["tangents"] = self.tangents[:, lo:hi].view(len(self.tangents), *shape)
         return out
+
+    @property
+    def tangent_stride(self) -> int:
+        """Elements from one tangent row to the next (what kernels index rows by)."""
+        return self.numel if self.tangents is None else self.tangents.stride(0)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the bucket owns (for snapshot/restore)."""

@@ -140,13 +140,15 @@ def test_low_precision_params(name, dtype):
     torch.testing.assert_close(state["m"], o_ref.state[p_ref[-1]]["m"], rtol=1e-6, atol=1e-7)
 
 
+# adam_corner runs the one-loop kernel (the gradient unscaled in place), mada_learn_all the split one.
+@pytest.mark.parametrize("config", ["mada_learn_all", "adam_corner"])
 @pytest.mark.parametrize("scale, skip", [(1024.0, False), (1024.0, True)])
-def test_amp_unscale_and_skip(scale, skip):
+def test_amp_unscale_and_skip(scale, skip, config):
     init, grads = fresh(3)
     outs = []
     for backend in ("reference", "cpu"):
         params = [p.float().requires_grad_() for p in init]
-        opt = MADA(make_groups(params), backend=backend, **CONFIGS["mada_learn_all"][1])
+        opt = MADA(make_groups(params), backend=backend, **CONFIGS[config][1])
         for i, row in enumerate(grads):
             for p, g in zip(params, row):
                 p.grad = (g * scale).float()
@@ -179,9 +181,10 @@ def _learning_run(data, config, threads=None, isa=None):
 
 
 # DiffMod: its exp is our own polynomial, so the scalar and AVX2 objects agree bit for bit too.
-@pytest.mark.parametrize("config", ["mada_learn_all", "diffmod"])
+# adam_corner has no sums to reduce: its elements are split evenly over the threads instead.
+@pytest.mark.parametrize("config", ["mada_learn_all", "diffmod", "adam_corner"])
 def test_deterministic_for_thread_count_and_isa(config):
-    """Bitwise: chunking is fixed, partial sums are reduced in order, no FMA contraction."""
+    """Bitwise: chunking is fixed where sums are reduced (in order), no FMA contraction."""
     data = fresh(3, BIG)
     p1, h1 = _learning_run(data, config, threads=1)
     p2, h2 = _learning_run(data, config, threads=2)
@@ -266,3 +269,39 @@ def test_extension_rejects_out_of_bounds_segments():
         with pytest.raises(ValueError):
             C.mada(common, [m.data_ptr(), v.data_ptr(), 0, 0, 0, 0, 0], 0, 8, [], 0, True, True,
                    coef.data_ptr(), [1e-8, 0.0, 0.95, 0.98], False, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_host_state_streams_start_in_distinct_page_slots(dtype):
+    """The pass walks every state buffer and tangent row in step; each starts in its own
+    256-byte slot of a page (flat_state), and state_dict still shows views of them."""
+    params = [torch.randn(5000, dtype=dtype, requires_grad=True), torch.randn(3, 7, dtype=dtype, requires_grad=True)]
+    opt = MADA(params, backend="cpu", **CONFIGS["mada_learn_all"][1])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    (bucket,) = opt._buckets
+    rows = bucket.tangents
+    assert rows.shape == (6, bucket.numel) and rows.stride(1) == 1 and rows.stride(0) >= bucket.numel
+    starts = [b.data_ptr() for b in bucket.buffers.values()] + [r.data_ptr() for r in rows]
+    slots = [a % 4096 // 256 for a in starts]
+    assert len(starts) == 13 and len(set(slots)) == 13 and 0 not in slots and 1 not in slots
+    view = opt.state[params[1]]["tangents"]
+    assert view.shape == (6, 3, 7) and view.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr()
+    assert torch.equal(view[:, 2], rows[:, 5000 + 14 : 5000 + 21])
+
+
+def test_tangent_rows_must_be_contiguous_and_apart():
+    params = [torch.randn(40, requires_grad=True)]
+    opt = MADA(params, backend="cpu", **CONFIGS["mada_learn_beta1_only"][1])
+    params[0].grad = torch.randn(40)
+    opt.step()
+    (bucket,) = opt._buckets
+    before = params[0].detach().clone()
+    for bad in (torch.zeros(40, 1).t(), torch.zeros(80).as_strided((1, 40), (40, 2))):
+        bucket.tangents = bad
+        with pytest.raises(ValueError, match="contiguous rows of 40"):
+            opt.step()
+        assert torch.equal(params[0], before)
+    bucket.tangents = torch.zeros(1, 64)[:, :40]  # padded rows are fine
+    opt.step()

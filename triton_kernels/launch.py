@@ -99,7 +99,7 @@ class _Layout:
         self.parts = [(lo, hi, aligned) for lo, hi, aligned in ((0, n_ok, True), (n_ok, self.n_chunks, False))
                       if hi > lo]
         self.s_vec = vec
-        self.t_aligned = bucket.numel % vec == 0
+        self.t_aligned = bucket.tangent_stride % vec == 0
         dev = bucket.device
         if dev.type == "cuda":
             self._host = host.pin_memory()  # must outlive the async copy (and any graph replay)
@@ -172,7 +172,7 @@ def _launch(kind: int, bucket, seg, scalars, coef, consts, *, states, flags: dic
     ptrs = [bucket.buffers.get(n, dummy) if n else dummy for n in states]
     tan = bucket.tangents if bucket.tangents is not None else dummy
     scale, found = scalars.grad_scale, scalars.found_inf
-    args = (lay.table, seg.params[0], *ptrs, tan, bucket.numel, coef, scalars.lr, scalars.weight_decay,
+    args = (lay.table, seg.params[0], *ptrs, tan, bucket.tangent_stride, coef, scalars.lr, scalars.weight_decay,
             bucket.steps, consts, dummy if scale is None else scale, dummy if found is None else found,
             lay.partial, lay.n_chunks)
     meta = dict(KIND=kind, NL=nl, NLP=triton.next_power_of_2(max(nl, 1)), HAS_SCALE=scale is not None,

@@ -5,11 +5,13 @@
 // binding.cpp picks the object at run time, so one wheel is portable and still
 // uses AVX2 where the CPU has it.
 //
-// Determinism: the element space (active segments, concatenated) is cut into
-// fixed 64K-element chunks whatever the thread count; each chunk sums its
-// hyper-gradient terms into 16 sequential lanes and writes one slot; slots are
-// added in chunk order. Same inputs, same bits, for any OMP thread count, and
-// (with -ffp-contract=off) for either instruction set.
+// Determinism: when there are hyper-gradient sums, the element space (active
+// segments, concatenated) is cut into fixed 64K-element chunks whatever the
+// thread count; each chunk sums its terms into 16 sequential lanes and writes
+// one slot; slots are added in chunk order. Same inputs, same bits, for any OMP
+// thread count, and (with -ffp-contract=off) for either instruction set.
+// Without sums each element's result depends on that element alone, and the
+// space is split evenly over the threads.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -41,6 +43,7 @@ using mada::MadaState;
 constexpr int64_t kChunk = int64_t(1) << 16;  // fixed, never derived from the thread count
 constexpr int kBlock = 64;                    // block scratch stays in L1 (measured best)
 constexpr int kLanes = 16;                    // sequential partial sums per chunk and row
+constexpr int64_t kMinSplit = 8192;           // elements per thread worth a parallel region
 
 #include "param_types.inc"
 
@@ -72,13 +75,16 @@ void run_chunks(const Common& c, int rows, double* total, Piece piece) {
   std::vector<int64_t> start(c.nseg + 1, 0);
   for (int64_t s = 0; s < c.nseg; ++s) start[s + 1] = start[s] + c.seg[s].numel;
   const int64_t n = start[c.nseg];
-  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  // Without sums to reduce, the chunking cannot change a bit: split evenly
+  // over the threads instead (a fixed 64K cut left 1M elements 8:7 on two).
+  const int64_t per = rows ? kChunk : std::max(kMinSplit, (n / c.num_threads + 63) / 64 * 64);
+  const int64_t nchunks = (n + per - 1) / per;
   std::vector<double> slots(size_t(nchunks) * rows);
 #pragma omp parallel for schedule(static) num_threads(c.num_threads) if (nchunks > 1)
   for (int64_t ch = 0; ch < nchunks; ++ch) {
     Chunk<S> chunk;
-    int64_t lo = ch * kChunk;
-    const int64_t hi = std::min(n, lo + kChunk);
+    int64_t lo = ch * per;
+    const int64_t hi = std::min(n, lo + per);
     // Last segment starting at or before lo: skips zero-size segments.
     int64_t s = std::upper_bound(start.begin(), start.end(), lo) - start.begin() - 1;
     for (; lo < hi; ++s) {
@@ -123,10 +129,19 @@ void dot_rows(const MadaCall& c, const T* __restrict__ g, int nb, int64_t at,
   }
 }
 
-// The processed gradient of one block into out[0, nb): unscaled (a division,
-// as the reference does) and negated for maximize (a multiply by -1 is
-// exact). Without a GradScaler the division is skipped, not done by 1: the
-// divider is the scarce unit of the whole pass.
+// The processed gradient: unscaled (a division, as the reference does) and
+// negated for maximize (a multiply by -1 is exact). Without a GradScaler the
+// division is compiled out, not done by 1: the divider is the scarce unit of
+// the whole pass.
+template <int D, bool SCALED>
+typename Param<D>::T processed_grad(typename Param<D>::P g, typename Param<D>::T scale,
+                                    typename Param<D>::T sign) {
+  auto x = Param<D>::load(g);
+  if (SCALED) x = x / scale;
+  return x * sign;
+}
+
+// The processed gradients of one block into out[0, nb).
 template <int D>
 void load_grad(const typename Param<D>::P* __restrict__ g, int nb, const float* grad_scale,
                typename Param<D>::T sign, typename Param<D>::T* __restrict__ out) {
@@ -134,10 +149,10 @@ void load_grad(const typename Param<D>::P* __restrict__ g, int nb, const float* 
   if (grad_scale) {
     const T scale = T(*grad_scale);
 #pragma GCC ivdep
-    for (int j = 0; j < nb; ++j) out[j] = Param<D>::load(g[j]) / scale * sign;
+    for (int j = 0; j < nb; ++j) out[j] = processed_grad<D, true>(g[j], scale, sign);
   } else {
 #pragma GCC ivdep
-    for (int j = 0; j < nb; ++j) out[j] = Param<D>::load(g[j]) * sign;
+    for (int j = 0; j < nb; ++j) out[j] = processed_grad<D, false>(g[j], T(1), sign);
   }
 }
 
@@ -165,21 +180,49 @@ struct Stash {
   }
 };
 
-// One segment part [lo, hi), block by block: grads, then the first half of
-// the step for the block, then the second half (two short dependency chains
-// that out-of-order execution overlaps, instead of one long one), then the
+// One segment part [lo, hi) of a configuration whose chain is short (no
+// tangents, Adan, Lion or Yogi term: Adam's corner, AVGrad, the clip alone):
+// each element start to end in one loop, the gradient read in place. No block
+// scratch: the two-loop split below only adds traffic for these (measured 7 %
+// slower at Adam's corner).
+template <int D, bool VB, bool MO, bool SCALED>
+void mada_short(const MadaCall& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
+                int64_t lo, int64_t hi, typename Param<D>::T sign) {
+  using T = typename Param<D>::T;
+  using P = typename Param<D>::P;
+  const P* __restrict__ grad = reinterpret_cast<const P*>(r.grad);
+  P* __restrict__ param = reinterpret_cast<P*>(r.param);
+  T* __restrict__ m = slot_ptr<T>(c.state, kM, r.offset);
+  T* __restrict__ v = slot_ptr<T>(c.state, kV, r.offset);
+  T* __restrict__ vb = slot_ptr<T>(c.state, kVb, r.offset);
+  T* __restrict__ s = slot_ptr<T>(c.state, kS, r.offset);
+  const T scale = SCALED ? T(*c.c.grad_scale) : T(1);
+#pragma GCC ivdep
+  for (int64_t i = lo; i < hi; ++i) {
+    MadaState<T> st{};
+    st.m = m[i], st.v = v[i];
+    if (VB) st.vb = vb[i];
+    if (MO) st.s = s[i];
+    const auto x = mada::mada_moments<T, false, VB, false, MO, false, false>(
+        k, processed_grad<D, SCALED>(grad[i], scale, sign), st);
+    param[i] = Param<D>::store(mada::mada_apply<T, false, VB, false, MO, false>(
+        k, Param<D>::load(param[i]), x, st, nullptr));
+    m[i] = st.m, v[i] = st.v;
+    if (VB) vb[i] = st.vb;
+    if (MO) s[i] = st.s;
+  }
+}
+
+// One segment part [lo, hi) of the other configurations, block by block:
+// grads, then the first half of the step for the block, then the second half
+// (two short dependency chains that out-of-order execution overlaps, instead
+// of one long one: 15-25 % faster with the Yogi or Adan terms), then the
 // hyper-gradient partial sums and the new tangent rows.
-//
-// Configurations whose chain is short anyway (no tangents, Adan, Lion or Yogi
-// term: Adam's corner, AVGrad, the clip alone) run each element start to end
-// in the first loop: for them the split only adds scratch traffic (measured
-// 7 % slower at Adam's corner; 15-25 % faster with the Yogi or Adan terms).
 template <int D, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI>
-void mada_piece(const MadaCall& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
+void mada_split(const MadaCall& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
                 int64_t lo, int64_t hi, typename Param<D>::T sign, double (*lanes)[kLanes]) {
   using T = typename Param<D>::T;
   using P = typename Param<D>::P;
-  constexpr bool kOnePass = !TAN && !B3 && !LI && !YOGI;
   const P* __restrict__ grad = reinterpret_cast<const P*>(r.grad);
   P* __restrict__ param = reinterpret_cast<P*>(r.param);
   T* __restrict__ m = slot_ptr<T>(c.state, kM, r.offset);
@@ -203,36 +246,26 @@ void mada_piece(const MadaCall& c, const MadaScalars<typename Param<D>::T>& k, c
       if (B3) st.n = n[i], st.g_prev = gp[i];
       if (LI) st.l = l[i];
       if (VB) st.vb = vb[i];
-      const auto x = mada::mada_moments<T, B3, VB, LI, MO, TAN, YOGI>(k, gbuf[j], st);
-      if constexpr (kOnePass) {
-        if (MO) st.s = s[i];
-        param[i] = Param<D>::store(mada::mada_apply<T, B3, VB, LI, MO, TAN>(
-            k, Param<D>::load(param[i]), x, st, nullptr));
-        if (MO) s[i] = st.s;
-      } else {
-        mid.put(j, x);
-      }
+      mid.put(j, mada::mada_moments<T, B3, VB, LI, MO, TAN, YOGI>(k, gbuf[j], st));
       m[i] = st.m, v[i] = st.v;
       if (B3) n[i] = st.n, gp[i] = st.g_prev;
       if (LI) l[i] = st.l;
       if (VB) vb[i] = st.vb;
     }
-    if constexpr (!kOnePass) {
 #pragma GCC ivdep
-      for (int j = 0; j < nb; ++j) {
-        const int64_t i = b0 + j;
-        MadaState<T> st{};  // what mada_apply reads: the state the first half wrote
-        if (MO) st.s = s[i];
-        if (TAN) st.m = m[i], st.v = v[i];
-        if (TAN && B3) st.n = n[i];
-        if (TAN && VB) st.vb = vb[i];
-        T tan[mada::kNumCoef] = {};
-        param[i] = Param<D>::store(mada::mada_apply<T, B3, VB, LI, MO, TAN>(
-            k, Param<D>::load(param[i]), mid.get(j), st, tan));
-        if (MO) s[i] = st.s;
-        if (TAN)
-          for (int q = 0; q < mada::kNumCoef; ++q) tbuf[q][j] = tan[q];
-      }
+    for (int j = 0; j < nb; ++j) {
+      const int64_t i = b0 + j;
+      MadaState<T> st{};  // what mada_apply reads: the state the first half wrote
+      if (MO) st.s = s[i];
+      if (TAN) st.m = m[i], st.v = v[i];
+      if (TAN && B3) st.n = n[i];
+      if (TAN && VB) st.vb = vb[i];
+      T tan[mada::kNumCoef] = {};
+      param[i] = Param<D>::store(mada::mada_apply<T, B3, VB, LI, MO, TAN>(
+          k, Param<D>::load(param[i]), mid.get(j), st, tan));
+      if (MO) s[i] = st.s;
+      if (TAN)
+        for (int q = 0; q < mada::kNumCoef; ++q) tbuf[q][j] = tan[q];
     }
     const int64_t at = r.offset + b0;
     // The stored rows are still the previous step's tangents: reduce, then overwrite.
@@ -247,6 +280,19 @@ void mada_piece(const MadaCall& c, const MadaScalars<typename Param<D>::T>& k, c
         else
           std::memcpy(row, tbuf[c.learn[j]], sizeof(T) * nb);
       }
+  }
+}
+
+template <int D, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI>
+void mada_piece(const MadaCall& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
+                int64_t lo, int64_t hi, typename Param<D>::T sign, double (*lanes)[kLanes]) {
+  if constexpr (!TAN && !B3 && !LI && !YOGI) {
+    if (c.c.grad_scale)
+      mada_short<D, VB, MO, true>(c, k, r, lo, hi, sign);
+    else
+      mada_short<D, VB, MO, false>(c, k, r, lo, hi, sign);
+  } else {
+    mada_split<D, B3, VB, LI, MO, TAN, YOGI>(c, k, r, lo, hi, sign, lanes);
   }
 }
 

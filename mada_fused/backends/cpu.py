@@ -76,7 +76,7 @@ class CpuBackend:
             for name, buf in bucket.buffers.items():
                 _check(f"state {name!r}", buf, bucket.state_dtype, bucket.numel)
             if bucket.tangents is not None:
-                _check("tangents", bucket.tangents, bucket.state_dtype)
+                _segments.check_rows("cpu", "tangents", bucket.tangents, _CPU, bucket.state_dtype, bucket.numel)
             known = self._known[bucket] = {"tensors": list(map(id, tensors)), "scalars": None, "addresses": {}}
         scalars = (sc.lr, sc.weight_decay, sc.coef)
         if known["scalars"] is None or any(map(operator.is_not, known["scalars"], scalars)):
@@ -105,7 +105,7 @@ class CpuBackend:
             state = addresses[cfg] = (
                 _segments.addresses(buffers, _segments.MADA_STATE),
                 _segments.address(tangents),
-                bucket.numel if tangents is None else tangents.stride(0),
+                bucket.tangent_stride,
             )
         self._ext.mada(
             common,

@@ -85,7 +85,7 @@ class CudaBackend:
             _check(f"state {name!r}", buf, dev, sd, bucket.numel)
         tangents = bucket.tangents if learn else None
         if tangents is not None:
-            _check("tangents", tangents, dev, sd, len(learn) * bucket.numel)
+            _segments.check_rows("cuda", "tangents", tangents, dev, sd, bucket.numel)
         _check("dot_out", dot_out, dev, _F64, len(learn))
         if max(seg.groups, default=0) >= groups:
             raise ValueError("cuda backend: a segment names a parameter group with no lr")
@@ -97,7 +97,7 @@ class CudaBackend:
                                             sc.grad_scale, sc.found_inf)],
             bufs,
             _segments.address(tangents),
-            bucket.numel if tangents is None else tangents.stride(0),
+            bucket.tangent_stride,
             sum(1 << j for j in learn),
             consts,
             maximize,
