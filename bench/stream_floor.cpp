@@ -29,9 +29,13 @@ int main(int argc, char** argv) {
   const int rw = std::atoi(argv[2]), ro = std::atoi(argv[3]);
   const int block = std::atoi(argv[4]), reps = std::atoi(argv[5]);
   std::vector<float*> a(rw + ro);
-  for (auto& p : a) {  // page-aligned, like the optimizer's large buffers
-    p = static_cast<float*>(std::aligned_alloc(4096, ((n * 4 + 4095) / 4096) * 4096));
-    for (long i = 0; i < n; ++i) p[i] = 1.0f + float(i & 7);
+  for (size_t k = 0; k < a.size(); ++k) {
+    // Each array starts in its own 256-byte slot of a page, as the optimizer
+    // places its state (mada_fused/flat_state.py): page-aligned arrays walked
+    // in step would compete for the same L1 sets.
+    char* raw = static_cast<char*>(std::aligned_alloc(4096, ((n * 4 + 4095) / 4096 + 1) * 4096));
+    a[k] = reinterpret_cast<float*>(raw + (k % 16) * 256);
+    for (long i = 0; i < n; ++i) a[k][i] = 1.0f + float(i & 7);
   }
   const long chunk = 1 << 16, nchunks = (n + chunk - 1) / chunk;
   std::vector<double> times;

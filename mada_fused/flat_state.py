@@ -19,12 +19,13 @@ def state_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
 
 # Host buffers: where each stream starts within a 4 KiB page. Large allocations
 # are page-aligned, so a bucket's state buffers (and tangent rows a page multiple
-# apart) would all start at the same page offset: the fused CPU pass walks 15
-# such streams in step, which then compete for the same L1 sets and make loads
-# falsely wait on stores to other streams (4K aliasing). Staggering them by
-# 256 bytes (one 64-element fp32 block) made full MADA's step 19 % faster at
-# 16M elements on the 2-core CI machine (bench/RESULTS.md). Slots 0-1 are left
-# to the parameters and gradients, which torch places near a page start.
+# apart) would all start at the same page offset, and the fused CPU pass, which
+# walks up to 15 streams in step, would have them compete for the same L1 sets
+# and make loads wait on stores to other streams (4K aliasing). Starting each
+# in its own 256-byte slot (one 64-element fp32 block) made full MADA's step
+# 19 % faster at 16M elements on the 2-core Zen 3 VM (bench/RESULTS.md). Slots
+# 0-1 are left to the parameters and gradients, which torch's allocator puts
+# near a page start.
 _PAGE = 4096
 _SLOT = 256
 _FIRST_SLOT = 2
@@ -77,15 +78,16 @@ class Bucket:
         self.numel = total
         self.index = {p: i for i, p in enumerate(self.params)}
         opts = dict(device=self.device, dtype=self.state_dtype)
-        if self.device.type == "cpu":
-            slots = iter(range(_FIRST_SLOT, _FIRST_SLOT + len(state_names)))
-            self.buffers = {name: _placed(total, next(slots), opts) for name in state_names}
-            self.tangents = _placed_rows(num_tangents, total, _FIRST_SLOT + len(state_names), opts)
-        else:
-            self.buffers = {name: torch.zeros(total, **opts) for name in state_names}
-            self.tangents = torch.zeros(num_tangents, total, **opts)
-        if not num_tangents:
-            self.tangents = None
+        host = self.device.type == "cpu"  # GPU kernels do not care where a buffer starts
+        self.buffers = {
+            name: _placed(total, _FIRST_SLOT + k, opts) if host else torch.zeros(total, **opts)
+            for k, name in enumerate(state_names)
+        }
+        self.tangents = None
+        if num_tangents:
+            slot = _FIRST_SLOT + len(state_names)
+            self.tangents = (_placed_rows(num_tangents, total, slot, opts) if host
+                             else torch.zeros(num_tangents, total, **opts))
         self.steps = torch.zeros(len(self.params), device=self.device, dtype=torch.float64)
         # (indices, ones) on the device for steps where only some parameters have grads.
         self.index_cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
