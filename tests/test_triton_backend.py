@@ -194,6 +194,9 @@ def test_supports_and_auto(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert all(backend.supports(cpu, d) for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64))
     assert not backend.supports(cpu, torch.int32)
+    # The interpreter runs only when asked for by name: auto keeps the fused CPU path (or the reference).
+    assert backends.resolve("auto", cpu, torch.float32).name in ("cpu", "reference")
+    assert backends.resolve("triton", cpu, torch.float32).name == "triton"
 
 
 def test_unavailable_without_triton(monkeypatch):
