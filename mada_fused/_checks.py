@@ -60,9 +60,16 @@ def group_lr(group: dict, index: int) -> None:
     non_negative(f"param_groups[{index}]['weight_decay']", group["weight_decay"])
 
 
+_SUPPORTED = frozenset(SUPPORTED_PARAM_DTYPES)
+
+
 def grad_of(p: torch.Tensor) -> torch.Tensor:
     """Reject gradients no backend can use, with the reason."""
     g = p.grad
+    # Runs per parameter per step: the usual case in one expression, the reasons below.
+    if (p.dtype in _SUPPORTED and g.dtype is p.dtype and g.layout is torch.strided
+            and g.shape == p.shape and g.device == p.device):
+        return g
     if p.is_complex() or g.is_complex():
         raise TypeError("complex parameters and gradients are not supported")
     if g.is_sparse or g.layout != torch.strided:

@@ -36,7 +36,14 @@ def _dtensor_type() -> type | None:
     return None
 
 
+# Exactly these types are never DTensors (an nn.Parameter made from a DTensor
+# keeps the DTensor type): the common case skips the isinstance below.
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
 def is_dtensor(t: Any) -> bool:
+    if type(t) in _PLAIN:
+        return False
     cls = _dtensor_type()
     return cls is not None and isinstance(t, cls)
 
