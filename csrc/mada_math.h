@@ -155,17 +155,39 @@ struct MadaMid {
   T g, d, gh, gh2, sg, G, m0, v0, n0, uL, N, vh, A;
 };
 
+// The gradient terms of a step, from x.g, x.d and x.v0: gh, gh2, sg, G.
+// YOGI = false compiles the Yogi term out, for a configuration with c fixed at
+// 1 (not learned): then G = gh^2 exactly as with c = 1 (1 * x = x and 0 * x = 0
+// for finite x), and sg is left 0: du/dc, which reads it, is never used (c is
+// not learned), and du/dbeta3's c + (1 - c) * sg is c either way.
+template <typename T, bool BETA3, bool YOGI>
+MADA_HD void mada_grad_terms(const MadaScalars<T>& k, MadaMid<T>& x) {
+  const T one(1);
+  x.gh = BETA3 ? x.g + k.beta3 * x.d : x.g;
+  x.gh2 = x.gh * x.gh;
+  x.sg = YOGI ? sign_of(x.gh2 - x.v0) : T(0);
+  x.G = YOGI ? k.c * x.gh2 + (one - k.c) * (x.v0 + x.sg * x.gh2) : x.gh2;
+}
+
+// The terms that follow from the updated state st (m, n, v, vb): N, vh, A.
+template <typename T, bool BETA3, bool VBAR>
+MADA_HD void mada_state_terms(const MadaScalars<T>& k, MadaMid<T>& x, const MadaState<T>& st) {
+  const T one(1);
+  x.N = VBAR ? k.rho * st.v + (one - k.rho) * st.vb : st.v;
+  x.vh = x.N * k.rbc2;
+  x.A = BETA3 ? st.m * k.rbc1 + k.beta3 * st.n : st.m * k.rbc1;
+}
+
 // First half of one MADA step: every moment update, up to vh and A. Updates m,
-// v, n, g_prev, l, vb in `st`. YOGI = false compiles the Yogi term out, for a
-// configuration with c fixed at 1 (not learned): then G = gh^2 exactly as with
-// c = 1 (1 * x = x and 0 * x = 0 for finite x), and sg is left 0: du/dc, which
-// reads it, is never used (c is not learned), and du/dbeta3's c + (1 - c) * sg
-// is c either way.
+// v, n, g_prev, l, vb in `st`.
 //
 // The split exists for the CPU: running the halves as two loops over a small
 // block keeps each dependency chain short enough for out-of-order execution to
 // overlap elements; one long chain (moments -> sqrt -> divide -> update) is
 // latency-bound. mada_element below composes them into the same operations.
+// Both term helpers are pure functions of what they read, so the CPU's second
+// loop can recompute them from a few stashed values and the reloaded state
+// rather than carry all of MadaMid across (same operations, same bits).
 template <typename T, bool BETA3, bool VBAR, bool LION, bool MOD, bool TANGENTS,
           bool YOGI = true>
 MADA_HD MadaMid<T> mada_moments(const MadaScalars<T>& k, T g, MadaState<T>& st) {
@@ -173,12 +195,9 @@ MADA_HD MadaMid<T> mada_moments(const MadaScalars<T>& k, T g, MadaState<T>& st) 
   MadaMid<T> x;
   x.g = g;
   x.d = BETA3 ? (k.t > one ? g - st.g_prev : T(0)) : T(0);
-  x.gh = BETA3 ? g + k.beta3 * x.d : g;
-  x.gh2 = x.gh * x.gh;
   x.v0 = st.v;
   x.m0 = st.m;
-  x.sg = YOGI ? sign_of(x.gh2 - x.v0) : T(0);
-  x.G = YOGI ? k.c * x.gh2 + (one - k.c) * (x.v0 + x.sg * x.gh2) : x.gh2;
+  mada_grad_terms<T, BETA3, YOGI>(k, x);
   st.m = k.beta1 * x.m0 + (one - k.beta1) * g;
   st.v = k.beta2 * x.v0 + (one - k.beta2) * x.G;
 
@@ -193,13 +212,8 @@ MADA_HD MadaMid<T> mada_moments(const MadaScalars<T>& k, T g, MadaState<T>& st) 
     x.uL = k.lion_beta1 * st.l + (one - k.lion_beta1) * g;
     st.l = k.lion_beta2 * st.l + (one - k.lion_beta2) * g;
   }
-  x.N = st.v;
-  if (VBAR) {
-    st.vb = ((k.t - one) * st.vb + st.v) * k.rt;
-    x.N = k.rho * st.v + (one - k.rho) * st.vb;
-  }
-  x.vh = x.N * k.rbc2;
-  x.A = BETA3 ? st.m * k.rbc1 + k.beta3 * st.n : st.m * k.rbc1;
+  if (VBAR) st.vb = ((k.t - one) * st.vb + st.v) * k.rt;
+  mada_state_terms<T, BETA3, VBAR>(k, x, st);
   return x;
 }
 

@@ -55,3 +55,15 @@ def test_slow_cases_run_once(monkeypatch):
     monkeypatch.setattr(step, "copy_bandwidth", lambda *a: {"gbps": 10.0, "gbps_min_time": 20.0})
     step.run_benchmark("cpu", [1024], ["flat"], [], [], torch.float32, quick=True, rounds=4)
     assert calls == ["torch_fused", "torch_foreach"]
+
+
+def test_ab_ext_steps_two_separately_loaded_builds(tmp_path, capsys):
+    """bench/ab_ext.py is only worth its numbers if the two builds really are two modules."""
+    ext = pytest.importorskip("mada_fused._C_cpu", reason="the C++ CPU extension is not built")
+    ab = pytest.importorskip("bench.ab_ext")
+    a, b = ab.load_build(ext.__file__, tmp_path, "0"), ab.load_build(ext.__file__, tmp_path, "1")
+    assert a is not b and a.__file__ != b.__file__ and a.mada is not b.mada
+    assert ab.main([ext.__file__, ext.__file__, "--size", "4K", "--config", "adam_corner",
+                    "--rounds", "2", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "adam_corner, 4096 fp32 elements" in out and "second / first:" in out
