@@ -33,7 +33,7 @@ _FIRST_SLOT = 2
 
 def _placed(numel: int, slot: int, opts: dict) -> torch.Tensor:
     """A zeroed 1-D buffer whose data starts ``slot`` slots into a page."""
-    size = torch.empty((), dtype=opts["dtype"]).element_size()
+    size = opts["dtype"].itemsize
     raw = torch.zeros(numel + _PAGE // size, **opts)
     skip = (slot % (_PAGE // _SLOT) * _SLOT - raw.data_ptr()) % _PAGE // size
     return raw[skip : skip + numel]
@@ -42,7 +42,7 @@ def _placed(numel: int, slot: int, opts: dict) -> torch.Tensor:
 def _placed_rows(rows: int, numel: int, slot: int, opts: dict) -> torch.Tensor:
     """A zeroed ``(rows, numel)`` buffer whose rows start in consecutive slots
     (row stride: ``numel`` rounded up to whole pages, plus one slot)."""
-    size = torch.empty((), dtype=opts["dtype"]).element_size()
+    size = opts["dtype"].itemsize
     stride = -(-numel * size // _PAGE) * (_PAGE // size) + _SLOT // size
     return _placed(rows * stride, slot, opts).view(rows, stride)[:, :numel]
 
