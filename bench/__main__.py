@@ -16,6 +16,7 @@ import time
 import torch
 
 from . import machine_info, machine_line
+from .floor import library
 from .step import CONFIGS, DEFAULT_CONFIGS, available_backends, run_benchmark
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,6 +70,9 @@ def markdown(result: dict) -> str:
         f"Copy bandwidth (copy_ of {bw['numel'] / 1e6:.0f}M fp32, bytes = 2 x size): **{bw['gbps']:.1f} GB/s** "
         f"from the median time, {bw['gbps_min_time']:.1f} GB/s from the fastest.",
         f"GB/s, % copy BW and x fused below use the **{result['args']['stat']}** step time.",
+        "`x floor` (CPU, fp32): the median over rounds of step time / the time bench/stream_floor.cpp takes,",
+        "in the same round, to move the same streams (param and state read and written, grad read) with",
+        "no arithmetic; 1.0 = the step costs exactly its bytes on this machine.",
         "",
         "Bytes moved = read param + grad, write param, read + write every state buffer the config",
         "allocates (fp32 for mada_fused; torch keeps state in the param dtype). `state` = buffer count",
@@ -85,17 +89,18 @@ def markdown(result: dict) -> str:
             continue
         lines += [f"## Layout `{layout}` ({rows[0]['n_tensors']} tensor(s) at the first size)", "",
                   "| size | config | backend | state | median ms | min ms | rounds: min-max ms | MB moved | GB/s "
-                  "| % copy BW | x fused |",
-                  "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| % copy BW | x floor | x fused |",
+                  "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             if "time_ms" in r:
                 spread = r["round_ms"]
                 cells = [fmt(r["time_ms"], ".3f"), fmt(r["time_min_ms"], ".3f"),
                          f"{min(spread):.3f}-{max(spread):.3f} ({len(spread)})" if len(spread) > 1 else "",
                          fmt(r["bytes"] / 1e6, ".1f"), fmt(r["gbps"], ".1f"),
-                         fmt(100 * r["frac_copy"], ".0f"), fmt(r["ratio_torch_fused"], ".2f")]
+                         fmt(100 * r["frac_copy"], ".0f"), fmt(r.get("x_floor"), ".2f"),
+                         fmt(r["ratio_torch_fused"], ".2f")]
             else:
-                cells = [f"skipped: {r['skipped']}", "", "", fmt(r["bytes"] / 1e6, ".1f"), "", "", ""]
+                cells = [f"skipped: {r['skipped']}", "", "", fmt(r["bytes"] / 1e6, ".1f"), "", "", "", ""]
             lines.append(f"| {size_label(r['numel'])} | {r['config']} | {r['backend']} | {r['n_state']} | "
                          + " | ".join(cells) + " |")
         lines.append("")
@@ -134,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda but torch.cuda.is_available() is False")
     wanted = args.backends.split(",") if args.backends else None
     backends, notes = available_backends(args.device, wanted)
+    if torch.device(args.device).type == "cpu" and args.dtype == "float32" and library()[0] is None:
+        notes.append("no x floor column: " + library()[1])
     for n in notes:
         print("note:", n, file=sys.stderr)
 

@@ -26,12 +26,14 @@ def _series(rows: list[dict], layout: str, key: str) -> dict[str, tuple[list[int
 
 
 def plot_step(result: dict, out_dir: str) -> list[str]:
-    """gbps_vs_size.png and ratio_vs_torch_fused.png, one panel per layout."""
+    """gbps_vs_size.png, ratio_vs_torch_fused.png and (CPU fp32) x_floor_vs_size.png, one panel per layout."""
     rows, layouts = result["rows"], result["args"]["layouts"]
     written = []
-    for key, fname, ylabel, logy in [("gbps", "gbps_vs_size.png", "GB/s (counted bytes / time)", True),
-                                     ("ratio_torch_fused", "ratio_vs_torch_fused.png",
-                                      "time / torch fused AdamW time", True)]:
+    plots = [("gbps", "gbps_vs_size.png", "GB/s (counted bytes / time)", True),
+             ("ratio_torch_fused", "ratio_vs_torch_fused.png", "time / torch fused AdamW time", True)]
+    if any(r.get("x_floor") is not None for r in rows):
+        plots.append(("x_floor", "x_floor_vs_size.png", "time / memory floor of its streams", True))
+    for key, fname, ylabel, logy in plots:
         fig, axes = plt.subplots(1, len(layouts), figsize=(8.5 * len(layouts), 4.5), squeeze=False)
         for ax, layout in zip(axes[0], layouts):
             configs = sorted({r["config"] for r in rows})

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .floor import stream_mix, sweep_fn
 from .models import LAYOUTS, make_params, numel_of
 
 ALL_COEFS = ("beta1", "beta2", "beta3", "rho", "c", "gamma")
@@ -204,6 +205,36 @@ def run_case(cfg: Config, backend: str, params: list[torch.Tensor], device: str,
         gc.collect()
 
 
+def run_floor(numel: int, n_state: int, quick: bool) -> list[float] | None:
+    """Seconds per pass of the memory floor for a step's stream mix (bench/floor.py), fresh
+    buffers; None where it cannot run (no compiler, or the buffers would not fit)."""
+    rw, ro = stream_mix(n_state)
+    if numel * 4 * (rw + ro) > 0.8 * free_bytes("cpu"):
+        return None
+    with fresh_pages("cpu"):
+        sweep = sweep_fn(numel, rw, ro)
+    if sweep is None:
+        return None
+    try:
+        return time_fn(sweep, "cpu", warmup=2 if quick else 3, min_reps=3 if quick else 5,
+                       max_reps=20 if quick else 100, budget_s=0.3 if quick else 2.0)
+    finally:
+        del sweep
+        gc.collect()
+
+
+def x_floor(times: list[list[float]], when: list[int], floors: dict[tuple[int, int], list[float]],
+            n_state: int) -> dict:
+    """A row's "x floor": the median over rounds of (its round median / that round's floor
+    median for its stream mix), and the floor's own median of round medians.
+    ``when[i]`` is the round ``times[i]`` ran in; ``floors`` is keyed by (round, n_state)."""
+    ratios = [statistics.median(t) / statistics.median(floors[(r, n_state)])
+              for r, t in zip(when, times) if (r, n_state) in floors]
+    own = [statistics.median(f) * 1e3 for (_, n), f in floors.items() if n == n_state]
+    return {"x_floor": statistics.median(ratios) if ratios else None,
+            "floor_ms": statistics.median(own) if own else None}
+
+
 def summarize(rounds: list[list[float]]) -> dict:
     """A row's times from its rounds: the median of the round medians, so no single
     placement of the state buffers in memory decides a ratio, and their spread."""
@@ -271,9 +302,12 @@ def run_benchmark(device: str, sizes: list[int], layouts: list[str], configs: li
     others and each time with freshly allocated state: step time depends on where
     the allocator put the buffers (at 1M on a CPU, +-20 % between processes), and
     a ratio of two single runs would mostly measure that. The reference backend
-    and cases slower than SLOW_S per step run once.
+    and cases slower than SLOW_S per step run once. On the CPU in fp32, each round
+    also times the memory floor of every stream mix it runs (bench/floor.py), just
+    before the first case with that mix: rows get ``x_floor`` and ``floor_ms``.
     """
     bw = copy_bandwidth(device, (256 << 20) if device.startswith("cuda") else (64 << 20), quick)
+    with_floor = torch.device(device).type == "cpu" and dtype == torch.float32  # the floor moves fp32
     pbytes = torch.empty((), dtype=dtype).element_size()
     todo = cases(configs, backends)
     tick = progress(len(sizes) * len(layouts) * len(todo) * rounds) if progress else (lambda _msg: None)
@@ -294,23 +328,30 @@ def run_benchmark(device: str, sizes: list[int], layouts: list[str], configs: li
                 elif params is None:
                     with fresh_pages(device):
                         params = make_params(shapes, device, dtype)
-                block.append((cfg, backend, row, []))
+                block.append((cfg, backend, row, [], []))
             # The reference runs once, in the last round and last in it: whatever ran right
             # after it came out 5-20 % slower, so no fused case or anchor may follow it.
             block.sort(key=lambda case: case[1] == "reference")
+            floors: dict[tuple[int, int], list[float]] = {}  # (round, n_state) -> floor pass times
             for r in range(rounds):
-                for cfg, backend, row, times in block:
+                for cfg, backend, row, times, when in block:
                     tick(f"{layout} {numel / 1e6:.0f}M {cfg.name}@{backend}" + (f" round {r + 1}" if rounds > 1 else ""))
                     slow = times and statistics.median(times[0]) > SLOW_S  # timed once is enough
                     if "skipped" in row or slow or (backend == "reference" and r < rounds - 1):
                         continue
+                    # Before the case, not after: nothing may follow the reference in a round.
+                    if with_floor and (r, row["n_state"]) not in floors:
+                        floor = run_floor(numel, row["n_state"], quick)
+                        if floor:
+                            floors[(r, row["n_state"])] = floor
                     try:
                         times.append(run_case(cfg, backend, params, device, quick))
+                        when.append(r)
                     except Exception as exc:  # one broken backend must not sink the table
                         row["skipped"] = f"error: {exc.__class__.__name__}: {str(exc)[:160]}"
-            for _, _, row, times in block:
+            for _, _, row, times, when in block:
                 if "skipped" not in row:
-                    row.update(summarize(times))
+                    row.update(summarize(times), **x_floor(times, when, floors, row["n_state"]))
                 rows.append(row)
             del params
             gc.collect()

@@ -7,11 +7,13 @@
 // v, n, g_prev, l, vb, 6 tangent rows) and reads 1 (grad): 108 bytes/element.
 // Adam's corner: 3 in place (param, m, v) and 1 read: 28 bytes/element.
 //
+// `python -m bench` builds this file as a shared library (bench/floor.py) and
+// times stream_floor_sweep on the mix of every row, in the same rounds as the
+// optimizer steps: its "x floor" column. Standalone:
+//
 //   g++ -O3 -mavx2 -fopenmp bench/stream_floor.cpp -o /tmp/stream_floor
 //   /tmp/stream_floor 16000000 13 1 64 10    # numel rw ro block reps
 //   /tmp/stream_floor 16000000 3 1 64 10
-//
-// bench/RESULTS.md quotes its medians next to the optimizer's step times.
 #include <omp.h>
 
 #include <algorithm>
@@ -20,6 +22,30 @@
 #include <cstdlib>
 #include <vector>
 
+// One pass: arrays[0, rw) are updated in place, arrays[rw, rw + ro) only read.
+extern "C" void stream_floor_sweep(float* const* arrays, int rw, int ro, long n, int block,
+                                   int threads) {
+  const long chunk = 1 << 16, nchunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (long c = 0; c < nchunks; ++c) {
+    std::vector<float> acc(block);
+    const long hi = std::min(n, (c + 1) * chunk);
+    for (long b = c * chunk; b < hi; b += block) {
+      const int m = int(std::min<long>(block, hi - b));
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int k = rw; k < rw + ro; ++k) {
+        const float* __restrict__ src = arrays[k] + b;
+        for (int i = 0; i < m; ++i) acc[i] += src[i];
+      }
+      for (int k = 0; k < rw; ++k) {
+        float* __restrict__ dst = arrays[k] + b;
+        for (int i = 0; i < m; ++i) dst[i] = dst[i] * 0.999f + acc[i] * 1e-3f;
+      }
+    }
+  }
+}
+
+#ifndef STREAM_FLOOR_NO_MAIN
 int main(int argc, char** argv) {
   if (argc != 6) {
     std::fprintf(stderr, "usage: %s numel rw ro block reps\n", argv[0]);
@@ -37,27 +63,10 @@ int main(int argc, char** argv) {
     a[k] = reinterpret_cast<float*>(raw + (k % 16) * 256);
     for (long i = 0; i < n; ++i) a[k][i] = 1.0f + float(i & 7);
   }
-  const long chunk = 1 << 16, nchunks = (n + chunk - 1) / chunk;
   std::vector<double> times;
   for (int r = 0; r < reps; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
-#pragma omp parallel for schedule(static)
-    for (long c = 0; c < nchunks; ++c) {
-      std::vector<float> acc(block);
-      const long hi = std::min(n, (c + 1) * chunk);
-      for (long b = c * chunk; b < hi; b += block) {
-        const int m = int(std::min<long>(block, hi - b));
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int k = rw; k < rw + ro; ++k) {
-          const float* __restrict__ src = a[k] + b;
-          for (int i = 0; i < m; ++i) acc[i] += src[i];
-        }
-        for (int k = 0; k < rw; ++k) {
-          float* __restrict__ dst = a[k] + b;
-          for (int i = 0; i < m; ++i) dst[i] = dst[i] * 0.999f + acc[i] * 1e-3f;
-        }
-      }
-    }
+    stream_floor_sweep(a.data(), rw, ro, n, block, omp_get_max_threads());
     times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   std::sort(times.begin(), times.end());
@@ -67,3 +76,4 @@ int main(int argc, char** argv) {
               n, rw, ro, block, omp_get_max_threads(), t * 1e3, times[0] * 1e3, bytes / t / 1e9);
   return 0;
 }
+#endif

@@ -3,6 +3,7 @@ bench/RESULTS.md are only as right as the byte counts and the round summary."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -32,21 +33,63 @@ def test_rounds_interleave_and_summarize(monkeypatch):
         calls.append((cfg.name, backend))
         return [0.001 * len(calls), 0.003 * len(calls)]
 
+    def fake_run_floor(numel, n_state, quick):
+        calls.append(("floor", n_state))
+        return [0.0005 * len(calls)]
+
     monkeypatch.setattr(step, "run_case", fake_run_case)
+    monkeypatch.setattr(step, "run_floor", fake_run_floor)
     monkeypatch.setattr(step, "copy_bandwidth", lambda *a: {"gbps": 10.0, "gbps_min_time": 20.0})
     rows, _ = step.run_benchmark("cpu", [1024], ["flat"], ["adam_corner"], ["reference", "cpu"], torch.float32,
                                  quick=True, rounds=3)
-    per_round = [("adamw", "torch_fused"), ("adamw", "torch_foreach"), ("adam_corner", "cpu")]
-    # Interleaved, every case once per round; the reference once, after all rounds.
+    per_round = [("floor", 2), ("adamw", "torch_fused"), ("adamw", "torch_foreach"), ("adam_corner", "cpu")]
+    # Interleaved, every case once per round, each stream mix's floor (all three move 2 state
+    # buffers) once per round before its first case; the reference once, after all rounds.
     assert calls == per_round * 3 + [("adam_corner", "reference")]
     corner = next(r for r in rows if r["config"] == "adam_corner" and r["backend"] == "cpu")
-    # Rounds 1..3 of this case were calls 3, 6, 9: medians 2 * 0.003, 2 * 0.006, 2 * 0.009 s.
-    assert corner["round_ms"] == pytest.approx([6.0, 12.0, 18.0])
-    assert corner["time_ms"] == pytest.approx(12.0) and corner["time_min_ms"] == pytest.approx(3.0)
+    # Rounds 1..3 of this case were calls 4, 8, 12: medians 2 * 0.004, 2 * 0.008, 2 * 0.012 s,
+    # against floors from calls 1, 5, 9 (0.5, 2.5, 4.5 ms).
+    assert corner["round_ms"] == pytest.approx([8.0, 16.0, 24.0])
+    assert corner["time_ms"] == pytest.approx(16.0) and corner["time_min_ms"] == pytest.approx(4.0)
+    assert corner["x_floor"] == pytest.approx(sorted([8 / 0.5, 16 / 2.5, 24 / 4.5])[1])
+    assert corner["floor_ms"] == pytest.approx(2.5)
     fused = next(r for r in rows if r["backend"] == "torch_fused")
-    assert corner["ratio_torch_fused"] == pytest.approx(12.0 / fused["time_ms"])
+    assert fused["time_ms"] == pytest.approx(12.0) and corner["ratio_torch_fused"] == pytest.approx(16.0 / 12.0)
     assert corner["bytes"] == 1024 * (3 * 4 + 2 * 4 * 2)
-    assert next(r for r in rows if r["backend"] == "reference")["round_ms"] == pytest.approx([20.0])
+    reference = next(r for r in rows if r["backend"] == "reference")
+    assert reference["round_ms"] == pytest.approx([26.0])  # call 13, paired with round 3's floor
+    assert reference["x_floor"] == pytest.approx(26.0 / 4.5)
+
+
+def test_no_floor_off_the_cpu_or_fp32(monkeypatch):
+    monkeypatch.setattr(step, "run_case", lambda *a: [0.001])
+    monkeypatch.setattr(step, "run_floor", lambda *a: pytest.fail("the floor only moves fp32 on the CPU"))
+    monkeypatch.setattr(step, "copy_bandwidth", lambda *a: {"gbps": 10.0, "gbps_min_time": 20.0})
+    rows, _ = step.run_benchmark("cpu", [1024], ["flat"], [], [], torch.bfloat16, quick=True)
+    assert all(r["x_floor"] is None for r in rows)
+
+
+def test_floor_sweep_moves_every_stream():
+    """The floor is a real pass: every in-place stream is read and written, every
+    read-only one read and left alone, over all elements (odd count, several chunks)."""
+    floor = pytest.importorskip("bench.floor")
+    pytest.importorskip("mada_fused.flat_state")
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler to build bench/stream_floor.cpp")
+    lib, why = floor.library()
+    assert lib is not None, why
+    n = (1 << 17) + 13
+    sweep = floor.sweep_fn(n, 3, 2)
+    rw, ro = sweep.streams[:3], sweep.streams[3:]
+    for k, s in enumerate(rw):
+        s.fill_(float(k))
+    ro[0].fill_(2.0)
+    ro[1].fill_(5.0)
+    sweep()
+    for k, s in enumerate(rw):  # x <- 0.999 x + 1e-3 * (sum of the read-only streams)
+        torch.testing.assert_close(s, torch.full((n,), 0.999 * k + 7e-3), rtol=1e-6, atol=1e-7)
+    assert bool((ro[0] == 2.0).all()) and bool((ro[1] == 5.0).all())
+    assert len({s.data_ptr() % 4096 for s in sweep.streams}) == 5  # placed like optimizer state
 
 
 def test_slow_cases_run_once(monkeypatch):
