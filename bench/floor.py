@@ -6,10 +6,10 @@ cannot beat a loop that only moves those bytes in the same schedule
 torch's copy bandwidth is no such floor: on the 2-core Zen 3 VM the 3+1 mix of
 Adam and the 13+1 mix of full MADA both move 1.5-1.6x the GB/s of a copy_ (one
 read and one write stream), so "% copy BW" says little about how much of a CPU
-step is left to win. The floor is timed in the same rounds as the steps, on buffers placed as the optimizer places its state, and
-each row's ratio is the median of its per-round ratios: the machine's
-bandwidth wanders by +-20 % over minutes, and both sides of a ratio taken
-seconds apart wander together.
+step is left to win. The floor is timed in the same rounds as the steps, on
+buffers placed as the optimizer places its state, and each row's ratio is the
+median of its per-round ratios: the machine's bandwidth wanders by +-20 % over
+minutes, and both sides of a ratio taken seconds apart wander together.
 """
 from __future__ import annotations
 
