@@ -378,35 +378,43 @@ void mada_entry(const MadaCall& c) {
   table[f](c);
 }
 
+// One segment part [lo, hi) of AdaMod or DiffMod: a short chain, so one loop
+// with the gradient read in place, as mada_short.
+template <int D, bool DIFF, bool SCALED>
+void adamod_piece(const AdamodCall& c, const AdamodScalars<typename Param<D>::T>& k,
+                  const SegRow& r, int64_t lo, int64_t hi) {
+  using T = typename Param<D>::T;
+  using P = typename Param<D>::P;
+  const P* __restrict__ grad = reinterpret_cast<const P*>(r.grad);
+  P* __restrict__ param = reinterpret_cast<P*>(r.param);
+  T* __restrict__ m = slot_ptr<T>(c.state, kAm, r.offset);
+  T* __restrict__ v = slot_ptr<T>(c.state, kAv, r.offset);
+  T* __restrict__ s = slot_ptr<T>(c.state, kAs, r.offset);
+  T* __restrict__ gp = slot_ptr<T>(c.state, kAgPrev, r.offset);
+  const T scale = SCALED ? T(*c.c.grad_scale) : T(1);
+#pragma GCC ivdep
+  for (int64_t i = lo; i < hi; ++i) {
+    T gprev = DIFF ? gp[i] : T(0);
+    param[i] = Param<D>::store(mada::adamod_element<T, DIFF>(
+        k, processed_grad<D, SCALED>(grad[i], scale, T(1)), Param<D>::load(param[i]), m[i], v[i],
+        s[i], gprev));
+    if (DIFF) gp[i] = gprev;
+  }
+}
+
 template <int D, bool DIFF>
 void adamod_pass(const AdamodCall& c) {
   using T = typename Param<D>::T;
-  using P = typename Param<D>::P;
   auto make = [&](double lr, double wd, double t) {
     return mada::make_adamod_scalars<T>(c.beta1, c.beta2, c.beta3, c.eps, lr, wd, t);
   };
   run_chunks<AdamodScalars<T>>(c.c, 0, nullptr, [&](const SegRow& r, int64_t lo, int64_t hi,
                                                     Chunk<AdamodScalars<T>>& ch) {
     const AdamodScalars<T>& k = ch.scalars(c.c, r, make);
-    const P* __restrict__ grad = reinterpret_cast<const P*>(r.grad);
-    P* __restrict__ param = reinterpret_cast<P*>(r.param);
-    T* __restrict__ m = slot_ptr<T>(c.state, kAm, r.offset);
-    T* __restrict__ v = slot_ptr<T>(c.state, kAv, r.offset);
-    T* __restrict__ s = slot_ptr<T>(c.state, kAs, r.offset);
-    T* __restrict__ gp = slot_ptr<T>(c.state, kAgPrev, r.offset);
-    alignas(64) T gbuf[kBlock];
-    for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
-      const int nb = int(std::min<int64_t>(kBlock, hi - b0));
-      load_grad<D>(grad + b0, nb, c.c.grad_scale, T(1), gbuf);
-#pragma GCC ivdep
-      for (int j = 0; j < nb; ++j) {
-        const int64_t i = b0 + j;
-        T gprev = DIFF ? gp[i] : T(0);
-        param[i] = Param<D>::store(mada::adamod_element<T, DIFF>(
-            k, gbuf[j], Param<D>::load(param[i]), m[i], v[i], s[i], gprev));
-        if (DIFF) gp[i] = gprev;
-      }
-    }
+    if (c.c.grad_scale)
+      adamod_piece<D, DIFF, true>(c, k, r, lo, hi);
+    else
+      adamod_piece<D, DIFF, false>(c, k, r, lo, hi);
   });
 }
 
