@@ -69,11 +69,15 @@ def stream_mix(n_state: int) -> tuple[int, int]:
 
 def sweep_fn(numel: int, rw: int, ro: int):
     """A no-argument callable doing one floor pass over freshly allocated, placed fp32
-    streams (and keeping them alive), or None when the library could not be built."""
+    streams (and keeping them alive), or None when the library could not be built or
+    mada_fused is not importable."""
     lib, _ = library()
     if lib is None:
         return None
-    from mada_fused.flat_state import _placed  # the optimizer's placement of its state streams
+    try:  # the optimizer's placement of its state streams
+        from mada_fused.flat_state import _placed
+    except ImportError:  # a run with the torch anchors only: no package, no floor
+        return None
 
     streams = [_placed(numel, k, dict(device="cpu", dtype=torch.float32)).fill_(1.0) for k in range(rw + ro)]
     ptrs = (ctypes.c_void_p * len(streams))(*[s.data_ptr() for s in streams])
