@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -142,6 +143,17 @@ typename Param<D>::T processed_grad(typename Param<D>::P g, typename Param<D>::T
   return x * sign;
 }
 
+// Calls f(scaled, scale) with scaled = std::true_type and the GradScaler's
+// scale when there is one, std::false_type and 1 (never divided by) when not:
+// the one-loop kernels take SCALED as a template flag.
+template <class T, class F>
+void with_grad_scale(const float* grad_scale, F&& f) {
+  if (grad_scale)
+    f(std::true_type{}, T(*grad_scale));
+  else
+    f(std::false_type{}, T(1));
+}
+
 // The processed gradients of one block into out[0, nb).
 template <int D>
 void load_grad(const typename Param<D>::P* __restrict__ g, int nb, const float* grad_scale,
@@ -199,7 +211,7 @@ struct Stash {
 // slower at Adam's corner).
 template <int D, bool VB, bool MO, bool SCALED>
 void mada_short(const MadaCall& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
-                int64_t lo, int64_t hi, typename Param<D>::T sign) {
+                int64_t lo, int64_t hi, typename Param<D>::T sign, typename Param<D>::T scale) {
   using T = typename Param<D>::T;
   using P = typename Param<D>::P;
   const P* __restrict__ grad = reinterpret_cast<const P*>(r.grad);
@@ -208,7 +220,6 @@ void mada_short(const MadaCall& c, const MadaScalars<typename Param<D>::T>& k, c
   T* __restrict__ v = slot_ptr<T>(c.state, kV, r.offset);
   T* __restrict__ vb = slot_ptr<T>(c.state, kVb, r.offset);
   T* __restrict__ s = slot_ptr<T>(c.state, kS, r.offset);
-  const T scale = SCALED ? T(*c.c.grad_scale) : T(1);
 #pragma GCC ivdep
   for (int64_t i = lo; i < hi; ++i) {
     MadaState<T> st{};
@@ -299,10 +310,9 @@ template <int D, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI>
 void mada_piece(const MadaCall& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
                 int64_t lo, int64_t hi, typename Param<D>::T sign, double (*lanes)[kLanes]) {
   if constexpr (!TAN && !B3 && !LI && !YOGI) {
-    if (c.c.grad_scale)
-      mada_short<D, VB, MO, true>(c, k, r, lo, hi, sign);
-    else
-      mada_short<D, VB, MO, false>(c, k, r, lo, hi, sign);
+    with_grad_scale<typename Param<D>::T>(c.c.grad_scale, [&](auto scaled, auto scale) {
+      mada_short<D, VB, MO, decltype(scaled)::value>(c, k, r, lo, hi, sign, scale);
+    });
   } else {
     mada_split<D, B3, VB, LI, MO, TAN, YOGI>(c, k, r, lo, hi, sign, lanes);
   }
@@ -382,7 +392,7 @@ void mada_entry(const MadaCall& c) {
 // with the gradient read in place, as mada_short.
 template <int D, bool DIFF, bool SCALED>
 void adamod_piece(const AdamodCall& c, const AdamodScalars<typename Param<D>::T>& k,
-                  const SegRow& r, int64_t lo, int64_t hi) {
+                  const SegRow& r, int64_t lo, int64_t hi, typename Param<D>::T scale) {
   using T = typename Param<D>::T;
   using P = typename Param<D>::P;
   const P* __restrict__ grad = reinterpret_cast<const P*>(r.grad);
@@ -391,7 +401,6 @@ void adamod_piece(const AdamodCall& c, const AdamodScalars<typename Param<D>::T>
   T* __restrict__ v = slot_ptr<T>(c.state, kAv, r.offset);
   T* __restrict__ s = slot_ptr<T>(c.state, kAs, r.offset);
   T* __restrict__ gp = slot_ptr<T>(c.state, kAgPrev, r.offset);
-  const T scale = SCALED ? T(*c.c.grad_scale) : T(1);
 #pragma GCC ivdep
   for (int64_t i = lo; i < hi; ++i) {
     T gprev = DIFF ? gp[i] : T(0);
@@ -411,10 +420,9 @@ void adamod_pass(const AdamodCall& c) {
   run_chunks<AdamodScalars<T>>(c.c, 0, nullptr, [&](const SegRow& r, int64_t lo, int64_t hi,
                                                     Chunk<AdamodScalars<T>>& ch) {
     const AdamodScalars<T>& k = ch.scalars(c.c, r, make);
-    if (c.c.grad_scale)
-      adamod_piece<D, DIFF, true>(c, k, r, lo, hi);
-    else
-      adamod_piece<D, DIFF, false>(c, k, r, lo, hi);
+    with_grad_scale<T>(c.c.grad_scale, [&](auto scaled, T scale) {
+      adamod_piece<D, DIFF, decltype(scaled)::value>(c, k, r, lo, hi, scale);
+    });
   });
 }
 
