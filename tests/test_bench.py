@@ -110,3 +110,32 @@ def test_ab_ext_steps_two_separately_loaded_builds(tmp_path, capsys):
                     "--rounds", "2", "--steps", "1"]) == 0
     out = capsys.readouterr().out
     assert "adam_corner, 4096 fp32 elements" in out and "second / first:" in out
+
+
+def test_paired_reports_b_over_a_in_both_allocation_orders(monkeypatch, capsys):
+    paired = pytest.importorskip("bench.paired")
+    seconds = {"adam_corner": 1.0, "adamw": 2.0}
+    orders = []
+
+    def fake_measure(cases, floor_of, numel, pairs, warmup):
+        orders.append([c for c, _ in cases])
+        return [[seconds[c]] * pairs for c, _ in cases] + [[0.5] * pairs]
+
+    monkeypatch.setattr(paired, "measure", fake_measure)
+    assert paired.main(["adam_corner:cpu", "adamw:torch_fused", "--pairs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert orders == [["adam_corner", "adamw"], ["adamw", "adam_corner"]]
+    assert out.count("adamw:torch_fused / adam_corner:cpu per pair: median 2.000") == 2
+    assert out.count("adam_corner:cpu / floor per pair: median 2.000") == 2
+    assert "geometric mean of the two orders: 2.000" in out
+
+
+def test_paired_runs_and_rejects_bad_cases(capsys):
+    pytest.importorskip("mada_fused._C_cpu", reason="the C++ CPU extension is not built")
+    paired = pytest.importorskip("bench.paired")
+    for bad in ("adamw:cpu", "adam_corner:torch_fused", "nope:cpu", "adam_corner"):
+        with pytest.raises(SystemExit):
+            paired.main([bad, "adamw:torch_fused"])
+    assert paired.main(["adam_corner:cpu", "adamw:torch_fused", "--size", "4K", "--pairs", "3",
+                        "--warmup", "1"]) == 0
+    assert "geometric mean of the two orders" in capsys.readouterr().out

@@ -1,0 +1,117 @@
+"""`python -m bench.paired A B`: two step cases in one process, single steps alternated.
+
+A case is ``config:backend`` as in `python -m bench` (``adam_corner:cpu``,
+``adamw:torch_fused``, ``mada_full:cpu``, ...). Both get their own parameter
+and state on copies of the same data; then each pair of calls runs A, B and
+the memory floor of A's stream mix (bench/floor.py) back to back, in an order
+that alternates from pair to pair. On the shared VM the bandwidth wanders by
++-20 % over minutes, so `python -m bench`'s round medians can put either of two
+equal kernels ahead; ratios of calls made milliseconds apart cancel most of
+that. Which case is allocated first matters too (up to 15 % here: where the
+pages land), so the measurement runs twice, allocating A first and then B
+first. Reported per order: the median of the per-pair ratios B / A, their
+quartiles, how many pairs B won, and each case against the floor; then the
+geometric mean of the two orders' median ratios.
+
+    python -m bench.paired adam_corner:cpu adamw:torch_fused --size 16M --pairs 40
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import statistics
+import time
+
+import torch
+
+from bench.__main__ import parse_size
+from bench.floor import stream_mix, sweep_fn
+from bench.step import ANCHORS, CONFIGS, fresh_pages, make_optimizer, state_buffers
+
+
+def parse_case(text: str) -> tuple[str, str]:
+    config, _, backend = text.partition(":")
+    if config not in CONFIGS or not backend:
+        raise argparse.ArgumentTypeError(f"{text!r}: want config:backend with config in {sorted(CONFIGS)}")
+    if (config == "adamw") != (backend in ANCHORS):
+        raise argparse.ArgumentTypeError(f"{text!r}: the torch anchors {sorted(ANCHORS)} run config adamw only")
+    return config, backend
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(xs, n=4)
+    return q[0], statistics.median(xs), q[2]
+
+
+def measure(cases: list[tuple[str, str]], floor_of: str, numel: int, pairs: int,
+            warmup: int) -> list[list[float]]:
+    """Seconds per call of each case, allocated in the order given, and then of the floor
+    of config ``floor_of``'s streams; each pair runs them all, in alternating order."""
+    torch.manual_seed(0)
+    init, grad = torch.randn(numel), torch.randn(numel)
+    calls = []
+    for config, backend in cases:
+        with fresh_pages("cpu"):
+            p = torch.nn.Parameter(init.clone())
+            p.grad = grad.clone()
+            opt = make_optimizer(CONFIGS[config], backend, [p])
+            opt.step()  # allocates the state
+        calls.append(opt.step)
+    with fresh_pages("cpu"):
+        floor = sweep_fn(numel, *stream_mix(state_buffers(CONFIGS[floor_of])))
+    calls += [floor] if floor else []
+    for _ in range(warmup):
+        for fn in calls:
+            fn()
+    times: list[list[float]] = [[] for _ in calls]
+    for k in range(pairs):
+        for i in range(len(calls)) if k % 2 == 0 else reversed(range(len(calls))):
+            t0 = time.perf_counter()
+            calls[i]()
+            times[i].append(time.perf_counter() - t0)
+    return times
+
+
+def report(names: list[str], times: list[list[float]]) -> float:
+    """Prints one measurement; returns the median per-pair ratio B / A."""
+    for name, row in zip(names, times):
+        lo, mid, hi = quartiles([t * 1e3 for t in row])
+        print(f"  {name:28s} {mid:9.3f}  ({lo:.3f}-{hi:.3f})")
+    ratio = [b / a for a, b in zip(times[0], times[1])]
+    lo, median, hi = quartiles(ratio)
+    print(f"  {names[1]} / {names[0]} per pair: median {median:.3f}, quartiles {lo:.3f}-{hi:.3f}; "
+          f"{names[1]} faster in {sum(r < 1.0 for r in ratio)} of {len(ratio)}")
+    if len(times) == 3:
+        for name, row in zip(names[:2], times[:2]):
+            lo, mid, hi = quartiles([s / f for s, f in zip(row, times[2])])
+            print(f"  {name} / floor per pair: median {mid:.3f}, quartiles {lo:.3f}-{hi:.3f}")
+    return median
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cases", nargs=2, type=parse_case, metavar="CONFIG:BACKEND")
+    ap.add_argument("--size", default="16M")
+    ap.add_argument("--pairs", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args(argv)
+    numel = parse_size(args.size)
+    a, b = (f"{c}:{k}" for c, k in args.cases)
+    print(f"{numel} fp32 elements, {torch.get_num_threads()} threads, {args.pairs} pairs per order "
+          f"(ms per call: median, quartiles)")
+    ratios = []
+    for first, cases in ((a, args.cases), (b, args.cases[::-1])):
+        print(f" allocated {first} first:")
+        times = measure(cases, args.cases[0][0], numel, args.pairs, args.warmup)
+        gc.collect()
+        if cases is not args.cases:  # report as A, B whatever the allocation order
+            times[:2] = times[1::-1]
+        names = [a, b] + (["floor (A's streams)"] if len(times) == 3 else [])
+        ratios.append(report(names, times))
+    print(f" {b} / {a}, geometric mean of the two orders: {math.sqrt(ratios[0] * ratios[1]):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
