@@ -27,7 +27,7 @@ import torch
 
 from bench.__main__ import parse_size
 from bench.floor import stream_mix, sweep_fn
-from bench.step import ANCHORS, CONFIGS, fresh_pages, make_optimizer, state_buffers
+from bench.step import ANCHORS, BACKEND_DEVICE, CONFIGS, fresh_pages, make_optimizer, state_buffers
 
 
 def parse_case(text: str) -> tuple[str, str]:
@@ -36,6 +36,9 @@ def parse_case(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(f"{text!r}: want config:backend with config in {sorted(CONFIGS)}")
     if (config == "adamw") != (backend in ANCHORS):
         raise argparse.ArgumentTypeError(f"{text!r}: the torch anchors {sorted(ANCHORS)} run config adamw only")
+    if backend not in ANCHORS and BACKEND_DEVICE.get(backend, "?") not in (None, "cpu"):
+        cpu = sorted(b for b, d in BACKEND_DEVICE.items() if d in (None, "cpu"))
+        raise argparse.ArgumentTypeError(f"{text!r}: this tool times CPU steps; backends {cpu + sorted(ANCHORS)}")
     return config, backend
 
 

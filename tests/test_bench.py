@@ -133,7 +133,8 @@ def test_paired_reports_b_over_a_in_both_allocation_orders(monkeypatch, capsys):
 def test_paired_runs_and_rejects_bad_cases(capsys):
     pytest.importorskip("mada_fused._C_cpu", reason="the C++ CPU extension is not built")
     paired = pytest.importorskip("bench.paired")
-    for bad in ("adamw:cpu", "adam_corner:torch_fused", "nope:cpu", "adam_corner"):
+    for bad in ("adamw:cpu", "adam_corner:torch_fused", "nope:cpu", "adam_corner", "adam_corner:cuda",
+                "adam_corner:nope"):
         with pytest.raises(SystemExit):
             paired.main([bad, "adamw:torch_fused"])
     assert paired.main(["adam_corner:cpu", "adamw:torch_fused", "--size", "4K", "--pairs", "3",
