@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args(argv)
+    if args.pairs < 2:
+        ap.error("--pairs: at least 2 (quartiles)")
     numel = parse_size(args.size)
     a, b = (f"{c}:{k}" for c, k in args.cases)
     print(f"{numel} fp32 elements, {torch.get_num_threads()} threads, {args.pairs} pairs per order "
