@@ -26,7 +26,7 @@ from types import ModuleType
 import torch
 
 from bench.__main__ import parse_size
-from bench.step import CONFIGS, make_optimizer
+from bench.step import CONFIGS, one_param_optimizer
 from mada_fused.backends.cpu import CpuBackend
 
 
@@ -60,10 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = []
     with tempfile.TemporaryDirectory() as tmp:
         for k, path in enumerate(args.builds):
-            p = torch.nn.Parameter(init.clone())
-            p.grad = grad.clone()
-            opt = make_optimizer(cfg, "cpu", [p])
-            opt._backend_for[(p.device, p.dtype)] = CpuBackend(load_build(path, Path(tmp), str(k)))
+            opt = one_param_optimizer(cfg, "cpu", init, grad)
+            opt._backend_for[(init.device, init.dtype)] = CpuBackend(load_build(path, Path(tmp), str(k)))
             opt.step()  # allocates the state
             opts.append(opt)
         times: list[list[float]] = [[], []]

@@ -27,7 +27,7 @@ import torch
 
 from bench.__main__ import parse_size
 from bench.floor import stream_mix, sweep_fn
-from bench.step import ANCHORS, BACKEND_DEVICE, CONFIGS, fresh_pages, make_optimizer, state_buffers
+from bench.step import ANCHORS, BACKEND_DEVICE, CONFIGS, fresh_pages, one_param_optimizer, state_buffers
 
 
 def parse_case(text: str) -> tuple[str, str]:
@@ -56,9 +56,7 @@ def measure(cases: list[tuple[str, str]], floor_of: str, numel: int, pairs: int,
     calls = []
     for config, backend in cases:
         with fresh_pages("cpu"):
-            p = torch.nn.Parameter(init.clone())
-            p.grad = grad.clone()
-            opt = make_optimizer(CONFIGS[config], backend, [p])
+            opt = one_param_optimizer(CONFIGS[config], backend, init, grad)
             opt.step()  # allocates the state
         calls.append(opt.step)
     with fresh_pages("cpu"):
@@ -106,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{numel} fp32 elements, {torch.get_num_threads()} threads, {args.pairs} pairs per order "
           f"(ms per call: median, quartiles)")
     ratios = []
-    for first, cases in ((a, args.cases), (b, args.cases[::-1])):
-        print(f" allocated {first} first:")
+    for b_first in (False, True):
+        print(f" allocated {b if b_first else a} first:")
+        cases = args.cases[::-1] if b_first else args.cases
         times = measure(cases, args.cases[0][0], numel, args.pairs, args.warmup)
         gc.collect()
-        if cases is not args.cases:  # report as A, B whatever the allocation order
+        if b_first:  # report as A, B whatever the allocation order
             times[:2] = times[1::-1]
         names = [a, b] + (["floor (A's streams)"] if len(times) == 3 else [])
         ratios.append(report(names, times))

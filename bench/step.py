@@ -108,6 +108,13 @@ def make_optimizer(cfg: Config, backend: str, params: list[torch.Tensor], lr: fl
     return getattr(mada_fused, cfg.cls)(params, lr=lr, backend=backend, **cfg.kwargs)
 
 
+def one_param_optimizer(cfg: Config, backend: str, init: torch.Tensor, grad: torch.Tensor):
+    """An optimizer over one parameter: a copy of ``init``, with a copy of ``grad`` as its gradient."""
+    p = torch.nn.Parameter(init.clone())
+    p.grad = grad.clone()
+    return make_optimizer(cfg, backend, [p])
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
