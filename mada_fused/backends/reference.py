@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from ..coefficients import COEFFICIENTS
 from ..flat_state import Bucket
 from .base import (
-    COEFFICIENTS,
     AdamodKernelConfig,
     DeviceScalars,
     MadaKernelConfig,
