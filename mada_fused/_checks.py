@@ -61,8 +61,8 @@ def group_lr(group: dict, index: int, read_tensor: bool = False) -> None:
     lr = group["lr"]
     name = f"param_groups[{index}]['lr']"
     if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
-            raise ValueError(f"{name} must be a 1-element float tensor")
+        if lr.numel() != 1 or not lr.is_floating_point() or lr.is_meta:
+            raise ValueError(f"{name} must be a 1-element float tensor with data (not on the meta device)")
         if read_tensor:
             non_negative(name, float(lr.detach().reshape(()).cpu()))
     else:
