@@ -16,7 +16,7 @@ import torch
 
 from . import _checkpoint, _checks, backends
 from .backends.base import Backend, DeviceScalars, Segments
-from .distributed import local_grad, local_tensor, param_state
+from .distributed import local_pair, local_tensor, param_state
 from .flat_state import INDEX_CACHE_SIZE, Bucket
 
 @dataclass(frozen=True)
@@ -33,6 +33,10 @@ class Work:
 def _capturing(devices: Iterable[torch.device]) -> bool:
     """Whether this step is being captured into a CUDA graph."""
     return any(d.type == "cuda" for d in devices) and torch.cuda.is_current_stream_capturing()
+
+
+def _home_of(buckets: list[Bucket]) -> dict[int, tuple[Bucket, int, tuple]]:
+    return {id(p): (b, i, b.built_for[i]) for b in buckets for i, p in enumerate(b.params)}
 
 
 def _by_key(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -55,9 +59,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         _checks.non_negative("weight_decay", weight_decay)
         self._backend_request = backends.check_name(backend)
         self._buckets: list[Bucket] = []
-        # id(p) -> (its bucket, its index there). Keyed by id: a Tensor's
-        # __hash__ is a Python call, and this is read per parameter per step.
-        self._home: dict[int, tuple[Bucket, int]] = {}
+        # id(p) -> (its bucket, its index there, the (dtype, device, shape) its
+        # state was built for). Keyed by id: a Tensor's __hash__ is a Python
+        # call, and this is read per parameter per step.
+        self._home: dict[int, tuple[Bucket, int, tuple]] = {}
         self._scalars: dict[torch.device, tuple] = {}
         self._backend_for: dict[tuple[torch.device, torch.dtype], Backend] = {}
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
@@ -116,7 +121,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._home = {id(p): (b, i) for b in self._buckets for i, p in enumerate(b.params)}
+        self._home = _home_of(self._buckets)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -189,15 +194,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if g is None:
                     continue
                 at = home.get(id(p))
-                if at is None or not _checks.fits(p, g, at[0].built_for[at[1]]):
+                if at is None or not _checks.fits(p, g, at[2]):
                     g = _checks.grad_of(p)  # raises with the reason when the grad is at fault
                     if p.device.type == "meta":
                         raise ValueError("a parameter on the meta device has no data to step; "
                                          "materialize it first (e.g. module.to_empty(device=...))")
                     if at is not None:
-                        self._check_same_shape(p, *at)
+                        self._check_same_shape(p, at[2][2])
                     (fresh if at is None else moved).append(p)
-                local, lg = local_tensor(p), local_grad(p, g)  # a DTensor's local shard
+                local, lg = local_pair(p, g)  # a DTensor's local shard
                 if at is not None and lg is not g and lg.shape != at[0].shapes[at[1]]:
                     raise ValueError(f"a DTensor parameter's local shard changed shape from "
                                      f"{tuple(at[0].shapes[at[1]])} to {tuple(lg.shape)} (resharded?) "
@@ -212,10 +217,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         return active, fresh, moved
 
     @staticmethod
-    def _check_same_shape(p: torch.Tensor, bucket: Bucket, i: int) -> None:
+    def _check_same_shape(p: torch.Tensor, shape: torch.Size) -> None:
         """A parameter whose dtype or device changed moves its state along; one
         whose shape changed cannot: nothing says which old element is which."""
-        shape = bucket.built_for[i][2]
         if p.shape != shape:
             raise ValueError(
                 f"a parameter's shape changed from {tuple(shape)} to {tuple(p.shape)} after the optimizer "
@@ -263,7 +267,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _install(self, buckets: list[Bucket]) -> None:
         """Make ``buckets`` the optimizer's state (each built and filled beforehand)."""
         self._buckets = buckets
-        self._home = {id(p): (b, i) for b in buckets for i, p in enumerate(b.params)}
+        self._home = _home_of(buckets)
         for b in buckets:
             for i, p in enumerate(b.params):
                 self.state[p] = param_state(p, b.views(i))
@@ -290,7 +294,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if isinstance(entry, list):
                 bucket = self._new_bucket(entry)
                 for i, p in enumerate(entry):
-                    bucket.copy_state(i, *self._home[id(p)])
+                    bucket.copy_state(i, *self._home[id(p)][:2])
                 entry = bucket
             buckets.append(entry)
         self._install(buckets)
