@@ -125,9 +125,10 @@ _SUPPORTED = frozenset(SUPPORTED_PARAM_DTYPES)
 
 
 def grad_of(p: torch.Tensor) -> torch.Tensor:
-    """Reject gradients no backend can use, with the reason."""
+    """Reject gradients no backend can use, with the reason (for parameters
+    without state, or that no longer :func:`fits` theirs)."""
     g = p.grad
-    # Runs per parameter per step: the usual case in one expression, the reasons below.
+    # The usual case in one expression, the reasons below.
     if (p.dtype in _SUPPORTED and g.dtype is p.dtype and g.layout is torch.strided
             and g.shape == p.shape and g.device == p.device):
         return g
@@ -144,3 +145,31 @@ def grad_of(p: torch.Tensor) -> torch.Tensor:
     if g.shape != p.shape:
         raise ValueError(f"grad shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}")
     return g
+
+
+def same_shape(p: torch.Tensor, shape: torch.Size) -> None:
+    """A parameter whose dtype or device changed takes its state along; one
+    whose shape changed cannot: nothing says which old element is which."""
+    if p.shape != shape:
+        raise ValueError(
+            f"a parameter's shape changed from {tuple(shape)} to {tuple(p.shape)} after the optimizer "
+            "made its state for it; build a new optimizer for the new shape"
+        )
+
+
+def capturable(groups: list[dict], new: list[torch.Tensor]) -> None:
+    """What a step under CUDA graph capture must not do: a replay repeats
+    kernels, never host work or a host-to-device copy."""
+    if new:
+        raise RuntimeError(
+            "step() under CUDA graph capture would allocate (or move) optimizer state: "
+            "take at least one step with every parameter before capturing"
+        )
+    for i, group in enumerate(groups):
+        lr = group["lr"]
+        if not isinstance(lr, torch.Tensor) or lr.device.type == "cpu":
+            raise RuntimeError(
+                f"under CUDA graph capture param_groups[{i}]['lr'] must be a tensor on the "
+                "parameters' device: a Python float is baked into the graph (a scheduler's "
+                "change would be ignored on replay) and a host tensor needs a copy"
+            )

@@ -156,11 +156,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         devices = {d for d, _ in keys}
         capturing = _capturing(devices)
         if capturing:
-            self._check_capturable(fresh + moved)
+            _checks.capturable(self.param_groups, fresh + moved)
         scalars, ok = self._device_scalars(devices, grad_scale, found_inf)
-        # Everything below mutates; everything above only checked. (Only state
-        # allocated or moved is left behind by the capture check in _plan, and
-        # under capture there is none.)
+        # Everything below mutates; everything above only checked. (_plan may
+        # still refuse a capture, but a captured step allocates and moves nothing.)
         if moved:
             self._move(moved)
         if fresh:
@@ -200,7 +199,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         raise ValueError("a parameter on the meta device has no data to step; "
                                          "materialize it first (e.g. module.to_empty(device=...))")
                     if at is not None:
-                        self._check_same_shape(p, at[2][2])
+                        _checks.same_shape(p, at[2][2])
                     (fresh if at is None else moved).append(p)
                 local, lg = local_pair(p, g)  # a DTensor's local shard
                 if at is not None and lg is not g and lg.shape != at[0].shapes[at[1]]:
@@ -215,33 +214,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                     data = local.contiguous()  # stepped, then copied back
                 active[id(p)] = (gi, local, data, lg)
         return active, fresh, moved
-
-    @staticmethod
-    def _check_same_shape(p: torch.Tensor, shape: torch.Size) -> None:
-        """A parameter whose dtype or device changed moves its state along; one
-        whose shape changed cannot: nothing says which old element is which."""
-        if p.shape != shape:
-            raise ValueError(
-                f"a parameter's shape changed from {tuple(shape)} to {tuple(p.shape)} after the optimizer "
-                "made its state for it; build a new optimizer for the new shape"
-            )
-
-    def _check_capturable(self, new: list[torch.Tensor]) -> None:
-        """What a step under CUDA graph capture must not do: a replay repeats
-        kernels, never host work or a host-to-device copy."""
-        if new:
-            raise RuntimeError(
-                "step() under CUDA graph capture would allocate (or move) optimizer state: "
-                "take at least one step with every parameter before capturing"
-            )
-        for i, group in enumerate(self.param_groups):
-            lr = group["lr"]
-            if not isinstance(lr, torch.Tensor) or lr.device.type == "cpu":
-                raise RuntimeError(
-                    f"under CUDA graph capture param_groups[{i}]['lr'] must be a tensor on the "
-                    "parameters' device: a Python float is baked into the graph (a scheduler's "
-                    "change would be ignored on replay) and a host tensor needs a copy"
-                )
 
     def _device_scalars(self, devices, grad_scale, found_inf) -> tuple[dict, dict]:
         """Per device: the step's :class:`DeviceScalars` and ``ok`` (1.0 for a step
