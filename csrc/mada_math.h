@@ -1,5 +1,5 @@
 // Per-element math of every mada-fused optimizer, written once for the CUDA
-// kernels (nvcc) and the fused CPU loop (g++). SPEC.md is the contract; the
+// kernels (nvcc) and the fused CPU loop (g++). docs/spec.md is the contract; the
 // comments here only say where the code departs from a literal transcription.
 //
 // Everything is a pure function of registers: loading, storing, vectorising and
@@ -270,7 +270,7 @@ MADA_HD T mada_element(const MadaScalars<T>& k, T g, T theta, MadaState<T>& st,
   return mada_apply<T, BETA3, VBAR, LION, MOD, TANGENTS>(k, theta, x, st, tan);
 }
 
-// AdaMod (SPEC 3) and DiffMod (SPEC 4).
+// AdaMod (docs/spec.md section 3) and DiffMod (section 4).
 template <typename T>
 struct AdamodScalars {
   T beta1, beta2, beta3;

@@ -1,6 +1,6 @@
-"""SPEC sections 1, 3, 4: the reference backend against independent expectations, in float64.
+"""docs/spec.md sections 1, 3, 4: the reference backend against independent expectations, in float64.
 
-First two tests check the test model itself (spec_model) against SPEC section 2's closed forms
+First two tests check the test model itself (spec_model) against docs/spec.md section 2.2's closed forms
 and against torch.optim.AdamW, so that the model can be trusted as the oracle below.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def two_groups(params, lrs=(1e-2, 3e-3), wds=(0.1, 0.01)):
 # --------------------------------------------------------------------------- #
 
 def closed_form_tangents(theta, g, st, k, lr, eps, mod_beta, vbar, lion_betas=(0.95, 0.98)):
-    """SPEC section 2 closed forms, typed in literally (canonical order)."""
+    """docs/spec.md section 2.2 closed forms, typed in literally (canonical order)."""
     b1, b2, b3, rho, c, gamma = (k[n] for n in sm.CANON)
     t = st["step"] + 1
     gp = st["g_prev"] if st["g_prev"] is not None else g
@@ -226,7 +226,7 @@ def test_full_mada_matches_oracle(make_params, make_grads, mod_beta, maximize, h
             close(p, model.thetas[i], msg=f"param {i} step {step + 1}")
         for name, val in opt.coefficients.items():
             assert val == coeffs[name], f"{name} moved although it is fixed"
-    # the moments the configuration reads are the SPEC's
+    # the moments the configuration reads are docs/spec.md section 1.2's
     for i, p in enumerate(params):
         # (g' is compared only for maximize=False: storing it un-negated is an equivalent choice)
         for key in ("m", "v", "n", "l", "vb") + (("s",) if mod_beta else ()) + (() if maximize else ("g_prev",)):
@@ -256,7 +256,7 @@ def test_learning_on_replay_coefficients(make_params, make_grads, mod_beta):
 
 
 # --------------------------------------------------------------------------- #
-# AdaMod / DiffMod (SPEC 3, 4)
+# AdaMod / DiffMod (docs/spec.md sections 3, 4)
 # --------------------------------------------------------------------------- #
 
 @pytest.mark.parametrize("cls", ["AdaMod", "DiffMod"])

@@ -72,7 +72,7 @@ def _pair(cls, kw, dtype, device, shapes):
 
 
 def _oracle_tangents(kw, theta, g, st, coef, group):
-    """du/dk in float64 from the same (fp32) pre-step state: the independent SPEC model."""
+    """du/dk in float64 from the same (fp32) pre-step state: the independent model of docs/spec.md."""
     z = torch.zeros_like(theta)
     state = {n: st[n].double() if n in st else z for n in ("m", "v", "n", "l", "vb", "s")}
     step = int(st["step"]) if st else 0

@@ -205,7 +205,7 @@ _ADAMOD_FIXED = dict(STEP=True, DOT=False, ROWS=0, HAS_BETA3=False, HAS_VBAR=Fal
 
 
 def mada(bucket, seg, scalars, cfg, dot_out: torch.Tensor | None, step: bool) -> None:
-    """One MADA pass: dot (if dot_out) then, when ``step``, the SPEC section 1 update."""
+    """One MADA pass: dot (if dot_out) then, when ``step``, the docs/spec.md section 1 update."""
     nl = len(cfg.learn)
     rows = 0
     for k in range(6):  # 3 bits per coefficient: its tangent row, 7 = not learned
@@ -222,7 +222,7 @@ def mada(bucket, seg, scalars, cfg, dot_out: torch.Tensor | None, step: bool) ->
 
 
 def adamod(bucket, seg, scalars, cfg) -> None:
-    """One AdaMod / DiffMod pass (SPEC sections 3 and 4)."""
+    """One AdaMod / DiffMod pass (docs/spec.md sections 3 and 4)."""
     consts = _const((cfg.beta1, cfg.beta2, cfg.beta3, cfg.eps), bucket.device)
     # The kernel's state slots are MADA's (m, v, n, g_prev, l, vb, s); AdaMod fills four.
     _launch(_ADAMOD, bucket, seg, scalars, consts, consts,

@@ -1,6 +1,6 @@
 """The pure-PyTorch backend: the fallback on any device and the test oracle.
 
-It is SPEC.md written in tensor ops, one parameter at a time, and follows
+It is docs/spec.md (sections 1, 3, 4, 5) in tensor ops, one parameter at a time, and follows
 csrc/mada_math.h term by term (coefficients are rounded to the state dtype
 first, powers are taken in float64), so fused backends can be held to it at
 rounding level; the header multiplies by reciprocals of the bias corrections
