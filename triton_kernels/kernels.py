@@ -55,6 +55,19 @@ def _sign(x):
 
 
 @_device
+def _yogi_sign(x):
+    # As _sign, but the undefined inf - inf counts as +1 (mada_math.h: yogi_sign).
+    return ((x > 0) | (x != x)).to(x.dtype) - (x < 0).to(x.dtype)
+
+
+@_device
+def _blend(a, x, y):
+    # a * x + (1 - a) * y where a weight at an end of [0, 1] contributes exactly
+    # nothing, even against an overflowed x or y (mada_math.h: blend).
+    return tl.where(a == 0, 0.0, a * x) + tl.where(a == 1, 0.0, (1.0 - a) * y)
+
+
+@_device
 def _div(a, b):
     # IEEE division and square root, as the C++ backends and torch do; Triton's
     # plain fp32 `/` and sqrt are approximate. fp64 has only the exact forms.
@@ -128,8 +141,8 @@ def _mada_block(pp, gp_, st, tan, tstride, po, so, mask, acc, k, scale,
             d = tl.where(t > one, g - _ld(gprev_p, so, mask, MASKED), 0.0)
             gh = g + b3 * d
         gh2 = gh * gh
-        sg = _sign(gh2 - v0)
-        G = c * gh2 + (one - c) * (v0 + sg * gh2)
+        sg = _yogi_sign(gh2 - v0)
+        G = _blend(c, gh2, v0 + sg * gh2)
         m = b1 * m0 + (one - b1) * g
         v = b2 * v0 + (one - b2) * G
         _st(m_p, so, m, mask, MASKED)
@@ -151,7 +164,7 @@ def _mada_block(pp, gp_, st, tan, tstride, po, so, mask, acc, k, scale,
         if HAS_VBAR:
             vb = ((t - one) * _ld(vb_p, so, mask, MASKED) + v) * rt
             _st(vb_p, so, vb, mask, MASKED)
-            N = rho * v + (one - rho) * vb
+            N = _blend(rho, v, vb)
         sq = _sqrt(N * rbc2)
         D = sq + eps
         eta = _div(lr, D)

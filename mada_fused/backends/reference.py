@@ -49,7 +49,19 @@ class _Slot:
 
 
 def _sign(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x)  # sign(0) = 0, as in the header
+    # sign(0) = 0 and sign(NaN) = 0, as the header's sign_of (torch.sign(NaN) is NaN).
+    return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
+
+
+def _yogi_sign(x: torch.Tensor) -> torch.Tensor:
+    # As _sign, but the undefined inf - inf counts as +1 (mada_math.h: yogi_sign).
+    return ((x > 0) | x.isnan()).to(x.dtype) - (x < 0).to(x.dtype)
+
+
+def _blend(a: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # a * x + (1 - a) * y where a weight at an end of [0, 1] contributes exactly
+    # nothing, even against an overflowed x or y (mada_math.h: blend).
+    return torch.where(a == 0, 0.0, a * x) + torch.where(a == 1, 0.0, (1 - a) * y)
 
 
 def _accumulate_dot(slot: _Slot, dot_out: torch.Tensor) -> None:
@@ -76,8 +88,8 @@ def _mada_slot(slot: _Slot, coef: torch.Tensor, cfg: MadaKernelConfig, want_tang
     gh = g + b3 * d if cfg.has_beta3 else g
     gh2 = gh * gh
     v0, m0 = st["v"], st["m"]
-    sg = _sign(gh2 - v0)
-    G = c * gh2 + (1 - c) * (v0 + sg * gh2)
+    sg = _yogi_sign(gh2 - v0)
+    G = _blend(c, gh2, v0 + sg * gh2)
     new["m"] = m = b1 * m0 + (1 - b1) * g
     new["v"] = v = b2 * v0 + (1 - b2) * G
     if cfg.has_beta3:
@@ -92,7 +104,7 @@ def _mada_slot(slot: _Slot, coef: torch.Tensor, cfg: MadaKernelConfig, want_tang
     if cfg.has_vbar:
         tt = t.to(sd)
         new["vb"] = vb = ((tt - 1) * st["vb"] + v) / tt
-        N = rho * v + (1 - rho) * vb
+        N = _blend(rho, v, vb)
     vh = N / bc2
     A = m / bc1 + b3 * n if cfg.has_beta3 else m / bc1
     sq = torch.sqrt(vh)
