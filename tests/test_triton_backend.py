@@ -266,7 +266,7 @@ _TY = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", tor
 def test_compiles_for_hopper_vectorised(interpret, monkeypatch, case):
     """Triton compiles for sm_90 on the host: the kernels the interpreter checked also build
     natively, the aligned fast path uses 16-byte accesses, and division and square root stay
-    IEEE (Triton's plain fp32 `/` and sqrt are approximate)."""
+    IEEE (Triton's plain fp32 `/`, sqrt and exp are approximate)."""
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this Triton has no NVIDIA compiler")
     from triton.backends.compiler import GPUTarget
@@ -303,7 +303,7 @@ def test_compiles_for_hopper_vectorised(interpret, monkeypatch, case):
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=launch.CONFIGS[0][1], enable_fp_fusion=False)).asm["ptx"]
     assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
-    assert "div.full.f32" not in ptx and "sqrt.approx.f32" not in ptx
+    assert "div.full.f32" not in ptx and "sqrt.approx.f32" not in ptx and "ex2.approx" not in ptx
 
 
 # -- native (GPU) -------------------------------------------------------------------------------
