@@ -88,3 +88,18 @@ def test_tangent_row_offset_is_64_bit():
     ttir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm["ttir"]
     assert "arith.extsi %tstride : i32 to i64" in ttir
     assert not re.search(r"arith\.muli [^\n]*%tstride\b[^\n]*: i32", ttir)
+
+
+def test_kernels_have_one_import_path(monkeypatch):
+    """The backend imports mada_fused.triton_kernels and nothing else: no loader of its own that
+    could hand back a second copy of the folder; not installed, it says how to install it."""
+    import importlib
+    import sys
+
+    from mada_fused import backends
+
+    module = importlib.import_module("mada_fused.backends.triton")
+    assert module.load()._k is sys.modules["mada_fused.triton_kernels"]
+    monkeypatch.setitem(sys.modules, "mada_fused.triton_kernels", None)  # the import now fails
+    with pytest.raises(backends.BackendUnavailable, match="pip install -e"):
+        module.load()
