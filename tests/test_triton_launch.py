@@ -66,6 +66,8 @@ def test_new_layout_refused_under_capture(monkeypatch):
     with pytest.raises(RuntimeError, match="warm-up"):
         launch._layout(seg, bucket, launch._CHUNK)
     assert not launch._layouts
+    with pytest.raises(RuntimeError, match="warm-up"):  # the fp64 constants are uploaded once too
+        launch._const((0.5, 1.5), torch.device("cuda"))
 
 
 def test_tangent_row_offset_is_64_bit():

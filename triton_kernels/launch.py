@@ -110,18 +110,26 @@ class _Layout:
         self.partial = torch.zeros(6, max(self.n_chunks, 1), dtype=torch.float64, device=dev)
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _refuse_in_capture(what: str) -> None:
+    # Raised before any launch of the step: a capture only records, so nothing has changed.
+    raise RuntimeError(f"triton backend: {what} inside CUDA-graph capture, which needs a host upload; "
+                       "run an eager step with the same tensors before capturing (warm-up)")
+
+
 def _layout(seg, bucket, chunk: int) -> _Layout:
     # Everything _Layout reads: the tangent stride sets the T_ALIGNED promise, the bucket size the bound check.
     key = (bucket.device, bucket.state_dtype, chunk, bucket.numel, bucket.tangent_stride,
            tuple(p.data_ptr() for p in seg.params), tuple(g.data_ptr() for g in seg.grads), tuple(seg.offsets),
            tuple(seg.numels), tuple(seg.groups), tuple(seg.param_index))
-    capturing = bucket.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    capturing = _capturing(bucket.device)
     lay = _layouts.get(key)
     if lay is None and capturing:
-        # A new table means pinned host memory and an upload, neither of which a graph
-        # may record. Nothing has run yet (a capture only records), so nothing changed.
-        raise RuntimeError("triton backend: a new parameter/grad layout inside CUDA-graph capture; "
-                           "run a step with the same grad tensors before capturing (warm-up)")
+        # A new table means pinned host memory and an upload, neither of which a graph may record.
+        _refuse_in_capture("a new parameter/grad layout")
     if lay is None:
         lay = _layouts[key] = _Layout(seg, bucket, chunk)
         while len(_layouts) > _MAX_LAYOUTS:  # grads reallocated every step must not grow it forever
@@ -138,6 +146,8 @@ def _const(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     # rounded to fp32, which fp64 state must not see.
     key = (values, device)
     if key not in _consts:
+        if _capturing(device):
+            _refuse_in_capture("a new set of optimizer constants")
         _consts[key] = torch.tensor(values, dtype=torch.float64, device=device)
     return _consts[key]
 
