@@ -7,7 +7,11 @@ unmasked, because Triton only vectorises a masked access when it can prove the
 mask is constant over a vector, and a bound loaded from a table proves nothing.
 
 Every optional term is a constexpr flag, so compiled-out state is never
-touched and each configuration costs exactly the bytes it owns.
+touched and each configuration costs exactly the bytes it owns. The element
+math is split into the header's pieces under its names (make_mada_scalars,
+mada_grad_terms, mada_state_terms, mada_moments, mada_apply, the tangents,
+adamod_element), so the header, this file and backends/reference.py read side
+by side; only loads and stores stay in the _*_block functions.
 
 This module is loaded twice by launch.py, once compiled and once under the
 interpreter (CPU tensors), so nothing here may hold state. The interpreted copy
