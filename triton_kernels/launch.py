@@ -56,7 +56,11 @@ def kernels(interpret: bool):
     Triton picks the mode when a function is decorated, from TRITON_INTERPRET.
     Loading the module once per mode, each under a pinned knob, lets the
     interpreted copy serve CPU tensors while CUDA tensors stay compiled,
-    whatever the environment said when mada_fused was imported.
+    whatever the environment said when mada_fused was imported. One load
+    cannot serve both: the compiler resolves the kernel's helpers through the
+    module's globals and needs jit functions there, the interpreter needs plain
+    Python there (kernels.py), so each mode has its own globals. Both copies
+    come from this one file, through this one function.
     """
     if interpret not in _modules:
         name = f"{__package__}._kernels_{'interpreted' if interpret else 'compiled'}"
