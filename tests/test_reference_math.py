@@ -333,3 +333,26 @@ def test_adamod_is_not_adam(make_params, make_grads):
         opt.step()
         adam.step()
     assert not torch.allclose(p, ref_p, rtol=1e-6, atol=0)
+
+
+def test_backends_share_the_header_pieces():
+    """csrc/mada_math.h, backends/reference.py and triton_kernels/kernels.py are split into the
+    same named pieces, so a term can be found in all three by one name (mada_element, the
+    header's composition of two of them, is each backend's own loop)."""
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def read(*path):
+        with open(os.path.join(root, *path)) as f:
+            return f.read()
+
+    pieces = set(re.findall(r"^MADA_HD [\w<>]+ ((?:make|mada|adamod)_\w+)\(", read("csrc", "mada_math.h"), re.M))
+    pieces.discard("mada_element")
+    assert {"make_mada_scalars", "mada_grad_terms", "mada_state_terms", "mada_moments", "mada_apply",
+            "make_adamod_scalars", "adamod_element"} <= pieces
+    reference, kernels = read("mada_fused", "backends", "reference.py"), read("triton_kernels", "kernels.py")
+    for name in sorted(pieces):
+        assert re.search(rf"^def {name}\(", reference, re.M), f"reference.py has no {name}"
+        assert re.search(rf"^def _{name}\(", kernels, re.M), f"kernels.py has no _{name}"
