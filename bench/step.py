@@ -54,7 +54,7 @@ BACKEND_DEVICE = {"reference": None, "cpu": "cpu", "cuda": "cuda", "triton": "cu
 def state_buffers(cfg: Config) -> int:
     """State buffers a config allocates (tangents count one per learned coefficient).
 
-    Mirrors SPEC's "state that a configuration never reads is never allocated".
+    Mirrors docs/spec.md section 1.4, "state that a configuration never reads is never allocated".
     """
     fixed = {"AdamW": 2, "AdaMod": 3, "AVGrad": 3, "DiffMod": 4}  # m,v | +s | +vb | +s,g_prev
     if cfg.cls in fixed:

@@ -1,5 +1,5 @@
 // Per-element math of every mada-fused optimizer, written once for the CUDA
-// kernels (nvcc) and the fused CPU loop (g++). SPEC.md is the contract; the
+// kernels (nvcc) and the fused CPU loop (g++). docs/spec.md is the contract; the
 // comments here only say where the code departs from a literal transcription.
 //
 // Everything is a pure function of registers: loading, storing, vectorising and
@@ -65,6 +65,26 @@ template <typename T>
 MADA_HD T sign_of(T x) {
   // sign(0) = 0, as torch.sign: Adam's corner must not see a spurious +1.
   return static_cast<T>((x > T(0)) - (x < T(0)));
+}
+
+// Yogi's sign(gh^2 - v0), except that the undefined inf - inf (a gradient whose
+// square overflowed, against a v that already had) counts as +1: Yogi's term
+// v0 + sg * gh^2 is then inf, as every other branch of it is there, instead of
+// inf + 0 * inf = NaN. Same comparisons as sign_of, so it costs nothing.
+template <typename T>
+MADA_HD T yogi_sign(T x) {
+  return static_cast<T>(!(x <= T(0)) - (x < T(0)));
+}
+
+// a * x + (1 - a) * y for a weight a in [0, 1], where a weight at an end of its
+// range contributes exactly nothing, even against an x or y that overflowed to
+// inf (0 * inf would be NaN). For finite x, y the bits are those of the plain
+// form (x, y >= 0 at every call, so a dropped term was +0). `a` is uniform over
+// a call: the selects cost no per-element branch.
+template <typename T>
+MADA_HD T blend(T a, T x, T y) {
+  const T one(1);
+  return (a == T(0) ? T(0) : a * x) + (a == one ? T(0) : (one - a) * y);
 }
 
 // Host-fixed MADA constants (they never change after construction).
@@ -157,23 +177,21 @@ struct MadaMid {
 
 // The gradient terms of a step, from x.g, x.d and x.v0: gh, gh2, sg, G.
 // YOGI = false compiles the Yogi term out, for a configuration with c fixed at
-// 1 (not learned): then G = gh^2 exactly as with c = 1 (1 * x = x and 0 * x = 0
-// for finite x), and sg is left 0: du/dc, which reads it, is never used (c is
-// not learned), and du/dbeta3's c + (1 - c) * sg is c either way.
+// 1 (not learned): then G = gh^2, exactly what blend gives at c = 1 for any
+// input, and sg is left 0: du/dc, which reads it, is never used (c is not
+// learned), and du/dbeta3's c + (1 - c) * sg is c either way.
 template <typename T, bool BETA3, bool YOGI>
 MADA_HD void mada_grad_terms(const MadaScalars<T>& k, MadaMid<T>& x) {
-  const T one(1);
   x.gh = BETA3 ? x.g + k.beta3 * x.d : x.g;
   x.gh2 = x.gh * x.gh;
-  x.sg = YOGI ? sign_of(x.gh2 - x.v0) : T(0);
-  x.G = YOGI ? k.c * x.gh2 + (one - k.c) * (x.v0 + x.sg * x.gh2) : x.gh2;
+  x.sg = YOGI ? yogi_sign(x.gh2 - x.v0) : T(0);
+  x.G = YOGI ? blend(k.c, x.gh2, x.v0 + x.sg * x.gh2) : x.gh2;
 }
 
 // The terms that follow from the updated state st (m, n, v, vb): N, vh, A.
 template <typename T, bool BETA3, bool VBAR>
 MADA_HD void mada_state_terms(const MadaScalars<T>& k, MadaMid<T>& x, const MadaState<T>& st) {
-  const T one(1);
-  x.N = VBAR ? k.rho * st.v + (one - k.rho) * st.vb : st.v;
+  x.N = VBAR ? blend(k.rho, st.v, st.vb) : st.v;
   x.vh = x.N * k.rbc2;
   x.A = BETA3 ? st.m * k.rbc1 + k.beta3 * st.n : st.m * k.rbc1;
 }
@@ -270,7 +288,7 @@ MADA_HD T mada_element(const MadaScalars<T>& k, T g, T theta, MadaState<T>& st,
   return mada_apply<T, BETA3, VBAR, LION, MOD, TANGENTS>(k, theta, x, st, tan);
 }
 
-// AdaMod (SPEC 3) and DiffMod (SPEC 4).
+// AdaMod (docs/spec.md section 3) and DiffMod (section 4).
 template <typename T>
 struct AdamodScalars {
   T beta1, beta2, beta3;

@@ -1,4 +1,4 @@
-"""AdaMod (SPEC section 3) and DiffMod (section 4)."""
+"""AdaMod (docs/spec.md section 3) and DiffMod (section 4)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -12,7 +12,26 @@ from .optimizer import FusedOptimizer, Work
 
 
 class AdaMod(FusedOptimizer):
-    """Adam whose per-element step size is capped by its own long-term EMA."""
+    r"""Adam whose per-element step size is capped by its own long-term EMA.
+
+    AdaMod as its authors released it (PyPI package ``adamod``); docs/spec.md
+    section 3.
+
+    .. math::
+       \begin{aligned}
+            &m_t \leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t, \quad
+                v_t \leftarrow \beta_2 v_{t-1} + (1 - \beta_2) g_t^2                     \\
+            &\eta_t \leftarrow \text{lr} \, \frac{\sqrt{1 - \beta_2^t}}{1 - \beta_1^t}
+                \Big/ \big(\sqrt{v_t} + \epsilon\big)                                   \\
+            &s_t \leftarrow \beta_3 s_{t-1} + (1 - \beta_3) \eta_t                          \\
+            &\theta_t \leftarrow \theta_{t-1} (1 - \text{lr} \, \lambda)
+                - \min(\eta_t, s_t) \, m_t
+       \end{aligned}
+
+    with :math:`m_0 = v_0 = s_0 = 0` (no bias correction of ``s``) and decoupled
+    weight decay :math:`\lambda`. Defaults: lr 1e-3, betas (0.9, 0.999), beta3
+    0.999, eps 1e-8, weight_decay 0.
+    """
 
     def __init__(
         self,
@@ -45,7 +64,19 @@ class AdaMod(FusedOptimizer):
 
 
 class DiffMod(AdaMod):
-    """AdaMod with diffGrad's friction: steps shrink where the gradient barely changes."""
+    r"""AdaMod with diffGrad's friction: steps shrink where the gradient barely changes.
+
+    :class:`AdaMod` with :math:`\beta_3 = 1 - 1 / \text{len\_memory}` (default
+    ``len_memory`` 1000), whose applied step uses
+    :math:`\xi_t m_t` with :math:`\xi_t = \mathrm{sigmoid}(|g_{t-1} - g_t|)` and
+    :math:`g_0 = 0`:
+
+    .. math::
+       \theta_t \leftarrow \theta_{t-1} (1 - \text{lr} \, \lambda)
+           - \min(\eta_t, s_t) \, \xi_t \, m_t
+
+    The stored :math:`m_t` does not include :math:`\xi_t`. docs/spec.md section 4.
+    """
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""MADA's coefficients and their hyper-gradient descent (SPEC section 2).
+"""MADA's coefficients and their hyper-gradient descent (docs/spec.md section 2).
 
 The coefficients, the last hyper-gradient and the count of successful steps
 live on the device; the hyper-update is a handful of tiny tensor ops, so it

@@ -15,17 +15,99 @@ from .optimizer import FusedOptimizer, Work
 
 
 class MADA(FusedOptimizer):
-    """Moves between Adam, AVGrad, Yogi, Adan and Lion through six coefficients
-    (beta1, beta2, beta3, rho, c, gamma), learned by hyper-gradient descent.
+    r"""Implements MADA, the meta-adaptive optimizer.
 
-    ``betas``/``beta3``/``rho``/``c``/``gamma`` are the starting coefficients,
-    shared by all parameter groups; ``lr`` and ``weight_decay`` are per group.
-    ``mod_beta > 0`` turns on the AdaMod clip. See SPEC.md for every equation.
+    One update that moves between Adam, AVGrad, Yogi, Adan and Lion through six
+    coefficients :math:`k = (\beta_1, \beta_2, \beta_3, \rho, c, \gamma)`, learned while
+    training by hyper-gradient descent. Every equation, special case and rounding
+    rule is in docs/spec.md (sections 1 and 2).
 
-    ``process_group`` (a ProcessGroup or 1-D DeviceMesh) is the group the
-    hyper-gradient's per-rank partial sums are summed over. By default that is
-    found from the parameters: none for plain tensors (DDP), the shard
-    dimensions of the mesh for sharded DTensors (FSDP2).
+    .. math::
+       \begin{aligned}
+            &\rule{110mm}{0.4pt}                                                          \\
+            &\textbf{input}: \text{lr}, \lambda \text{ (weight\_decay)}, \epsilon \text{ (eps)},
+                k = (\beta_1, \beta_2 \text{ (betas)}, \beta_3, \rho, c, \gamma),          \\
+            &\hspace{13mm} \beta_{L1}, \beta_{L2} \text{ (lion\_betas)},
+                \beta_M \text{ (mod\_beta)}, \: \textit{maximize}                         \\
+            &\textbf{initialize}: m_0, v_0, n_0, l_0, \bar{v}_0, s_0 \leftarrow 0         \\
+            &\rule{110mm}{0.4pt}                                                          \\
+            &\textbf{for} \: t=1 \: \textbf{to} \: \ldots \: \textbf{do}                  \\
+            &\hspace{5mm} g_t \leftarrow \nabla_{\theta} f_t(\theta_{t-1})
+                \text{ (negated if maximize)}                                             \\
+            &\hspace{5mm} d_t \leftarrow g_t - g_{t-1} \text{ (} d_1 = 0 \text{)},
+                \quad \hat{g}_t \leftarrow g_t + \beta_3 d_t,
+                \quad \sigma_t \leftarrow \mathrm{sign}(\hat{g}_t^2 - v_{t-1})             \\
+            &\hspace{5mm} G_t \leftarrow c \hat{g}_t^2
+                + (1 - c)(v_{t-1} + \sigma_t \hat{g}_t^2)
+                \text{ (} c = 1 \text{: Adam, } c = 0 \text{: Yogi)}                       \\
+            &\hspace{5mm} m_t \leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t,
+                \quad v_t \leftarrow \beta_2 v_{t-1} + (1 - \beta_2) G_t                   \\
+            &\hspace{5mm} n_t \leftarrow \beta_3 n_{t-1} + (1 - \beta_3) d_t
+                \text{ (Adan)}                                                            \\
+            &\hspace{5mm} u^L_t \leftarrow \beta_{L1} l_{t-1} + (1 - \beta_{L1}) g_t,
+                \quad l_t \leftarrow \beta_{L2} l_{t-1} + (1 - \beta_{L2}) g_t
+                \text{ (Lion)}                                                            \\
+            &\hspace{5mm} \bar{v}_t \leftarrow \big((t - 1) \bar{v}_{t-1} + v_t\big) / t
+                \text{ (AVGrad)}                                                          \\
+            &\hspace{5mm} \widehat{v_t} \leftarrow
+                \big(\rho v_t + (1 - \rho) \bar{v}_t\big) / (1 - \beta_2^t),
+                \quad A_t \leftarrow m_t / (1 - \beta_1^t) + \beta_3 n_t                   \\
+            &\hspace{5mm} \eta_t \leftarrow \text{lr} / \big(\sqrt{\widehat{v_t}} + \epsilon\big) \\
+            &\hspace{5mm} \textbf{if} \: \beta_M > 0 \textbf{:} \: s_t \leftarrow
+                \beta_M s_{t-1} + (1 - \beta_M) \eta_t,
+                \quad \hat{\eta}_t \leftarrow \min(\eta_t, s_t)
+                \quad \textbf{else} \: \hat{\eta}_t \leftarrow \eta_t                      \\
+            &\hspace{5mm} u_t \leftarrow \gamma \hat{\eta}_t A_t
+                + (1 - \gamma) \, \text{lr} \, \mathrm{sign}(u^L_t)                        \\
+            &\hspace{5mm} \theta_t \leftarrow \theta_{t-1} (1 - \text{lr} \, \lambda) - u_t \\
+            &\hspace{5mm} \textbf{if} \: t > 1 \textbf{:} \: h \leftarrow
+                -\textstyle\sum_{\text{all params}} g_t \, \partial u_{t-1} / \partial k   \\
+            &\hspace{10mm} k \leftarrow \Pi_{\text{bounds}}\big(k - \text{hyper\_lr}
+                \cdot \mathrm{clamp}(h, \pm \text{hyper\_clip})\big)
+                \text{ (learned } k \text{, after hyper\_warmup steps)}                    \\
+            &\rule{110mm}{0.4pt}                                                          \\[-1.ex]
+            &\bf{return} \: \theta_t                                                      \\[-1.ex]
+            &\rule{110mm}{0.4pt}                                                          \\[-1.ex]
+       \end{aligned}
+
+    :math:`\partial u / \partial k` is the one-step truncated derivative (the previous
+    state held constant), in closed form (docs/spec.md section 2.2); each step stores
+    it as ``state[p]["tangents"]``, one row per learned coefficient. With
+    ``hyper_order="exact"`` the hyper-update runs before step ``t``'s update, which
+    then uses the new ``k`` (two passes over memory); with ``"lagged"`` (default) it
+    runs in the same pass, after it, so ``k`` moves one step later
+    (docs/spec.md section 2.4). State a configuration never reads is not allocated
+    (docs/spec.md section 1.4): at Adam's corner only ``m`` and ``v``.
+
+    Args:
+        params: parameters or parameter groups; groups may set ``lr`` and
+            ``weight_decay`` only (the coefficients are global).
+        lr, weight_decay: per-group learning rate and decoupled weight decay.
+        betas, beta3, rho, c, gamma: the starting coefficients (default: Adam's
+            corner ``(0.9, 0.999), 0, 1, 1, 1``). ``beta3 = 0, rho = 1, c = 1,
+            gamma = 1`` with ``learn=()`` is AdamW; ``rho = 0`` AVGrad; ``gamma = 0``
+            Lion.
+        eps: added to the root of the second moment (default: 1e-8).
+        mod_beta: memory of the AdaMod clip on the step size; 0 (default) is off.
+        lion_betas: Lion's two momentum constants (default: (0.95, 0.98)).
+        learn: names of the coefficients that move (default: all six); ``()``
+            gives a fixed interpolated optimizer.
+        hyper_lr: per-coefficient hyper learning rates (default: 5e-4 for beta1
+            and beta2, 0.1 for the rest). hyper_clip: bound on ``|h|`` before the
+            update (default: 10; None: no clip). hyper_warmup: successful steps
+            before the coefficients move (default: 50).
+        bounds: per-coefficient ``(low, high)`` boxes, or ``"paper"`` for the
+            authors' GPT-2 boxes; an initial value outside its box is an error.
+        vbar: ``"full"`` (default) differentiates through the running mean
+            :math:`\bar{v}`; ``"detach"`` treats it as a constant, as the authors'
+            code does.
+        hyper_order: ``"lagged"`` (default) or ``"exact"``, see above.
+        maximize: maximize the objective instead of minimizing it.
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+        process_group: a ProcessGroup or 1-D DeviceMesh over which the
+            hyper-gradient's per-rank partial sums are summed. By default it is
+            found from the parameters: none for plain tensors (DDP), the shard
+            dimensions of the mesh for sharded DTensors (FSDP2).
     """
 
     def __init__(
@@ -195,7 +277,22 @@ class MADA(FusedOptimizer):
 
 
 class AVGrad(MADA):
-    """Adam with a running mean of v in place of AMSGrad's max (MADA at rho = 0)."""
+    r"""Adam with a running mean of v in place of AMSGrad's max (MADA at rho = 0).
+
+    .. math::
+       \begin{aligned}
+            &m_t \leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t, \quad
+                v_t \leftarrow \beta_2 v_{t-1} + (1 - \beta_2) g_t^2                     \\
+            &\bar{v}_t \leftarrow \big((t - 1) \bar{v}_{t-1} + v_t\big) / t
+                \text{ (AMSGrad: } \max(v^{max}_{t-1}, v_t) \text{)}                     \\
+            &\theta_t \leftarrow \theta_{t-1} (1 - \text{lr} \, \lambda)
+                - \text{lr} \, \frac{m_t / (1 - \beta_1^t)}
+                {\sqrt{\bar{v}_t / (1 - \beta_2^t)} + \epsilon}
+       \end{aligned}
+
+    with :math:`m_0 = v_0 = \bar{v}_0 = 0`. Exactly :class:`MADA` with ``rho=0`` and
+    nothing learned (docs/spec.md section 1.3); arguments as :class:`MADA`'s.
+    """
 
     def __init__(
         self,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv (once) with torch 2.13 and mada-fused installed in editable mode.
-# torch is pinned: on these machines 2.13.0 resolves to the CPU wheel on disk,
-# while a looser pin would pull several GB of CUDA packages.
+# torch is pinned to one version, not one build: pip takes whichever 2.13.0 build its
+# index offers (a torch already in .venv at that version is kept, so install the build you
+# want first). The extensions never link torch: the same build works with any torch >= 2.4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -1,6 +1,6 @@
-"""Independent executable model of /work/shared/SPEC.md, for the tests only.
+"""Independent executable model of docs/spec.md, for the tests only.
 
-Written from the SPEC text, never importing anything from ``mada_fused``.
+Written from the spec's text, never importing anything from ``mada_fused``.
 Everything is float64 and differentiable: MADA's coefficients are passed as
 torch tensors (0-dim, or entries of a 6-vector) so that autograd / forward-mode
 AD can differentiate the update ``u`` with respect to them.
@@ -49,7 +49,7 @@ def mada_init_state(theta: torch.Tensor) -> dict:
 
 def mada_step(theta, g, state, k, *, lr, weight_decay=0.0, eps=1e-8, mod_beta=0.0,
               lion_betas=(0.95, 0.98), vbar="full", maximize=False):
-    """SPEC section 1, one step.
+    """docs/spec.md section 1, one step.
 
     theta, g: float64 tensors (constants).  state: dict from ``mada_init_state`` or a
     previous call (treated as constants: one-step truncation).  k: dict name -> 0-dim
@@ -129,7 +129,7 @@ def project(name: str, value: float, bounds: dict) -> float:
 
 def adamod_step(theta, g, state, *, lr, betas=(0.9, 0.999), beta3=0.999, eps=1e-8, weight_decay=0.0,
                 diff_friction=False):
-    """SPEC section 3 (AdaMod as released), plus SPEC 4's diffGrad friction when asked."""
+    """docs/spec.md section 3 (AdaMod as released), plus section 4's diffGrad friction when asked."""
     b1, b2 = betas
     t = state.get("step", 0) + 1
     g = g.to(torch.float64)
@@ -152,7 +152,7 @@ def adamod_step(theta, g, state, *, lr, betas=(0.9, 0.999), beta3=0.999, eps=1e-
 
 
 def diffmod_step(theta, g, state, *, lr, betas=(0.9, 0.999), len_memory=1000, eps=1e-8, weight_decay=0.0):
-    """SPEC section 4."""
+    """docs/spec.md section 4."""
     return adamod_step(theta, g, state, lr=lr, betas=betas, beta3=1 - 1 / len_memory, eps=eps,
                        weight_decay=weight_decay, diff_friction=True)
 
@@ -235,8 +235,8 @@ def assert_unchanged(snap, opt, params):
 
 
 class MadaSim:
-    """SPEC section 1 over a list of tensors (each with its own group lr / weight decay),
-    plus SPEC section 2's hyper-gradient by reverse-mode autograd through the last step.
+    """docs/spec.md section 1 over a list of tensors (each with its own group lr / weight decay),
+    plus section 2's hyper-gradient by reverse-mode autograd through the last step.
 
     ``step(grads, k)`` takes k as a 6-vector in canonical order; if it requires grad, the
     graph of every u is kept so that ``hypergrad(next_grads, k)`` can differentiate

@@ -312,7 +312,7 @@ def test_env_backend_is_honoured_for_auto(make_params, make_grads, monkeypatch, 
 
 
 def test_default_backend_auto_works_on_cpu(make_params, make_grads, no_backend_env):
-    """Without the env var, "auto" must pick something that works here and computes the SPEC."""
+    """Without the env var, "auto" must pick something that works here and computes docs/spec.md."""
     params = make_params()
     shadow = [p.detach().clone().requires_grad_() for p in params]
     grads = make_grads(params, 5)

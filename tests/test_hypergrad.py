@@ -1,4 +1,4 @@
-"""SPEC section 2: hyper-gradients, tangents and the hyper-update, against autograd through
+"""docs/spec.md section 2: hyper-gradients, tangents and the hyper-update, against autograd through
 the independent float64 model (spec_model), on fresh random data."""
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def test_hypergradients_and_tangents_match_autograd(make_params, make_grads, vba
 
 
 def test_maximize_hypergradient_uses_negated_next_grad(make_params, make_grads):
-    """With maximize=True the whole SPEC runs on g := -grad, including g_next in h."""
+    """With maximize=True all of docs/spec.md section 1 runs on g := -grad, including g_next in h."""
     params, grads, coeffs, opt, model, lrs = setup(make_params, make_grads, 4, maximize=True, hyper_warmup=10 ** 6)
     k = sm.kvec(coeffs, requires_grad=True)
     for s, gs in enumerate(grads, start=1):
@@ -222,7 +222,7 @@ def test_projection_onto_box(make_params, make_grads, bounds):
 
 
 def test_default_hyper_settings(make_params, make_grads):
-    """hyper_lr=None -> SPEC defaults (beta1, beta2 5e-4; others 1e-1), clip 10, warmup 50."""
+    """hyper_lr=None -> docs/spec.md section 2.3 defaults (beta1, beta2 5e-4; others 1e-1), clip 10, warmup 50."""
     params = make_params([(3,), (2, 2)])
     coeffs = dict(beta1=0.9, beta2=0.99, beta3=0.5, rho=0.5, c=0.5, gamma=0.5)
     opt = MADA(params, lr=1e-2, betas=(0.9, 0.99), beta3=0.5, rho=0.5, c=0.5, gamma=0.5, backend="reference")
@@ -301,7 +301,7 @@ def test_orders_stay_close(make_params, make_grads):
 @pytest.mark.parametrize("order", ["lagged", "exact"])
 @pytest.mark.parametrize("mod_beta,vbar", [(0.0, "full"), (0.7, "detach")])
 def test_full_learning_simulation(make_params, make_grads, order, mod_beta, vbar):
-    """Independent simulation of SPEC 2's whole loop (h by autograd, clip, SGD, box, warmup,
+    """Independent simulation of docs/spec.md section 2's whole loop (h by autograd, clip, SGD, box, warmup,
     order) against the optimizer, params and coefficients after every step."""
     learn = ("beta1", "beta2", "beta3", "rho", "c", "gamma")
     # |h| is ~1e-4 .. 1e-1 on this data: clip 0.02 bites for some coefficients, not for others

@@ -1,6 +1,6 @@
-"""SPEC sections 1, 3, 4: the reference backend against independent expectations, in float64.
+"""docs/spec.md sections 1, 3, 4: the reference backend against independent expectations, in float64.
 
-First two tests check the test model itself (spec_model) against SPEC section 2's closed forms
+First two tests check the test model itself (spec_model) against docs/spec.md section 2.2's closed forms
 and against torch.optim.AdamW, so that the model can be trusted as the oracle below.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def two_groups(params, lrs=(1e-2, 3e-3), wds=(0.1, 0.01)):
 # --------------------------------------------------------------------------- #
 
 def closed_form_tangents(theta, g, st, k, lr, eps, mod_beta, vbar, lion_betas=(0.95, 0.98)):
-    """SPEC section 2 closed forms, typed in literally (canonical order)."""
+    """docs/spec.md section 2.2 closed forms, typed in literally (canonical order)."""
     b1, b2, b3, rho, c, gamma = (k[n] for n in sm.CANON)
     t = st["step"] + 1
     gp = st["g_prev"] if st["g_prev"] is not None else g
@@ -226,7 +226,7 @@ def test_full_mada_matches_oracle(make_params, make_grads, mod_beta, maximize, h
             close(p, model.thetas[i], msg=f"param {i} step {step + 1}")
         for name, val in opt.coefficients.items():
             assert val == coeffs[name], f"{name} moved although it is fixed"
-    # the moments the configuration reads are the SPEC's
+    # the moments the configuration reads are docs/spec.md section 1.2's
     for i, p in enumerate(params):
         # (g' is compared only for maximize=False: storing it un-negated is an equivalent choice)
         for key in ("m", "v", "n", "l", "vb") + (("s",) if mod_beta else ()) + (() if maximize else ("g_prev",)):
@@ -256,7 +256,7 @@ def test_learning_on_replay_coefficients(make_params, make_grads, mod_beta):
 
 
 # --------------------------------------------------------------------------- #
-# AdaMod / DiffMod (SPEC 3, 4)
+# AdaMod / DiffMod (docs/spec.md sections 3, 4)
 # --------------------------------------------------------------------------- #
 
 @pytest.mark.parametrize("cls", ["AdaMod", "DiffMod"])
@@ -333,3 +333,26 @@ def test_adamod_is_not_adam(make_params, make_grads):
         opt.step()
         adam.step()
     assert not torch.allclose(p, ref_p, rtol=1e-6, atol=0)
+
+
+def test_backends_share_the_header_pieces():
+    """csrc/mada_math.h, backends/reference.py and triton_kernels/kernels.py are split into the
+    same named pieces, so a term can be found in all three by one name (mada_element, the
+    header's composition of two of them, is each backend's own loop)."""
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def read(*path):
+        with open(os.path.join(root, *path)) as f:
+            return f.read()
+
+    pieces = set(re.findall(r"^MADA_HD [\w<>]+ ((?:make|mada|adamod)_\w+)\(", read("csrc", "mada_math.h"), re.M))
+    pieces.discard("mada_element")
+    assert {"make_mada_scalars", "mada_grad_terms", "mada_state_terms", "mada_moments", "mada_apply",
+            "make_adamod_scalars", "adamod_element"} <= pieces
+    reference, kernels = read("mada_fused", "backends", "reference.py"), read("triton_kernels", "kernels.py")
+    for name in sorted(pieces):
+        assert re.search(rf"^def {name}\(", reference, re.M), f"reference.py has no {name}"
+        assert re.search(rf"^def _{name}\(", kernels, re.M), f"kernels.py has no _{name}"

@@ -72,7 +72,7 @@ def _pair(cls, kw, dtype, device, shapes):
 
 
 def _oracle_tangents(kw, theta, g, st, coef, group):
-    """du/dk in float64 from the same (fp32) pre-step state: the independent SPEC model."""
+    """du/dk in float64 from the same (fp32) pre-step state: the independent model of docs/spec.md."""
     z = torch.zeros_like(theta)
     state = {n: st[n].double() if n in st else z for n in ("m", "v", "n", "l", "vb", "s")}
     step = int(st["step"]) if st else 0
@@ -225,38 +225,6 @@ def test_layout_cache_is_bounded(interpret, monkeypatch):
     assert {id(v.table) for v in launch._layouts.values()} == tables
 
 
-def test_tuner_restores_pins_and_caches(monkeypatch):
-    """Timing runs real steps: the tuner must undo them, skip configs that do not fit,
-    cache its pick and honour a pin. (Host logic only: the timings are made up.)"""
-    from mada_fused.triton_kernels import launch
-
-    monkeypatch.delenv("MADA_TRITON_CONFIG", raising=False)
-    monkeypatch.setattr(launch, "_tuned", {})
-    x = torch.zeros(4)
-
-    def run(cfg):
-        x.add_(1.0)  # a step mutates state
-        if cfg == launch.CONFIGS[1]:
-            raise launch.OutOfResources(1, 0, "registers")
-
-    times = iter([3.0, 1.0, 2.0, 4.0])  # configs 0, 2, 3, 4 (1 does not fit)
-
-    def bench(fn, **kw):
-        fn()
-        return next(times)
-
-    monkeypatch.setattr(launch, "do_bench", bench)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU-only torch raises
-    assert launch._config("k", run, [x]) == launch.CONFIGS[2]
-    assert torch.equal(x, torch.zeros(4)), "timed steps must be undone"
-    assert launch._config("k", lambda c: pytest.fail("cached: no more timing"), [x]) == launch.CONFIGS[2]
-    monkeypatch.setenv("MADA_TRITON_CONFIG", "512,4")
-    assert launch._config("k", run, [x]) == (512, 4)
-    monkeypatch.setenv("MADA_TRITON_CONFIG", "3000,4")
-    with pytest.raises(ValueError, match="power of two"):
-        launch._config("k", run, [x])
-
-
 # -- native compile, no GPU needed --------------------------------------------------------------
 _TY = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
        torch.int64: "i64"}
@@ -266,7 +234,7 @@ _TY = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", tor
 def test_compiles_for_hopper_vectorised(interpret, monkeypatch, case):
     """Triton compiles for sm_90 on the host: the kernels the interpreter checked also build
     natively, the aligned fast path uses 16-byte accesses, and division and square root stay
-    IEEE (Triton's plain fp32 `/` and sqrt are approximate)."""
+    IEEE (Triton's plain fp32 `/`, sqrt and exp are approximate)."""
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this Triton has no NVIDIA compiler")
     from triton.backends.compiler import GPUTarget
@@ -303,7 +271,7 @@ def test_compiles_for_hopper_vectorised(interpret, monkeypatch, case):
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=launch.CONFIGS[0][1], enable_fp_fusion=False)).asm["ptx"]
     assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
-    assert "div.full.f32" not in ptx and "sqrt.approx.f32" not in ptx
+    assert "div.full.f32" not in ptx and "sqrt.approx.f32" not in ptx and "ex2.approx" not in ptx
 
 
 # -- native (GPU) -------------------------------------------------------------------------------
@@ -333,14 +301,6 @@ def test_gpu_matches_reference(pinned, case, layout):
 def test_gpu_dtypes_amp(pinned, dtype):
     _run(mada_fused.MADA, dict(FULL, mod_beta=0.9), dtype=dtype, device="cuda", shapes=LAYOUTS["aligned"],
          amp=True, drop=2, steps=4)
-
-
-@gpu
-def test_gpu_autotune(monkeypatch):
-    """Timed tuning runs real steps and must undo them: the tuned run still matches the reference."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("MADA_TRITON_CONFIG", raising=False)
-    _run(mada_fused.MADA, dict(FULL, mod_beta=0.9), device="cuda", shapes=LAYOUTS["aligned"])
 
 
 @gpu

@@ -7,7 +7,11 @@ unmasked, because Triton only vectorises a masked access when it can prove the
 mask is constant over a vector, and a bound loaded from a table proves nothing.
 
 Every optional term is a constexpr flag, so compiled-out state is never
-touched and each configuration costs exactly the bytes it owns.
+touched and each configuration costs exactly the bytes it owns. The element
+math is split into the header's pieces under its names (make_mada_scalars,
+mada_grad_terms, mada_state_terms, mada_moments, mada_apply, the tangents,
+adamod_element), so the header, this file and backends/reference.py read side
+by side; only loads and stores stay in the _*_block functions.
 
 This module is loaded twice by launch.py, once compiled and once under the
 interpreter (CPU tensors), so nothing here may hold state. The interpreted copy
@@ -55,6 +59,19 @@ def _sign(x):
 
 
 @_device
+def _yogi_sign(x):
+    # As _sign, but the undefined inf - inf counts as +1 (mada_math.h: yogi_sign).
+    return ((x > 0) | (x != x)).to(x.dtype) - (x < 0).to(x.dtype)
+
+
+@_device
+def _blend(a, x, y):
+    # a * x + (1 - a) * y where a weight at an end of [0, 1] contributes exactly
+    # nothing, even against an overflowed x or y (mada_math.h: blend).
+    return tl.where(a == 0, 0.0, a * x) + tl.where(a == 1, 0.0, (1.0 - a) * y)
+
+
+@_device
 def _div(a, b):
     # IEEE division and square root, as the C++ backends and torch do; Triton's
     # plain fp32 `/` and sqrt are approximate. fp64 has only the exact forms.
@@ -98,14 +115,162 @@ def _tangent(tan, tstride, so, x, mask, ROWS: tl.constexpr, K: tl.constexpr, MAS
 
 
 @_device
+def _exp(x):
+    # fp32: mada_math.h's exp_t, Cephes' expf in plain arithmetic (the same bits as
+    # the CPU backend): tl.exp lowers to an approximate ex2. fp64: tl.exp is exact.
+    if x.dtype == tl.float64:
+        r = tl.exp(x)
+    else:
+        x = tl.where(x < -88.3762626647949, -88.3762626647949, tl.where(x > 88.3762626647949, 88.3762626647949, x))
+        n = tl.floor(x * 1.44269504088896341 + 0.5)
+        x = x - n * 0.693359375 - n * -2.12194440e-4
+        z = x * x
+        y = x * 1.9875691500e-4 + 1.3981999507e-3
+        y = y * x + 8.3334519073e-3
+        y = y * x + 4.1665795894e-2
+        y = y * x + 1.6666665459e-1
+        y = y * x + 5.0000001201e-1
+        y = y * z + x + 1.0
+        r = y * ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    return r
+
+
+@_device
+def _make_mada_scalars(coef, consts, lr, decay, t, ct: tl.constexpr, VBAR_DETACH: tl.constexpr):
+    """mada_math.h's MadaScalars, in its order: read in float64 (powers especially), rounded once to ct.
+    Reciprocals of the uniform divisors are taken in float64 and rounded once: the element
+    math multiplies by them."""
+    one = 1.0
+    b1 = tl.load(coef)
+    b2 = tl.load(coef + 1)
+    rho = tl.load(coef + 3)
+    w = rho
+    if not VBAR_DETACH:
+        w = rho + (one - rho) / t
+    bc1 = one - _pow(b1, t)
+    bc2 = one - _pow(b2, t)
+    return (b1.to(ct), b2.to(ct), tl.load(coef + 2).to(ct), rho.to(ct), tl.load(coef + 4).to(ct),
+            tl.load(coef + 5).to(ct), lr.to(ct), decay, t.to(ct), (one / t).to(ct), (one / bc1).to(ct),
+            (one / bc2).to(ct), (one / (bc1 * bc1)).to(ct), (one / (bc2 * bc2)).to(ct),
+            (t * _pow(b1, t - one)).to(ct), (t * _pow(b2, t - one)).to(ct), w.to(ct), tl.load(consts).to(ct),
+            tl.load(consts + 1).to(ct), tl.load(consts + 2).to(ct), tl.load(consts + 3).to(ct))
+
+
+@_device
+def _make_adamod_scalars(consts, lr, decay, t, ct: tl.constexpr):
+    """mada_math.h's AdamodScalars: beta1, beta2, beta3, step_size, decay, eps."""
+    one = 1.0
+    b1 = tl.load(consts)
+    b2 = tl.load(consts + 1)
+    step_size = lr * tl.sqrt(one - _pow(b2, t)) / (one - _pow(b1, t))
+    return (b1.to(ct), b2.to(ct), tl.load(consts + 2).to(ct), step_size.to(ct), decay, tl.load(consts + 3).to(ct))
+
+
+# The pieces of a step below carry csrc/mada_math.h's names and split it where the
+# header does; values are one block's registers, loads and stores stay in _mada_block.
+# k is the tuple make_mada_scalars builds (the header's MadaScalars, in its order).
+
+
+@_device
+def _mada_grad_terms(g, d, v0, b3, c, HAS_BETA3: tl.constexpr):
+    """gh, gh2, sg, G."""
+    gh = g
+    if HAS_BETA3:
+        gh = g + b3 * d
+    gh2 = gh * gh
+    sg = _yogi_sign(gh2 - v0)
+    return gh, gh2, sg, _blend(c, gh2, v0 + sg * gh2)
+
+
+@_device
+def _mada_state_terms(m, n, v, vb, b3, rho, rbc1, rbc2, HAS_BETA3: tl.constexpr, HAS_VBAR: tl.constexpr):
+    """N, vh, A from the updated state."""
+    N = v
+    if HAS_VBAR:
+        N = _blend(rho, v, vb)
+    A = m * rbc1
+    if HAS_BETA3:
+        A = A + b3 * n
+    return N, N * rbc2, A
+
+
+@_device
+def _mada_moments(k, g, m0, v0, n0, gprev, l0, vb0, HAS_BETA3: tl.constexpr, HAS_VBAR: tl.constexpr,
+                  HAS_LION: tl.constexpr):
+    """First half of a step: the new state (m, v, n, l, vb) and the terms (d, gh, gh2, sg, G, uL, N, vh, A)."""
+    b1, b2, b3, rho, c, gam, lr, decay, t, rt, rbc1, rbc2, rbc1sq, rbc2sq, dbc1, dbc2, w, eps, modb, lb1, lb2 = k
+    one = 1.0
+    d = tl.full(g.shape, 0.0, g.dtype)
+    if HAS_BETA3:
+        d = tl.where(t > one, g - gprev, 0.0)
+    gh, gh2, sg, G = _mada_grad_terms(g, d, v0, b3, c, HAS_BETA3)
+    m = b1 * m0 + (one - b1) * g
+    v = b2 * v0 + (one - b2) * G
+    n = n0
+    if HAS_BETA3:
+        n = b3 * n0 + (one - b3) * d
+    uL = tl.full(g.shape, 0.0, g.dtype)
+    l = l0
+    if HAS_LION:
+        uL = lb1 * l0 + (one - lb1) * g
+        l = lb2 * l0 + (one - lb2) * g
+    vb = v
+    if HAS_VBAR:
+        vb = ((t - one) * vb0 + v) * rt
+    N, vh, A = _mada_state_terms(m, n, v, vb, b3, rho, rbc1, rbc2, HAS_BETA3, HAS_VBAR)
+    return (m, v, n, l, vb), (d, gh, gh2, sg, G, uL, N, vh, A)
+
+
+@_device
+def _mada_apply(k, theta, s0, vh, A, uL, HAS_LION: tl.constexpr, HAS_MOD: tl.constexpr):
+    """Second half: step size, AdaMod clip, update. Returns (theta, s, etah, clipped, sq, D)."""
+    b1, b2, b3, rho, c, gam, lr, decay, t, rt, rbc1, rbc2, rbc1sq, rbc2sq, dbc1, dbc2, w, eps, modb, lb1, lb2 = k
+    one = 1.0
+    sq = _sqrt(vh)
+    D = sq + eps
+    eta = _div(lr, D)
+    etah = eta
+    s = s0
+    clipped = eta < 0  # all False: no clip
+    if HAS_MOD:
+        s = modb * s0 + (one - modb) * eta
+        clipped = eta > s
+        etah = tl.where(clipped, s, eta)
+    u = gam * etah * A
+    if HAS_LION:
+        u += (one - gam) * lr * _sign(uL)
+    return theta * decay - u, s, etah, clipped, sq, D
+
+
+@_device
+def _mada_tangents(k, g, m0, v0, n0, new, mid, etah, clipped, sq, D):
+    """du/dk, canonical order (rows whose state a configuration lacks are never stored)."""
+    b1, b2, b3, rho, c, gam, lr, decay, t, rt, rbc1, rbc2, rbc1sq, rbc2sq, dbc1, dbc2, w, eps, modb, lb1, lb2 = k
+    m, v, n, l, vb = new
+    d, gh, gh2, sg, G, uL, N, vh, A = mid
+    one = 1.0
+    om = tl.where(clipped, one - modb, one)
+    # d eta / d vh is unbounded where vh = 0 (an element that never saw a
+    # gradient, A = 0 too): its tangent is 0, not NaN (mada_math.h).
+    deta = tl.where(sq > 0, _div(-lr, tl.where(sq > 0, 2.0 * sq * D * D, 1.0)), 0.0)
+    F = gam * om * deta * A
+    b2w = w * (one - b2)
+    dvh = b2w * (c + (one - c) * sg) * 2.0 * gh * d * rbc2
+    return (gam * etah * ((m0 - g) * rbc1 + dbc1 * m * rbc1sq),
+            F * (w * (v0 - G) * rbc2 + dbc2 * N * rbc2sq),
+            F * dvh + gam * etah * (n + b3 * (n0 - d)),
+            F * ((v - vb) * rbc2),
+            F * (b2w * (gh2 - v0 - sg * gh2) * rbc2),
+            etah * A - lr * _sign(uL))
+
+
+@_device
 def _mada_block(pp, gp_, st, tan, tstride, po, so, mask, acc, k, scale,
                 STEP: tl.constexpr, DOT: tl.constexpr, ROWS: tl.constexpr, NL: tl.constexpr,
                 NLP: tl.constexpr, HAS_BETA3: tl.constexpr, HAS_VBAR: tl.constexpr,
                 HAS_LION: tl.constexpr, HAS_MOD: tl.constexpr, MAXIMIZE: tl.constexpr,
                 HAS_SCALE: tl.constexpr, MASKED: tl.constexpr):
     m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p = st
-    b1, b2, b3, rho, c, gam, lr, decay, t, rt, rbc1, rbc2, rbc1sq, rbc2sq, dbc1, dbc2, w, eps, modb, lb1, lb2 = k
-    one = 1.0
     g = _ld(gp_, po, mask, MASKED).to(m_p.dtype.element_ty)
     if HAS_SCALE:
         g = _div(g, scale)
@@ -122,95 +287,81 @@ def _mada_block(pp, gp_, st, tan, tstride, po, so, mask, acc, k, scale,
         theta = _ld(pp, po, mask, MASKED).to(g.dtype)
         m0 = _ld(m_p, so, mask, MASKED)
         v0 = _ld(v_p, so, mask, MASKED)
-        d = tl.full(g.shape, 0.0, g.dtype)
-        gh = g
-        if HAS_BETA3:
-            d = tl.where(t > one, g - _ld(gprev_p, so, mask, MASKED), 0.0)
-            gh = g + b3 * d
-        gh2 = gh * gh
-        sg = _sign(gh2 - v0)
-        G = c * gh2 + (one - c) * (v0 + sg * gh2)
-        m = b1 * m0 + (one - b1) * g
-        v = b2 * v0 + (one - b2) * G
-        _st(m_p, so, m, mask, MASKED)
-        _st(v_p, so, v, mask, MASKED)
-        A = m * rbc1
+        zero = tl.full(g.shape, 0.0, g.dtype)  # state a configuration lacks
+        n0, gprev, l0, vb0, s0 = zero, zero, zero, zero, zero
         if HAS_BETA3:
             n0 = _ld(n_p, so, mask, MASKED)
-            n = b3 * n0 + (one - b3) * d
-            _st(n_p, so, n, mask, MASKED)
-            _st(gprev_p, so, g, mask, MASKED)
-            A = A + b3 * n
-        uL = tl.full(g.shape, 0.0, g.dtype)
+            gprev = _ld(gprev_p, so, mask, MASKED)
         if HAS_LION:
             l0 = _ld(l_p, so, mask, MASKED)
-            uL = lb1 * l0 + (one - lb1) * g
-            _st(l_p, so, lb2 * l0 + (one - lb2) * g, mask, MASKED)
-        N = v
-        vb = v
         if HAS_VBAR:
-            vb = ((t - one) * _ld(vb_p, so, mask, MASKED) + v) * rt
-            _st(vb_p, so, vb, mask, MASKED)
-            N = rho * v + (one - rho) * vb
-        sq = _sqrt(N * rbc2)
-        D = sq + eps
-        eta = _div(lr, D)
-        etah = eta
-        clipped = eta < 0  # all False: no clip
+            vb0 = _ld(vb_p, so, mask, MASKED)
         if HAS_MOD:
-            s = modb * _ld(s_p, so, mask, MASKED) + (one - modb) * eta
-            _st(s_p, so, s, mask, MASKED)
-            clipped = eta > s
-            etah = tl.where(clipped, s, eta)
-        u = gam * etah * A
+            s0 = _ld(s_p, so, mask, MASKED)
+        new, mid = _mada_moments(k, g, m0, v0, n0, gprev, l0, vb0, HAS_BETA3, HAS_VBAR, HAS_LION)
+        m, v, n, l, vb = new
+        d, gh, gh2, sg, G, uL, N, vh, A = mid
+        theta, s, etah, clipped, sq, D = _mada_apply(k, theta, s0, vh, A, uL, HAS_LION, HAS_MOD)
+        _st(m_p, so, m, mask, MASKED)
+        _st(v_p, so, v, mask, MASKED)
+        if HAS_BETA3:
+            _st(n_p, so, n, mask, MASKED)
+            _st(gprev_p, so, g, mask, MASKED)
         if HAS_LION:
-            u += (one - gam) * lr * _sign(uL)
-        _st(pp, po, theta * decay - u, mask, MASKED)
+            _st(l_p, so, l, mask, MASKED)
+        if HAS_VBAR:
+            _st(vb_p, so, vb, mask, MASKED)
+        if HAS_MOD:
+            _st(s_p, so, s, mask, MASKED)
+        _st(pp, po, theta, mask, MASKED)
         if NL > 0:
-            om = tl.where(clipped, one - modb, one)
-            # d eta / d vh is unbounded where vh = 0 (an element that never saw a
-            # gradient, A = 0 too): its tangent is 0, not NaN (mada_math.h).
-            deta = tl.where(sq > 0, _div(-lr, tl.where(sq > 0, 2.0 * sq * D * D, 1.0)), 0.0)
-            F = gam * om * deta * A
-            b2w = w * (one - b2)
-            _tangent(tan, tstride, so, gam * etah * ((m0 - g) * rbc1 + dbc1 * m * rbc1sq),
-                     mask, ROWS, B1, MASKED)
-            _tangent(tan, tstride, so, F * (w * (v0 - G) * rbc2 + dbc2 * N * rbc2sq),
-                     mask, ROWS, B2, MASKED)
-            _tangent(tan, tstride, so, F * (b2w * (gh2 - v0 - sg * gh2) * rbc2), mask, ROWS, C, MASKED)
+            tb1, tb2, tb3, trho, tc, tgam = _mada_tangents(k, g, m0, v0, n0, new, mid, etah, clipped, sq, D)
+            _tangent(tan, tstride, so, tb1, mask, ROWS, B1, MASKED)
+            _tangent(tan, tstride, so, tb2, mask, ROWS, B2, MASKED)
+            _tangent(tan, tstride, so, tc, mask, ROWS, C, MASKED)
             if HAS_BETA3:
-                dvh = b2w * (c + (one - c) * sg) * 2.0 * gh * d * rbc2
-                _tangent(tan, tstride, so, F * dvh + gam * etah * (n + b3 * (n0 - d)), mask, ROWS, B3, MASKED)
+                _tangent(tan, tstride, so, tb3, mask, ROWS, B3, MASKED)
             if HAS_VBAR:
-                _tangent(tan, tstride, so, F * ((v - vb) * rbc2), mask, ROWS, RHO, MASKED)
+                _tangent(tan, tstride, so, trho, mask, ROWS, RHO, MASKED)
             if HAS_LION:
-                _tangent(tan, tstride, so, etah * A - lr * _sign(uL), mask, ROWS, GAMMA, MASKED)
+                _tangent(tan, tstride, so, tgam, mask, ROWS, GAMMA, MASKED)
     return acc
+
+
+@_device
+def _adamod_element(k, g, theta, m0, v0, s0, gprev, DIFF: tl.constexpr):
+    """AdaMod; with DIFF, DiffMod: diffGrad's friction on the applied step only. Returns (theta, m, v, s)."""
+    b1, b2, b3, step_size, decay, eps = k
+    one = 1.0
+    m = b1 * m0 + (one - b1) * g
+    v = b2 * v0 + (one - b2) * g * g
+    eta = _div(step_size, _sqrt(v) + eps)
+    s = b3 * s0 + (one - b3) * eta
+    mh = m
+    if DIFF:
+        mh = _div(m, one + _exp(-tl.abs(gprev - g)))
+    return theta * decay - tl.where(eta > s, s, eta) * mh, m, v, s
 
 
 @_device
 def _adamod_block(pp, gp_, st, po, so, mask, k, scale, DIFF: tl.constexpr,
                   HAS_SCALE: tl.constexpr, MASKED: tl.constexpr):
     m_p, v_p, s_p, gprev_p = st
-    b1, b2, b3, step_size, decay, eps = k
-    one = 1.0
     g = _ld(gp_, po, mask, MASKED).to(m_p.dtype.element_ty)
     if HAS_SCALE:
         g = _div(g, scale)
     theta = _ld(pp, po, mask, MASKED).to(g.dtype)
-    m = b1 * _ld(m_p, so, mask, MASKED) + (one - b1) * g
-    v = b2 * _ld(v_p, so, mask, MASKED) + (one - b2) * g * g
-    eta = _div(step_size, _sqrt(v) + eps)
-    s = b3 * _ld(s_p, so, mask, MASKED) + (one - b3) * eta
+    gprev = g  # g_prev starts at 0 in the state; only DiffMod has it
+    if DIFF:
+        gprev = _ld(gprev_p, so, mask, MASKED)
+    theta, m, v, s = _adamod_element(k, g, theta, _ld(m_p, so, mask, MASKED), _ld(v_p, so, mask, MASKED),
+                                     _ld(s_p, so, mask, MASKED), gprev, DIFF)
     _st(m_p, so, m, mask, MASKED)
     _st(v_p, so, v, mask, MASKED)
     _st(s_p, so, s, mask, MASKED)
-    mh = m
     if DIFF:
-        # diffGrad friction on the applied step only; g_prev starts at 0.
-        mh = _div(m, one + tl.exp(-tl.abs(_ld(gprev_p, so, mask, MASKED) - g)))
         _st(gprev_p, so, g, mask, MASKED)
-    _st(pp, po, theta * decay - tl.where(eta > s, s, eta) * mh, mask, MASKED)
+    _st(pp, po, theta, mask, MASKED)
 
 
 @triton.jit
@@ -233,6 +384,9 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, tan, tstrid
         pp = tl.multiple_of(pp, 16)
         gp_ = tl.multiple_of(gp_, 16)
         soff = tl.multiple_of(soff, S_VEC)
+    # Tangent row r starts at r * tstride: a 32-bit product wraps past 2^31 elements
+    # (six learned rows of a bucket above ~430M), and Triton passes a small int as i32.
+    tstride = tstride.to(tl.int64)
     if T_ALIGNED:  # tangent rows lie a whole number of 16-byte vectors apart
         tstride = tl.multiple_of(tstride, S_VEC)
     count = tl.load(row + 3)
@@ -250,28 +404,10 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, tan, tstrid
         scale = tl.load(scale_p).to(ct)
     acc = tl.full([NLP], 0.0, tl.float64)
     if KIND == MADA:
-        b1 = tl.load(coef)
-        b2 = tl.load(coef + 1)
-        rho = tl.load(coef + 3)
-        w = rho
-        if not VBAR_DETACH:
-            w = rho + (one - rho) / t
-        # Reciprocals of the uniform divisors, taken in double and rounded once
-        # (mada_math.h): the element math multiplies by them.
-        bc1 = one - _pow(b1, t)
-        bc2 = one - _pow(b2, t)
-        k = (b1.to(ct), b2.to(ct), tl.load(coef + 2).to(ct), rho.to(ct), tl.load(coef + 4).to(ct),
-             tl.load(coef + 5).to(ct), lr.to(ct), decay, t.to(ct), (one / t).to(ct), (one / bc1).to(ct),
-             (one / bc2).to(ct), (one / (bc1 * bc1)).to(ct), (one / (bc2 * bc2)).to(ct),
-             (t * _pow(b1, t - one)).to(ct), (t * _pow(b2, t - one)).to(ct), w.to(ct), tl.load(consts).to(ct),
-             tl.load(consts + 1).to(ct), tl.load(consts + 2).to(ct), tl.load(consts + 3).to(ct))
+        k = _make_mada_scalars(coef, consts, lr, decay, t, ct, VBAR_DETACH)
         st = (m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p)
     else:
-        b1 = tl.load(consts)
-        b2 = tl.load(consts + 1)
-        step_size = lr * tl.sqrt(one - _pow(b2, t)) / (one - _pow(b1, t))
-        k = (b1.to(ct), b2.to(ct), tl.load(consts + 2).to(ct), step_size.to(ct), decay,
-             tl.load(consts + 3).to(ct))
+        k = _make_adamod_scalars(consts, lr, decay, t, ct)
         st = (m_p, v_p, s_p, gprev_p)
     for start in tl.range(0, CHUNK, BLOCK):
         po = start + tl.arange(0, BLOCK)

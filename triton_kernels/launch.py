@@ -13,12 +13,16 @@ the same table.
 
 Hyper-gradient dots: each program writes one fp64 partial per learned row into
 a scratch buffer, and torch sums those in table order, so a layout and launch
-config always give the same bits. (BLOCK, num_warps) is timed once per kernel
-variant and cached; MADA_TRITON_CONFIG pins it, which also pins the bits across
-processes.
+config always give the same bits. The config (BLOCK, num_warps) is fixed, not
+timed: timing ran real steps on the live buckets (cloning every mutated buffer
+to undo them, ~14x a full MADA bucket), could time a found_inf no-op, synced the
+host inside step(), and let ranks that timed differently sum in different orders
+and so learn different coefficients. MADA_TRITON_CONFIG overrides it (set the
+same value on every rank).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -26,8 +30,6 @@ from collections import OrderedDict
 
 import torch
 import triton
-from triton.runtime.errors import OutOfResources
-from triton.testing import do_bench
 
 from .._segments import MADA_STATE, pack
 
@@ -36,16 +38,15 @@ _MADA, _ADAMOD = 0, 1
 # two per chunk still let tests reach multi-row tables, full blocks and tails.
 _INTERP_CHUNK, _INTERP_BLOCK = 1024, 512
 _CHUNK = 8192  # native: 64M params -> 8192 programs, tails of small tensors stay cheap
-# (BLOCK, num_warps) candidates; every BLOCK divides _CHUNK. The first is the
-# fallback when timing is impossible (inside CUDA-graph capture).
+# (BLOCK, num_warps) worth trying with MADA_TRITON_CONFIG; every BLOCK divides _CHUNK.
+# The first is the default.
 CONFIGS = ((1024, 8), (512, 4), (2048, 16), (2048, 8), (256, 4))
-CONFIG_ENV = "MADA_TRITON_CONFIG"  # "BLOCK,WARPS": skip timing (and pin the reduction order)
+CONFIG_ENV = "MADA_TRITON_CONFIG"  # "BLOCK,WARPS"
 
 _modules: dict[bool, object] = {}
 _layouts: OrderedDict = OrderedDict()
 _MAX_LAYOUTS = 64
 _captured: list = []  # layouts a CUDA graph reads: never freed, the graph replays their addresses
-_tuned: dict[tuple, tuple[int, int]] = {}
 _consts: dict[tuple, torch.Tensor] = {}
 
 
@@ -55,7 +56,11 @@ def kernels(interpret: bool):
     Triton picks the mode when a function is decorated, from TRITON_INTERPRET.
     Loading the module once per mode, each under a pinned knob, lets the
     interpreted copy serve CPU tensors while CUDA tensors stay compiled,
-    whatever the environment said when mada_fused was imported.
+    whatever the environment said when mada_fused was imported. One load
+    cannot serve both: the compiler resolves the kernel's helpers through the
+    module's globals and needs jit functions there, the interpreter needs plain
+    Python there (kernels.py), so each mode has its own globals. Both copies
+    come from this one file, through this one function.
     """
     if interpret not in _modules:
         name = f"{__package__}._kernels_{'interpreted' if interpret else 'compiled'}"
@@ -109,18 +114,33 @@ class _Layout:
         self.partial = torch.zeros(6, max(self.n_chunks, 1), dtype=torch.float64, device=dev)
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _refuse_in_capture(what: str) -> None:
+    # Raised before any launch of the step: a capture only records, so nothing has changed.
+    raise RuntimeError(f"triton backend: {what} inside CUDA-graph capture, which needs a host upload; "
+                       "run an eager step with the same tensors before capturing (warm-up)")
+
+
 def _layout(seg, bucket, chunk: int) -> _Layout:
-    key = (bucket.device, bucket.state_dtype, chunk, tuple(p.data_ptr() for p in seg.params),
-           tuple(g.data_ptr() for g in seg.grads), tuple(seg.offsets), tuple(seg.numels),
-           tuple(seg.groups), tuple(seg.param_index))
+    # Everything _Layout reads: the tangent stride sets the T_ALIGNED promise, the bucket size the bound check.
+    key = (bucket.device, bucket.state_dtype, chunk, bucket.numel, bucket.tangent_stride,
+           tuple(p.data_ptr() for p in seg.params), tuple(g.data_ptr() for g in seg.grads), tuple(seg.offsets),
+           tuple(seg.numels), tuple(seg.groups), tuple(seg.param_index))
+    capturing = _capturing(bucket.device)
     lay = _layouts.get(key)
+    if lay is None and capturing:
+        # A new table means pinned host memory and an upload, neither of which a graph may record.
+        _refuse_in_capture("a new parameter/grad layout")
     if lay is None:
         lay = _layouts[key] = _Layout(seg, bucket, chunk)
         while len(_layouts) > _MAX_LAYOUTS:  # grads reallocated every step must not grow it forever
             _layouts.popitem(last=False)
     else:
         _layouts.move_to_end(key)
-    if bucket.device.type == "cuda" and torch.cuda.is_current_stream_capturing() and lay not in _captured:
+    if capturing and lay not in _captured:
         _captured.append(lay)
     return lay
 
@@ -130,35 +150,25 @@ def _const(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     # rounded to fp32, which fp64 state must not see.
     key = (values, device)
     if key not in _consts:
+        if _capturing(device):
+            _refuse_in_capture("a new set of optimizer constants")
         _consts[key] = torch.tensor(values, dtype=torch.float64, device=device)
     return _consts[key]
 
 
-def _config(key: tuple, run, mutated: list[torch.Tensor]) -> tuple[int, int]:
-    """(BLOCK, num_warps) for a kernel variant: pinned, cached, or timed once on the live data."""
+def _config() -> tuple[int, int]:
+    """(BLOCK, num_warps): the default, or MADA_TRITON_CONFIG's."""
     pinned = os.environ.get(CONFIG_ENV)
-    if pinned:
+    if not pinned:
+        return CONFIGS[0]
+    try:
         block, warps = (int(x) for x in pinned.split(","))
-        if _CHUNK % block or block & (block - 1):
-            raise ValueError(f"{CONFIG_ENV}={pinned!r}: BLOCK must be a power of two dividing {_CHUNK}")
-        return block, warps
-    if key in _tuned:
-        return _tuned[key]
-    if torch.cuda.is_current_stream_capturing():
-        return CONFIGS[0]  # timing would break the capture; the caller warms up before capturing
-
-    def timed(cfg):
-        try:
-            return do_bench(lambda: run(cfg), warmup=5, rep=20)
-        except OutOfResources:  # too many registers / too much shared memory here
-            return float("inf")
-
-    saved = [t.clone() for t in mutated]  # every timed launch is a real step: undo them all
-    times = [timed(c) for c in CONFIGS]
-    for t, s in zip(mutated, saved):
-        t.copy_(s)
-    _tuned[key] = CONFIGS[times.index(min(times))]
-    return _tuned[key]
+    except ValueError:
+        raise ValueError(f"{CONFIG_ENV}={pinned!r}: expected 'BLOCK,WARPS', e.g. '1024,8'") from None
+    if block <= 0 or _CHUNK % block or block & (block - 1) or warps <= 0 or warps & (warps - 1):
+        raise ValueError(f"{CONFIG_ENV}={pinned!r}: BLOCK must be a power of two dividing {_CHUNK}, "
+                         "WARPS a power of two")
+    return block, warps
 
 
 def _launch(kind: int, bucket, seg, scalars, coef, consts, *, states, flags: dict,
@@ -178,21 +188,12 @@ def _launch(kind: int, bucket, seg, scalars, coef, consts, *, states, flags: dic
     meta = dict(KIND=kind, NL=nl, NLP=triton.next_power_of_2(max(nl, 1)), HAS_SCALE=scale is not None,
                 HAS_INF=found is not None, T_ALIGNED=lay.t_aligned, S_VEC=lay.s_vec, CHUNK=chunk, **flags)
     fn = kernels(interp).fused_step
-    mutated = [*seg.params, *(b for b in (*ptrs, tan) if b is not dummy)] if flags["STEP"] else []
-    for lo, hi, aligned in lay.parts:  # the aligned rows, then the rest: at most two launches
-
-        def run(cfg, lo=lo, hi=hi, aligned=aligned):
+    block, warps = (_INTERP_BLOCK, 1) if interp else _config()
+    # Triton launches on the current device.
+    with contextlib.nullcontext() if interp else torch.cuda.device(bucket.device):
+        for lo, hi, aligned in lay.parts:  # the aligned rows, then the rest: at most two launches
             # No FMA contraction: the reference and the C++ backends round after every op.
-            fn[(hi - lo,)](*args, lo, **meta, ALIGNED=aligned, BLOCK=cfg[0], num_warps=cfg[1],
-                           enable_fp_fusion=False)
-
-        if interp:
-            run((_INTERP_BLOCK, 1))  # autotuning the interpreter would only cost time
-        else:
-            key = (bucket.device, seg.params[0].dtype, bucket.state_dtype, aligned, tuple(sorted(meta.items())),
-                   bucket.numel.bit_length())
-            with torch.cuda.device(bucket.device):  # Triton launches on the current device
-                run(_config(key, run, mutated))
+            fn[(hi - lo,)](*args, lo, **meta, ALIGNED=aligned, BLOCK=block, num_warps=warps, enable_fp_fusion=False)
     if dot_out is not None:
         # Fixed-order fp64 reduction over chunks: the same layout and config give the same bits.
         dot_out.add_(lay.partial[:nl, :lay.n_chunks].sum(dim=1).to(dot_out.dtype))
@@ -205,7 +206,7 @@ _ADAMOD_FIXED = dict(STEP=True, DOT=False, ROWS=0, HAS_BETA3=False, HAS_VBAR=Fal
 
 
 def mada(bucket, seg, scalars, cfg, dot_out: torch.Tensor | None, step: bool) -> None:
-    """One MADA pass: dot (if dot_out) then, when ``step``, the SPEC section 1 update."""
+    """One MADA pass: dot (if dot_out) then, when ``step``, the docs/spec.md section 1 update."""
     nl = len(cfg.learn)
     rows = 0
     for k in range(6):  # 3 bits per coefficient: its tangent row, 7 = not learned
@@ -222,7 +223,7 @@ def mada(bucket, seg, scalars, cfg, dot_out: torch.Tensor | None, step: bool) ->
 
 
 def adamod(bucket, seg, scalars, cfg) -> None:
-    """One AdaMod / DiffMod pass (SPEC sections 3 and 4)."""
+    """One AdaMod / DiffMod pass (docs/spec.md sections 3 and 4)."""
     consts = _const((cfg.beta1, cfg.beta2, cfg.beta3, cfg.eps), bucket.device)
     # The kernel's state slots are MADA's (m, v, n, g_prev, l, vb, s); AdaMod fills four.
     _launch(_ADAMOD, bucket, seg, scalars, consts, consts,

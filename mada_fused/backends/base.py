@@ -15,11 +15,11 @@ Per call, a backend must, for every active segment i (elements
 3. ``mada_step``: when ``dot_out`` is given, first add ``sum(g * T)`` over the
    stored tangent rows ``T`` (the previous step's du/dk) into
    ``dot_out[j]``, in a fixed order so the result is bitwise deterministic;
-   then run the SPEC section 1 update with ``t = steps[param_index[i]]``
+   then run the docs/spec.md section 1 update with ``t = steps[param_index[i]]``
    (already incremented by the optimizer), write params and state, and, when
    ``cfg.learn`` is non-empty, overwrite the tangent rows with this step's
    du/dk. ``mada_dot`` does only the first part (``hyper_order="exact"``).
-4. ``adamod_step``: SPEC sections 3 and 4.
+4. ``adamod_step``: docs/spec.md sections 3 and 4.
 
 Arithmetic is in the state dtype (float32, or float64 for float64 params).
 Parameters of lower precision are read, updated in the state dtype and

@@ -1,6 +1,6 @@
 """The pure-PyTorch backend: the fallback on any device and the test oracle.
 
-It is SPEC.md written in tensor ops, one parameter at a time, and follows
+It is docs/spec.md (sections 1, 3, 4, 5) in tensor ops, one parameter at a time, and follows
 csrc/mada_math.h term by term (coefficients are rounded to the state dtype
 first, powers are taken in float64), so fused backends can be held to it at
 rounding level; the header multiplies by reciprocals of the bias corrections
@@ -9,7 +9,10 @@ the host.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import Tensor
 
 from ..coefficients import COEFFICIENTS
 from ..flat_state import Bucket
@@ -49,7 +52,19 @@ class _Slot:
 
 
 def _sign(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x)  # sign(0) = 0, as in the header
+    # sign(0) = 0 and sign(NaN) = 0, as the header's sign_of (torch.sign(NaN) is NaN).
+    return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
+
+
+def _yogi_sign(x: torch.Tensor) -> torch.Tensor:
+    # As _sign, but the undefined inf - inf counts as +1 (mada_math.h: yogi_sign).
+    return ((x > 0) | x.isnan()).to(x.dtype) - (x < 0).to(x.dtype)
+
+
+def _blend(a: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # a * x + (1 - a) * y where a weight at an end of [0, 1] contributes exactly
+    # nothing, even against an overflowed x or y (mada_math.h: blend).
+    return torch.where(a == 0, 0.0, a * x) + torch.where(a == 1, 0.0, (1 - a) * y)
 
 
 def _accumulate_dot(slot: _Slot, dot_out: torch.Tensor) -> None:
@@ -57,83 +72,185 @@ def _accumulate_dot(slot: _Slot, dot_out: torch.Tensor) -> None:
     dot_out.add_(part if slot.skip is None else torch.where(slot.skip, 0.0, part))
 
 
-def _mada_slot(slot: _Slot, coef: torch.Tensor, cfg: MadaKernelConfig, want_tangents: bool) -> None:
-    sd = slot.theta.dtype
-    t = slot.t
-    k = coef.to(sd)
-    b1, b2, b3, rho, c, gamma = (k[i] for i in range(len(COEFFICIENTS)))
-    bc1 = (1.0 - coef[B1] ** t).to(sd)
-    bc2 = (1.0 - coef[B2] ** t).to(sd)
-    w64 = coef[RHO] if cfg.vbar_detach else coef[RHO] + (1.0 - coef[RHO]) / t
-    w = w64.to(sd)
-    lr = slot.lr.to(sd)
-    eps = torch.tensor(cfg.eps, dtype=sd)
-    st = slot.state
-    g = slot.grad
-    new: dict[str, torch.Tensor] = {}
+# The pieces below carry csrc/mada_math.h's names and split the step where it
+# does, so the two read side by side. Tensors are 0-d (scalars) or one slot's
+# elements; a term a configuration does not allocate is never formed.
 
-    d = torch.where(t > 1, g - st["g_prev"], 0.0) if cfg.has_beta3 else torch.zeros_like(g)
-    gh = g + b3 * d if cfg.has_beta3 else g
-    gh2 = gh * gh
-    v0, m0 = st["v"], st["m"]
-    sg = _sign(gh2 - v0)
-    G = c * gh2 + (1 - c) * (v0 + sg * gh2)
-    new["m"] = m = b1 * m0 + (1 - b1) * g
-    new["v"] = v = b2 * v0 + (1 - b2) * G
+
+@dataclass
+class MadaScalars:
+    """Everything one (parameter, step) needs, in the state dtype (mada_math.h: MadaScalars)."""
+
+    beta1: Tensor
+    beta2: Tensor
+    beta3: Tensor
+    rho: Tensor
+    c: Tensor
+    gamma: Tensor
+    lr: Tensor
+    decay: Tensor  # 1 - lr * weight_decay
+    t: Tensor  # this parameter's step count (float64), >= 1
+    bc1: Tensor  # 1 - beta^t
+    bc2: Tensor
+    dbc1: Tensor  # t * beta^(t-1) = d(beta^t)/d(beta)
+    dbc2: Tensor
+    w: Tensor  # d N / d v
+    eps: Tensor
+    mod_beta: Tensor
+    lion_beta1: Tensor
+    lion_beta2: Tensor
+
+
+def make_mada_scalars(coef: Tensor, slot: _Slot, cfg: MadaKernelConfig) -> MadaScalars:
+    """Coefficients rounded to the state dtype; powers taken in float64, then rounded."""
+    sd, t = slot.theta.dtype, slot.t
+    k = coef.to(sd)
+    w = coef[RHO] if cfg.vbar_detach else coef[RHO] + (1.0 - coef[RHO]) / t
+    consts = (torch.tensor(x, dtype=sd) for x in (cfg.eps, cfg.mod_beta, *cfg.lion_betas))
+    return MadaScalars(
+        *(k[i] for i in range(len(COEFFICIENTS))), slot.lr.to(sd), slot.decay, t,
+        (1.0 - coef[B1] ** t).to(sd), (1.0 - coef[B2] ** t).to(sd),
+        (t * coef[B1] ** (t - 1)).to(sd), (t * coef[B2] ** (t - 1)).to(sd), w.to(sd), *consts)
+
+
+@dataclass
+class MadaMid:
+    """What the second half of a step needs from the first (mada_math.h: MadaMid)."""
+
+    g: Tensor
+    m0: Tensor
+    v0: Tensor
+    d: Tensor | None = None
+    gh: Tensor | None = None
+    gh2: Tensor | None = None
+    sg: Tensor | None = None
+    G: Tensor | None = None
+    n0: Tensor | None = None
+    uL: Tensor | None = None
+    N: Tensor | None = None
+    vh: Tensor | None = None
+    A: Tensor | None = None
+
+
+def mada_grad_terms(k: MadaScalars, x: MadaMid, cfg: MadaKernelConfig) -> None:
+    """gh, gh2, sg, G from x.g, x.d and x.v0."""
+    x.gh = x.g + k.beta3 * x.d if cfg.has_beta3 else x.g
+    x.gh2 = x.gh * x.gh
+    x.sg = _yogi_sign(x.gh2 - x.v0)
+    x.G = _blend(k.c, x.gh2, x.v0 + x.sg * x.gh2)
+
+
+def mada_state_terms(k: MadaScalars, x: MadaMid, st: dict[str, Tensor], cfg: MadaKernelConfig) -> None:
+    """N, vh, A from the updated state st (m, n, v, vb)."""
+    x.N = _blend(k.rho, st["v"], st["vb"]) if cfg.has_vbar else st["v"]
+    x.vh = x.N / k.bc2
+    x.A = st["m"] / k.bc1 + k.beta3 * st["n"] if cfg.has_beta3 else st["m"] / k.bc1
+
+
+def mada_moments(k: MadaScalars, g: Tensor, st: dict[str, Tensor],
+                 cfg: MadaKernelConfig) -> tuple[MadaMid, dict[str, Tensor]]:
+    """First half of a step: every moment update, up to vh and A. Returns the terms and the new state."""
+    x = MadaMid(g=g, m0=st["m"], v0=st["v"])
+    x.d = torch.where(k.t > 1, g - st["g_prev"], 0.0) if cfg.has_beta3 else torch.zeros_like(g)
+    mada_grad_terms(k, x, cfg)
+    new = {"m": k.beta1 * x.m0 + (1 - k.beta1) * g, "v": k.beta2 * x.v0 + (1 - k.beta2) * x.G}
     if cfg.has_beta3:
-        n0 = st["n"]
-        new["n"] = n = b3 * n0 + (1 - b3) * d
+        x.n0 = st["n"]
+        new["n"] = k.beta3 * x.n0 + (1 - k.beta3) * x.d
         new["g_prev"] = g
     if cfg.has_lion:
-        lb1, lb2 = (torch.tensor(x, dtype=sd) for x in cfg.lion_betas)
-        uL = lb1 * st["l"] + (1 - lb1) * g
-        new["l"] = lb2 * st["l"] + (1 - lb2) * g
-    N = v
+        x.uL = k.lion_beta1 * st["l"] + (1 - k.lion_beta1) * g
+        new["l"] = k.lion_beta2 * st["l"] + (1 - k.lion_beta2) * g
     if cfg.has_vbar:
-        tt = t.to(sd)
-        new["vb"] = vb = ((tt - 1) * st["vb"] + v) / tt
-        N = rho * v + (1 - rho) * vb
-    vh = N / bc2
-    A = m / bc1 + b3 * n if cfg.has_beta3 else m / bc1
-    sq = torch.sqrt(vh)
-    D = sq + eps
-    eta = lr / D
+        tt = k.t.to(g.dtype)
+        new["vb"] = ((tt - 1) * st["vb"] + new["v"]) / tt
+    mada_state_terms(k, x, new, cfg)
+    return x, new
+
+
+def mada_apply(k: MadaScalars, theta: Tensor, x: MadaMid, st: dict[str, Tensor], new: dict[str, Tensor],
+               cfg: MadaKernelConfig, want_tangents: bool) -> tuple[Tensor, dict[int, Tensor] | None]:
+    """Second half: step size, AdaMod clip (new["s"]), the update and, when asked, du/dk
+    of the configuration's coefficients. Returns the new parameter and the tangents."""
+    sq = torch.sqrt(x.vh)
+    D = sq + k.eps
+    eta = k.lr / D
     etah = eta
+    clipped = None
     if cfg.has_mod:
-        mb = torch.tensor(cfg.mod_beta, dtype=sd)
-        new["s"] = s = mb * st["s"] + (1 - mb) * eta
+        new["s"] = s = k.mod_beta * st["s"] + (1 - k.mod_beta) * eta
         clipped = eta > s
         etah = torch.where(clipped, s, eta)
-    u = gamma * etah * A
+    u = k.gamma * etah * x.A
     if cfg.has_lion:
-        u = u + (1 - gamma) * lr * _sign(uL)
+        u = u + (1 - k.gamma) * k.lr * _sign(x.uL)
+    if not want_tangents:
+        return theta * k.decay - u, None
 
-    if want_tangents:
-        om = torch.where(clipped, 1 - mb, 1.0).to(sd) if cfg.has_mod else 1.0
-        # d eta / d vh is unbounded at vh = 0; the header defines the tangent as 0 there.
-        deta = torch.where(sq > 0, -lr / (2 * sq * D * D), 0.0)
-        F = gamma * om * deta * A
-        b2w = w * (1 - b2)
-        dbc1 = (t * coef[B1] ** (t - 1)).to(sd)
-        dbc2 = (t * coef[B2] ** (t - 1)).to(sd)
-        tan = {
-            B1: gamma * etah * ((m0 - g) / bc1 + dbc1 * m / (bc1 * bc1)),
-            B2: F * (w * (v0 - G) / bc2 + dbc2 * N / (bc2 * bc2)),
-            C: F * (b2w * (gh2 - v0 - sg * gh2) / bc2),
-        }
-        if cfg.has_beta3:
-            dvh = b2w * (c + (1 - c) * sg) * 2 * gh * d / bc2
-            tan[B3] = F * dvh + gamma * etah * (n + b3 * (n0 - d))
-        if cfg.has_vbar:
-            tan[RHO] = F * ((v - vb) / bc2)
-        if cfg.has_lion:
-            tan[GAMMA] = etah * A - lr * _sign(uL)
+    om = torch.where(clipped, 1 - k.mod_beta, 1.0).to(theta.dtype) if cfg.has_mod else 1.0
+    # d eta / d vh is unbounded at vh = 0; the header defines the tangent as 0 there.
+    deta = torch.where(sq > 0, -k.lr / (2 * sq * D * D), 0.0)
+    F = k.gamma * om * deta * x.A
+    b2w = k.w * (1 - k.beta2)
+    m, N = new["m"], x.N
+    tan = {
+        B1: k.gamma * etah * ((x.m0 - x.g) / k.bc1 + k.dbc1 * m / (k.bc1 * k.bc1)),
+        B2: F * (k.w * (x.v0 - x.G) / k.bc2 + k.dbc2 * N / (k.bc2 * k.bc2)),
+        C: F * (b2w * (x.gh2 - x.v0 - x.sg * x.gh2) / k.bc2),
+    }
+    if cfg.has_beta3:
+        dvh = b2w * (k.c + (1 - k.c) * x.sg) * 2 * x.gh * x.d / k.bc2
+        tan[B3] = F * dvh + k.gamma * etah * (new["n"] + k.beta3 * (x.n0 - x.d))
+    if cfg.has_vbar:
+        tan[RHO] = F * ((new["v"] - new["vb"]) / k.bc2)
+    if cfg.has_lion:
+        tan[GAMMA] = etah * x.A - k.lr * _sign(x.uL)
+    return theta * k.decay - u, tan
+
+
+def _mada_slot(slot: _Slot, coef: Tensor, cfg: MadaKernelConfig, want_tangents: bool) -> None:
+    k = make_mada_scalars(coef, slot, cfg)
+    x, new = mada_moments(k, slot.grad, slot.state, cfg)
+    theta, tan = mada_apply(k, slot.theta, x, slot.state, new, cfg, want_tangents)
+    if tan is not None:
         for row, j in enumerate(cfg.learn):
             slot.write(slot.tangents[row], tan[j])
-
     for name, value in new.items():
-        slot.write(st[name], value)
-    slot.write(slot.param, slot.theta * slot.decay - u)
+        slot.write(slot.state[name], value)
+    slot.write(slot.param, theta)
+
+
+@dataclass
+class AdamodScalars:
+    """mada_math.h: AdamodScalars."""
+
+    beta1: Tensor
+    beta2: Tensor
+    beta3: Tensor
+    step_size: Tensor  # lr * sqrt(1 - beta2^t) / (1 - beta1^t)
+    decay: Tensor
+    eps: Tensor
+
+
+def make_adamod_scalars(cfg: AdamodKernelConfig, slot: _Slot) -> AdamodScalars:
+    sd, t = slot.theta.dtype, slot.t
+    b1, b2, b3, eps = (torch.tensor(x, dtype=sd) for x in (cfg.beta1, cfg.beta2, cfg.beta3, cfg.eps))
+    step_size = (slot.lr * torch.sqrt(1.0 - cfg.beta2**t) / (1.0 - cfg.beta1**t)).to(sd)
+    return AdamodScalars(b1, b2, b3, step_size, slot.decay, eps)
+
+
+def adamod_element(k: AdamodScalars, g: Tensor, theta: Tensor, st: dict[str, Tensor],
+                   diff: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    """AdaMod (SPEC 3); with ``diff``, DiffMod (SPEC 4): diffGrad's friction on the applied
+    step only. Returns the new parameter and the new state."""
+    new = {"m": k.beta1 * st["m"] + (1 - k.beta1) * g, "v": k.beta2 * st["v"] + (1 - k.beta2) * g * g}
+    eta = k.step_size / (torch.sqrt(new["v"]) + k.eps)
+    new["s"] = k.beta3 * st["s"] + (1 - k.beta3) * eta
+    mh = new["m"]
+    if diff:
+        mh = mh * torch.sigmoid(torch.abs(st["g_prev"] - g))
+        new["g_prev"] = g
+    return theta * k.decay - torch.minimum(eta, new["s"]) * mh, new
 
 
 class ReferenceBackend:
@@ -157,21 +274,10 @@ class ReferenceBackend:
 
     def adamod_step(self, bucket, seg, scalars, cfg: AdamodKernelConfig) -> None:
         for slot in self._slots(bucket, seg, scalars, maximize=False):
-            sd = slot.theta.dtype
-            st, g, t = slot.state, slot.grad, slot.t
-            b1, b2, b3, eps = (torch.tensor(x, dtype=sd) for x in (cfg.beta1, cfg.beta2, cfg.beta3, cfg.eps))
-            step_size = (slot.lr * torch.sqrt(1.0 - cfg.beta2**t) / (1.0 - cfg.beta1**t)).to(sd)
-            m = b1 * st["m"] + (1 - b1) * g
-            v = b2 * st["v"] + (1 - b2) * g * g
-            eta = step_size / (torch.sqrt(v) + eps)
-            s = b3 * st["s"] + (1 - b3) * eta
-            mh = m
-            if cfg.diff:
-                mh = m * torch.sigmoid(torch.abs(st["g_prev"] - g))
-                slot.write(st["g_prev"], g)
-            for name, value in (("m", m), ("v", v), ("s", s)):
-                slot.write(st[name], value)
-            slot.write(slot.param, slot.theta * slot.decay - torch.minimum(eta, s) * mh)
+            theta, new = adamod_element(make_adamod_scalars(cfg, slot), slot.grad, slot.theta, slot.state, cfg.diff)
+            for name, value in new.items():
+                slot.write(slot.state[name], value)
+            slot.write(slot.param, theta)
 
 
 def load() -> ReferenceBackend:

@@ -9,9 +9,7 @@ interpreted pass for CPU training but tests can check the kernels without a GPU.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
-import sys
 
 import torch
 
@@ -24,25 +22,15 @@ _PKG = "mada_fused.triton_kernels"
 
 
 def _import_kernels():
+    # One import path: the folder triton_kernels/ is installed as this package
+    # (setup.py package_dir; `pip install -e .` maps it for a source checkout).
     try:
         return importlib.import_module(_PKG)
     except ModuleNotFoundError as e:
         if e.name != _PKG:
             raise
-    # A source checkout run without installing: the folder sits beside the
-    # package. Loaded under its installed name, so it is the same module either way.
-    init = os.path.join(os.path.dirname(__file__), "..", "..", "triton_kernels", "__init__.py")
-    if not os.path.exists(init):
-        raise ModuleNotFoundError(f"{_PKG} is not installed", name=_PKG)
-    spec = importlib.util.spec_from_file_location(_PKG, init, submodule_search_locations=[os.path.dirname(init)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[_PKG] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        del sys.modules[_PKG]
-        raise
-    return mod
+        raise ModuleNotFoundError(f"{_PKG} is not installed (in a source checkout: `pip install -e .`)",
+                                  name=_PKG) from None
 
 
 class TritonBackend:
