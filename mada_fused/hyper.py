@@ -142,21 +142,10 @@ class HyperState:
         self._fixed = {i: values[n] for i, n in enumerate(COEFFICIENTS) if n not in cfg.learn}
         self.hypergrad = torch.zeros(len(COEFFICIENTS), **f64)
         self.steps = torch.zeros((), **f64)  # successful steps, for the warmup
-        self._consts_for(device)
-
-    def _consts_for(self, device: torch.device) -> None:
-        cfg = self.cfg
-        f64 = dict(dtype=torch.float64, device=device)
         self._idx = torch.tensor(cfg.learn_index, dtype=torch.long, device=device)
         self._rate = torch.tensor([cfg.hyper_lr[n] for n in cfg.learn], **f64)
         self._lo = torch.tensor([cfg.bounds[n][0] for n in cfg.learn], **f64)
         self._hi = torch.tensor([cfg.bounds[n][1] for n in cfg.learn], **f64)
-
-    def to(self, device: torch.device) -> None:
-        self.coef = self.coef.to(device)
-        self.hypergrad = self.hypergrad.to(device)
-        self.steps = self.steps.to(device)
-        self._consts_for(device)
 
     @property
     def device(self) -> torch.device:
