@@ -11,6 +11,9 @@ from typing import Any
 import torch
 
 SUPPORTED_PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Param-group keys besides the per-group options: torch.optim's own and those
+# torch's LR schedulers write (OneCycleLR: max_lr, min_lr).
+GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "max_lr", "min_lr"})
 
 
 def real_number(name: str, value: Any) -> float:
@@ -49,24 +52,83 @@ def beta_pair(name: str, value: Any) -> tuple[float, float]:
     return beta(f"{name}[0]", value[0]), beta(f"{name}[1]", value[1])
 
 
-def group_lr(group: dict, index: int) -> None:
-    """lr and weight_decay may be changed between steps by schedulers or users."""
+def group_lr(group: dict, index: int, read_tensor: bool = False) -> None:
+    """lr and weight_decay may be changed between steps by schedulers or users.
+
+    A tensor lr's value is only read with ``read_tensor`` (loading a
+    checkpoint): step() never waits for the device to check it.
+    """
     lr = group["lr"]
+    name = f"param_groups[{index}]['lr']"
     if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
-            raise ValueError(f"param_groups[{index}]['lr'] must be a 1-element float tensor")
+        if lr.numel() != 1 or not lr.is_floating_point() or lr.is_meta:
+            raise ValueError(f"{name} must be a 1-element float tensor with data (not on the meta device)")
+        if read_tensor:
+            non_negative(name, float(lr.detach().reshape(()).cpu()))
     else:
-        non_negative(f"param_groups[{index}]['lr']", lr)
+        non_negative(name, lr)
     non_negative(f"param_groups[{index}]['weight_decay']", group["weight_decay"])
+
+
+def param_group(group: dict, index: int) -> None:
+    """A new parameter group (torch.optim has checked the rest)."""
+    params = group["params"]
+    if len({id(p) for p in params}) != len(params):
+        raise ValueError(f"param_groups[{index}] holds the same tensor twice")
+    for p in params:
+        if p.is_complex():
+            raise TypeError("complex parameters are not supported")
+        if overlaps(p):
+            raise ValueError(f"a parameter of param_groups[{index}] has elements that share memory "
+                             f"(shape {tuple(p.shape)}, strides {p.stride()}, e.g. from expand()): "
+                             "give the optimizer a tensor that owns its elements")
+    group_lr(group, index)
+
+
+def overlaps(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (expand(), as_strided()):
+    stepping such a tensor element by element would write one place twice.
+
+    Sufficient for "no": walked from the smallest stride up, each dimension's
+    stride clears everything the smaller ones span. Only rare, hand-made
+    layouts that interleave without overlapping are refused with the rest.
+    """
+    if t.is_contiguous():
+        return False
+    span = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
+def amp_scalars(grad_scale: Any, found_inf: Any) -> None:
+    """What GradScaler hands over (``optimizer.grad_scale``/``found_inf``): each
+    None or a 1-element float32 tensor, as every backend reads them."""
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None and not (isinstance(t, torch.Tensor) and t.numel() == 1 and t.dtype == torch.float32):
+            got = f"{t.dtype} tensor of {t.numel()} elements" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"optimizer.{name} must be a 1-element float32 tensor (as GradScaler sets it), got {got}")
+
+
+def fits(p: torch.Tensor, g: torch.Tensor, built_for: tuple[torch.dtype, torch.device, torch.Size]) -> bool:
+    """Whether ``p`` and its grad ``g`` still have the dtype, device and shape
+    ``p``'s state was built for (and ``g`` is dense). The per-step fast path:
+    :func:`grad_of` and the optimizer find out what is wrong when it is not."""
+    dtype, device, shape = built_for
+    return (p.dtype is dtype and g.dtype is dtype and g.layout is torch.strided
+            and p.shape == shape and g.shape == shape and p.device == device and g.device == device)
 
 
 _SUPPORTED = frozenset(SUPPORTED_PARAM_DTYPES)
 
 
 def grad_of(p: torch.Tensor) -> torch.Tensor:
-    """Reject gradients no backend can use, with the reason."""
+    """Reject gradients no backend can use, with the reason (for parameters
+    without state, or that no longer :func:`fits` theirs)."""
     g = p.grad
-    # Runs per parameter per step: the usual case in one expression, the reasons below.
+    # The usual case in one expression, the reasons below.
     if (p.dtype in _SUPPORTED and g.dtype is p.dtype and g.layout is torch.strided
             and g.shape == p.shape and g.device == p.device):
         return g
@@ -83,3 +145,31 @@ def grad_of(p: torch.Tensor) -> torch.Tensor:
     if g.shape != p.shape:
         raise ValueError(f"grad shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}")
     return g
+
+
+def same_shape(p: torch.Tensor, shape: torch.Size) -> None:
+    """A parameter whose dtype or device changed takes its state along; one
+    whose shape changed cannot: nothing says which old element is which."""
+    if p.shape != shape:
+        raise ValueError(
+            f"a parameter's shape changed from {tuple(shape)} to {tuple(p.shape)} after the optimizer "
+            "made its state for it; build a new optimizer for the new shape"
+        )
+
+
+def capturable(groups: list[dict], new: list[torch.Tensor]) -> None:
+    """What a step under CUDA graph capture must not do: a replay repeats
+    kernels, never host work or a host-to-device copy."""
+    if new:
+        raise RuntimeError(
+            "step() under CUDA graph capture would allocate (or move) optimizer state: "
+            "take at least one step with every parameter before capturing"
+        )
+    for i, group in enumerate(groups):
+        lr = group["lr"]
+        if not isinstance(lr, torch.Tensor) or lr.device.type == "cpu":
+            raise RuntimeError(
+                f"under CUDA graph capture param_groups[{i}]['lr'] must be a tensor on the "
+                "parameters' device: a Python float is baked into the graph (a scheduler's "
+                "change would be ignored on replay) and a host tensor needs a copy"
+            )

@@ -42,15 +42,15 @@ class AdaMod(FusedOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         backend: str = "auto",
+        *,
+        _diff: bool = False,
     ) -> None:
-        self._kcfg = self._kernel_config(betas, _checks.beta("beta3", beta3), eps)
-        super().__init__(params, lr, weight_decay, backend)
-
-    def _kernel_config(self, betas, beta3: float, eps) -> AdamodKernelConfig:
+        # _diff: DiffMod's friction term (and its state g_prev); not public API.
         beta1, beta2 = _checks.beta_pair("betas", betas)
-        return AdamodKernelConfig(
-            beta1, beta2, beta3, _checks.non_negative("eps", eps), diff=isinstance(self, DiffMod)
+        self._kcfg = AdamodKernelConfig(
+            beta1, beta2, _checks.beta("beta3", beta3), _checks.non_negative("eps", eps), diff=_diff
         )
+        super().__init__(params, lr, weight_decay, backend)
 
     def _state_names(self) -> tuple[str, ...]:
         return ("m", "v", "s") + (("g_prev",) if self._kcfg.diff else ())
@@ -59,8 +59,8 @@ class AdaMod(FusedOptimizer):
         return {"optimizer": type(self).__name__}
 
     def _run(self, work: list[Work], ok: dict[torch.device, torch.Tensor | None]) -> None:
-        for backend, bucket, seg, sc in work:
-            backend.adamod_step(bucket, seg, sc, self._kcfg)
+        for w in work:
+            w.backend.adamod_step(w.bucket, w.seg, w.scalars, self._kcfg)
 
 
 class DiffMod(AdaMod):
@@ -91,5 +91,4 @@ class DiffMod(AdaMod):
         len_memory = _checks.real_number("len_memory", len_memory)
         if len_memory < 1:
             raise ValueError(f"len_memory must be >= 1, got {len_memory}")
-        self._kcfg = self._kernel_config(betas, 1.0 - 1.0 / len_memory, eps)
-        FusedOptimizer.__init__(self, params, lr, weight_decay, backend)
+        super().__init__(params, lr, betas, 1.0 - 1.0 / len_memory, eps, weight_decay, backend, _diff=True)

@@ -62,10 +62,13 @@ def _is_shard(placement: Any) -> bool:
     return hasattr(placement, "dim") and not placement.is_replicate() and not placement.is_partial()
 
 
-def local_grad(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """The local shard of ``grad``, checked to be sharded exactly like ``p``."""
+def local_pair(p: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local shards of ``p`` and ``grad``, ``grad`` checked to be sharded
+    exactly like ``p``; plain tensors as they are."""
+    if type(p) in _PLAIN and type(grad) in _PLAIN:  # per parameter per step: one test
+        return p, grad
     if not (is_dtensor(p) or is_dtensor(grad)):
-        return grad
+        return p, grad
     if not (is_dtensor(p) and is_dtensor(grad)) or (
         (grad.device_mesh, tuple(grad.placements)) != (p.device_mesh, tuple(p.placements))
     ):
@@ -74,7 +77,7 @@ def local_grad(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
             f"a DTensor parameter needs a gradient with the same mesh and placements; "
             f"parameter {where(p)}, gradient {where(grad)}"
         )
-    return grad.to_local()
+    return p.to_local(), grad.to_local()
 
 
 def _shifted(placement: Any) -> Any:

@@ -7,6 +7,8 @@ and load_state_dict writes straight into the buffers the kernels read.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from .distributed import local_shape
@@ -29,6 +31,10 @@ def state_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
 _PAGE = 4096
 _SLOT = 256
 _FIRST_SLOT = 2
+
+# Patterns of missing grads whose step-count index stays on the device. Layer
+# drop or MoE routing can make every step's pattern new: least recently used go.
+INDEX_CACHE_SIZE = 64
 
 
 def _placed(numel: int, slot: int, opts: dict) -> torch.Tensor:
@@ -54,7 +60,9 @@ class Bucket:
     owns elements ``offsets[i] : offsets[i] + params[i].numel()``. Tangents
     are one ``(num_learned, numel)`` buffer whose rows are contiguous (on the
     host they are padded apart: its row stride is ``tangents.stride(0)``).
-    ``steps[i]`` counts parameter ``i``'s successful steps.
+    ``steps[i]`` counts parameter ``i``'s successful steps. ``built_for[i]``
+    is the (dtype, device, shape) parameter ``i`` had when its state was made:
+    the optimizer checks every step that it still has them.
     """
 
     def __init__(
@@ -68,6 +76,7 @@ class Bucket:
         self.dtype = first.dtype
         self.state_dtype = state_dtype_for(first.dtype)
         self.params = list(params)
+        self.built_for = [(p.dtype, p.device, p.shape) for p in self.params]
         # A DTensor parameter (FSDP2) keeps state for its local shard only.
         self.shapes = [local_shape(p) for p in self.params]
         self.offsets: list[int] = []
@@ -76,7 +85,6 @@ class Bucket:
             self.offsets.append(total)
             total += shape.numel()
         self.numel = total
-        self.index = {p: i for i, p in enumerate(self.params)}
         opts = dict(device=self.device, dtype=self.state_dtype)
         host = self.device.type == "cpu"  # a CPU cache effect; GPU buffers stay plain (unmeasured there)
         self.buffers = {
@@ -90,7 +98,7 @@ class Bucket:
                              else torch.zeros(num_tangents, total, **opts))
         self.steps = torch.zeros(len(self.params), device=self.device, dtype=torch.float64)
         # (indices, ones) on the device for steps where only some parameters have grads.
-        self.index_cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.index_cache: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def views(self, i: int) -> dict[str, torch.Tensor]:
         """Per-parameter state of parameter ``i``: views, never copies."""
@@ -102,6 +110,13 @@ class Bucket:
         if self.tangents is not None:
             out["tangents"] = self.tangents[:, lo:hi].view(len(self.tangents), *shape)
         return out
+
+    def copy_state(self, i: int, src: "Bucket", j: int) -> None:
+        """Parameter ``i``'s state := parameter ``j``'s in ``src``, converted to this
+        bucket's state dtype and device (as load_state_dict converts)."""
+        mine = self.views(i)
+        for name, t in src.views(j).items():
+            mine[name].copy_(t)
 
     @property
     def tangent_stride(self) -> int:

@@ -3,6 +3,12 @@
 The coefficients, the last hyper-gradient and the count of successful steps
 live on the device; the hyper-update is a handful of tiny tensor ops, so it
 never waits for the host and is shared by every backend.
+
+A hyper-gradient that is not finite (one element's gradient or tangent was
+NaN or infinite) moves no coefficient and is not recorded: one bad element
+would otherwise turn all six coefficients NaN, and with them every parameter.
+While such an element stays in the state (its moments stay NaN, as in Adam),
+the coefficients stay where they are.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from typing import Mapping
 import torch
 
 from . import _checks
-from .backends.base import COEFFICIENTS
+from .coefficients import COEFFICIENTS, HIGHEST
 
 DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
     "beta1": (0.0, 0.999),
@@ -68,6 +74,8 @@ class HyperConfig:
         if isinstance(learn, str) or not isinstance(learn, (tuple, list, set, frozenset)):
             raise TypeError(f"learn must be a tuple of coefficient names, got {learn!r}")
         _names("learn", learn)
+        if len(set(learn)) != len(learn):
+            raise ValueError(f"learn names a coefficient twice: {learn!r}")
         learn = tuple(n for n in COEFFICIENTS if n in set(learn))
 
         rates = dict(DEFAULT_HYPER_LR)
@@ -97,11 +105,9 @@ class HyperConfig:
                 box[n] = (lo, hi)
         else:
             raise TypeError("bounds must be a dict, None or 'paper'")
-        # The moments and the Adam/Yogi/Lion blends are only defined inside these.
         for n, (lo, hi) in box.items():
-            top = 1.0 if n in ("rho", "c", "gamma") else math.nextafter(1.0, 0.0)
-            if lo < 0.0 or hi > top:
-                raise ValueError(f"bounds[{n!r}] = {(lo, hi)} leaves [0, {top}]")
+            if lo < 0.0 or hi > HIGHEST[n]:
+                raise ValueError(f"bounds[{n!r}] = {(lo, hi)} leaves [0, {HIGHEST[n]}]")
 
         if clip is None:
             clip = math.inf
@@ -114,7 +120,9 @@ class HyperConfig:
         return cls(learn, rates, box, float(clip), warmup)
 
     def check_values(self, values: Mapping[str, float]) -> None:
-        for n, x in values.items():
+        """Learned coefficients start inside their box (fixed ones are only range-checked)."""
+        for n in self.learn:
+            x = values[n]
             lo, hi = self.bounds[n]
             if not lo <= x <= hi:
                 raise ValueError(f"{n}={x} lies outside its box [{lo}, {hi}]")
@@ -131,23 +139,13 @@ class HyperState:
         self.cfg = cfg
         f64 = dict(dtype=torch.float64, device=device)
         self.coef = torch.tensor([values[n] for n in COEFFICIENTS], **f64)
+        self._fixed = {i: values[n] for i, n in enumerate(COEFFICIENTS) if n not in cfg.learn}
         self.hypergrad = torch.zeros(len(COEFFICIENTS), **f64)
         self.steps = torch.zeros((), **f64)  # successful steps, for the warmup
-        self._consts_for(device)
-
-    def _consts_for(self, device: torch.device) -> None:
-        cfg = self.cfg
-        f64 = dict(dtype=torch.float64, device=device)
         self._idx = torch.tensor(cfg.learn_index, dtype=torch.long, device=device)
         self._rate = torch.tensor([cfg.hyper_lr[n] for n in cfg.learn], **f64)
         self._lo = torch.tensor([cfg.bounds[n][0] for n in cfg.learn], **f64)
         self._hi = torch.tensor([cfg.bounds[n][1] for n in cfg.learn], **f64)
-
-    def to(self, device: torch.device) -> None:
-        self.coef = self.coef.to(device)
-        self.hypergrad = self.hypergrad.to(device)
-        self.steps = self.steps.to(device)
-        self._consts_for(device)
 
     @property
     def device(self) -> torch.device:
@@ -161,16 +159,17 @@ class HyperState:
         """Apply one hyper-update from ``dot = sum(g_next * du/dk)`` (learned rows).
 
         Call after :meth:`count_step` for the same step. ``ok`` is 1.0 for a
-        step that counts and 0.0 for one GradScaler skipped.
+        step that counts and 0.0 for one GradScaler skipped. A non-finite
+        ``dot`` changes nothing (decided on the device: no host sync).
         """
         if dot is None or not self.cfg.learn:
             return
         h = -dot
-        old_h = self.hypergrad[self._idx]
-        self.hypergrad[self._idx] = h if ok is None else torch.where(ok > 0, h, old_h)
-        live = self.steps > self.cfg.warmup
+        take = torch.isfinite(h).all()
         if ok is not None:
-            live = live & (ok > 0)
+            take = take & (ok > 0)
+        self.hypergrad[self._idx] = torch.where(take, h, self.hypergrad[self._idx])
+        live = take & (self.steps > self.cfg.warmup)
         k = self.coef[self._idx]
         moved = torch.clamp(k - self._rate * h.clamp(-self.cfg.clip, self.cfg.clip), self._lo, self._hi)
         self.coef[self._idx] = torch.where(live, moved, k)
@@ -185,8 +184,14 @@ class HyperState:
                 raise ValueError(f"state_dict['mada'][{key!r}] must be a float tensor of shape {tuple(dst.shape)}")
             if not torch.isfinite(src).all():
                 raise ValueError(f"state_dict['mada'][{key!r}] holds non-finite values")
+        if float(sd["steps"]) < 0:
+            raise ValueError("state_dict['mada']['steps'] is negative")
         coef = sd["coef"].to(torch.float64)
-        self.cfg.check_values({n: float(coef[i]) for i, n in enumerate(COEFFICIENTS) if n in self.cfg.learn})
+        self.cfg.check_values({n: float(coef[i]) for i, n in enumerate(COEFFICIENTS)})
+        for i, value in self._fixed.items():  # a fixed coefficient never moves
+            if float(coef[i]) != value:
+                raise ValueError(f"state_dict['mada']['coef'] holds {COEFFICIENTS[i]}={float(coef[i])}, "
+                                 f"but this optimizer keeps it fixed at {value}")
 
     def load_state_dict(self, sd: Mapping) -> None:
         """Copy a state checked by :meth:`check_state_dict` in place."""

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from . import _checks
-from .backends.base import COEFFICIENTS, MadaKernelConfig
+from .backends.base import MadaKernelConfig
+from .coefficients import COEFFICIENTS
 from .distributed import ShardSum
 from .hyper import HyperConfig, HyperState
 from .optimizer import FusedOptimizer, Work
@@ -184,15 +185,15 @@ class MADA(FusedOptimizer):
         h = self._hyper.hypergrad.tolist()
         return {n: h[COEFFICIENTS.index(n)] for n in self._hyper.cfg.learn}
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        try:
-            self._shard_sum.add(self.param_groups[-1]["params"])
-        except ValueError:
-            self.param_groups.pop()
-            raise
-
     # -- FusedOptimizer hooks -----------------------------------------------------
+    def _check_group(self, group: dict[str, Any], index: int) -> None:
+        super()._check_group(group, index)
+        self._shard_sum.add(group["params"])  # last: it takes the group in when it does not raise
+
+    def _coefficients(self, device: torch.device) -> torch.Tensor:
+        coef = self._hyper.coef
+        return coef if device == coef.device else coef.to(device)
+
     def _state_names(self) -> tuple[str, ...]:
         k = self._kcfg
         return (
@@ -243,30 +244,25 @@ class MADA(FusedOptimizer):
 
         if want_dot and self._exact:  # reduce, update k, then step with the new k
             dots = self._dots(work)
-            self._bind_coef(work)
-            for backend, bucket, seg, sc in work:
-                backend.mada_dot(bucket, seg, sc, cfg, dots[bucket.device])
+            for w in work:
+                w.backend.mada_dot(w.bucket, w.seg, w.scalars, cfg, dots[w.bucket.device])
             hyper.update(self._reduce(dots), ok_home)
+            for sc in {id(w.scalars): w.scalars for w in work}.values():
+                if sc.coef is not hyper.coef:  # a copy on another device
+                    sc.coef.copy_(hyper.coef)
         lagged = want_dot and not self._exact
         dots = self._dots(work) if lagged else {}
-        self._bind_coef(work)
-        for backend, bucket, seg, sc in work:
-            backend.mada_step(bucket, seg, sc, cfg, dots.get(bucket.device))
+        for w in work:
+            w.backend.mada_step(w.bucket, w.seg, w.scalars, cfg, dots.get(w.bucket.device))
         if lagged:  # k moves after the pass that read it
             hyper.update(self._reduce(dots), ok_home)
         self._has_tangents = self._has_tangents or bool(cfg.learn)
         self._h_valid = self._h_valid or want_dot
 
-    def _bind_coef(self, work: list[Work]) -> None:
-        """Point every bucket at the current coefficients (a copy off the home device)."""
-        coef = self._hyper.coef
-        for _, bucket, _, sc in work:
-            sc.coef = coef if bucket.device == coef.device else coef.to(bucket.device)
-
     def _dots(self, work: list[Work]) -> dict[torch.device, torch.Tensor]:
         """Zeroed per-device accumulators that backends add their partial sums into."""
         n = len(self._kcfg.learn)
-        devices = {bucket.device for _, bucket, _, _ in work}
+        devices = {w.bucket.device for w in work}
         return {d: torch.zeros(n, dtype=torch.float64, device=d) for d in devices}
 
     def _reduce(self, dots: dict[torch.device, torch.Tensor]) -> torch.Tensor:
@@ -275,6 +271,8 @@ class MADA(FusedOptimizer):
         total = None
         for d in dots.values():
             total = d.to(home) if total is None else total + d.to(home)
+        if total is None:  # nothing here had elements; other ranks still sum with this one
+            total = torch.zeros(len(self._kcfg.learn), dtype=torch.float64, device=home)
         return self._shard_sum(total)  # sharded parameters: sum over the ranks too
 
 

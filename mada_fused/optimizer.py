@@ -9,17 +9,42 @@ the optimizer math (backends) and MADA's hyper-gradient descent (hyper.py).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import _checks, backends
+from . import _checkpoint, _checks, backends
 from .backends.base import Backend, DeviceScalars, Segments
-from .distributed import local_grad, local_shape, local_tensor, param_state
-from .flat_state import Bucket
+from .distributed import local_pair, local_tensor, param_state
+from .flat_state import INDEX_CACHE_SIZE, Bucket
 
-# One unit of work: a bucket's active segments and the backend that steps them.
-Work = tuple[Backend, Bucket, Segments, DeviceScalars]
+@dataclass(frozen=True)
+class Work:
+    """One backend call: a bucket's active segments, the backend that steps
+    them and the step's scalars on the bucket's device."""
+
+    backend: Backend
+    bucket: Bucket
+    seg: Segments
+    scalars: DeviceScalars
+
+
+def _capturing(devices: Iterable[torch.device]) -> bool:
+    """Whether this step is being captured into a CUDA graph."""
+    return any(d.type == "cuda" for d in devices) and torch.cuda.is_current_stream_capturing()
+
+
+def _home_of(buckets: list[Bucket]) -> dict[int, tuple[Bucket, int, tuple]]:
+    return {id(p): (b, i, b.built_for[i]) for b in buckets for i, p in enumerate(b.params)}
+
+
+def _by_key(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``params`` grouped by (device, dtype), in order of first appearance."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault((p.device, p.dtype), []).append(p)
+    return list(groups.values())
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -34,7 +59,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         _checks.non_negative("weight_decay", weight_decay)
         self._backend_request = backends.check_name(backend)
         self._buckets: list[Bucket] = []
-        self._bucket_of: dict[torch.Tensor, Bucket] = {}
+        # id(p) -> (its bucket, its index there, the (dtype, device, shape) its
+        # state was built for). Keyed by id: a Tensor's __hash__ is a Python
+        # call, and this is read per parameter per step.
+        self._home: dict[int, tuple[Bucket, int, tuple]] = {}
         self._scalars: dict[torch.device, tuple] = {}
         self._backend_for: dict[tuple[torch.device, torch.dtype], Backend] = {}
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
@@ -46,12 +74,19 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _num_tangents(self) -> int:
         return 0
 
+    def _coefficients(self, device: torch.device) -> torch.Tensor | None:
+        """MADA's coefficients on ``device`` (DeviceScalars.coef)."""
+        return None
+
     def _config(self) -> dict[str, Any]:
         """Everything that must match for a state_dict to load."""
         raise NotImplementedError
 
     def _run(self, work: list[Work], ok: dict[torch.device, torch.Tensor | None]) -> None:
         raise NotImplementedError
+
+    def _check_group(self, group: dict[str, Any], index: int) -> None:
+        _checks.param_group(group, index)
 
     def _extra_state(self) -> dict[str, Any]:
         return {}
@@ -64,24 +99,29 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- torch.optim.Optimizer protocol ---------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        options = set(param_group) - {"params", "param_names", "initial_lr", *self._PER_GROUP}
+        options = set(param_group) - _checks.GROUP_KEYS - set(self._PER_GROUP)
         if options:
             raise ValueError(
                 f"{type(self).__name__} options {sorted(options)} are global, not per group; "
                 f"param groups may set only {self._PER_GROUP}"
             )
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        for p in group["params"]:
-            if p.is_complex():
-                raise TypeError("complex parameters are not supported")
-        _checks.group_lr(group, len(self.param_groups) - 1)
+        super().add_param_group(param_group)  # torch's checks, then it appends the group
+        try:
+            self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
+        except BaseException:
+            self.param_groups.pop()
+            raise
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's version keeps only defaults/state/param_groups; deepcopy and
         # pickle need the buckets and the device scalars too. Backends hold
         # extension modules, which do not pickle: a copy resolves them again.
-        return {**self.__dict__, "_backend_for": {}}
+        # The id-keyed index is rebuilt for the copy's own tensors.
+        return {**self.__dict__, "_backend_for": {}, "_home": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._home = _home_of(self._buckets)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -89,95 +129,204 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for i, group in enumerate(self.param_groups):
-            _checks.group_lr(group, i)
-        active = [
-            (gi, p, local_grad(p, _checks.grad_of(p)))  # a DTensor's local shard
-            for gi, group in enumerate(self.param_groups)
-            for p in group["params"]
-            if p.grad is not None
-        ]
-        if not active:
-            return loss
-        for key in {(p.device, p.dtype) for _, p, _ in active}:
-            if key not in self._backend_for:  # resolved once: every step would ask again
-                self._backend_for[key] = backends.resolve(self._backend_request, *key)
-        # Everything below mutates; everything above only checked.
-        self._allocate([p for _, p, _ in active])
+        # GradScaler hands its scale and found_inf over as attributes and removes
+        # them once step() returns. After a step that raised they would stay and
+        # skip (or rescale) every later step, so such a step removes them itself.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        work, staged, ok = self._plan(active, grad_scale, found_inf)
+        try:
+            self._step(grad_scale, found_inf)
+        except BaseException:
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
+        return loss
+
+    def _step(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
+        for i, group in enumerate(self.param_groups):
+            _checks.group_lr(group, i)
+        _checks.amp_scalars(grad_scale, found_inf)
+        active, fresh, moved = self._gather()
+        if not active:
+            return
+        keys = {(p.device, p.dtype) for p in fresh + moved} | {(b.device, b.dtype) for b in self._buckets}
+        for key in keys:
+            if key not in self._backend_for:  # resolved once: every step would ask again
+                self._backend_for[key] = backends.resolve(self._backend_request, *key)
+        devices = {d for d, _ in keys}
+        capturing = _capturing(devices)
+        if capturing:
+            _checks.capturable(self.param_groups, fresh + moved)
+        scalars, ok = self._device_scalars(devices, grad_scale, found_inf)
+        # Everything below mutates; everything above only checked. (_plan may
+        # still refuse a capture, but a captured step allocates and moves nothing.)
+        if moved:
+            self._move(moved)
+        if fresh:
+            self._allocate(fresh)
+        work, staged, counts = self._plan(active, scalars, capturing)
+        for bucket, index in counts:
+            okd = ok[bucket.device]
+            if index is None:
+                bucket.steps.add_(1.0 if okd is None else okd)
+            else:
+                idx, ones = index
+                bucket.steps.index_add_(0, idx, ones if okd is None else ones * okd)
         self._run(work, ok)
         for param, tmp in staged:
             param.copy_(tmp)
-        return loss
 
-    # -- buckets ----------------------------------------------------------------
-    def _allocate(self, params: list[torch.Tensor]) -> None:
-        """Give parameters that have no state yet their own bucket per (device, dtype)."""
-        fresh: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        for p in params:
-            if p not in self._bucket_of:
-                fresh.setdefault((p.device, p.dtype), []).append(p)
-        for group in fresh.values():
-            self._add_bucket(group)
+    def _gather(self) -> tuple[dict[int, tuple], list[torch.Tensor], list[torch.Tensor]]:
+        """Every parameter with a grad, checked; nothing changes here.
 
-    def _add_bucket(self, params: list[torch.Tensor]) -> Bucket:
-        bucket = Bucket(params, self._state_names(), self._num_tangents())
-        self._buckets.append(bucket)
-        for i, p in enumerate(params):
-            self._bucket_of[p] = bucket
-            self.state[p] = param_state(p, bucket.views(i))
-        return bucket
-
-    def _plan(self, active, grad_scale, found_inf) -> tuple[list[Work], list, dict]:
-        # Keyed by id: a Tensor's __hash__ is a Python call, and this runs per parameter per step.
-        active_by_id = {id(p): (gi, g) for gi, p, g in active}
-        devices = {b.device for b in self._buckets}
-        ok = {d: None if found_inf is None else (found_inf.to(d).reshape(()) == 0).to(torch.float64) for d in devices}
-        work: list[Work] = []
-        staged = []
-        for bucket in self._buckets:
-            seg = Segments([], [], [], [], [], [])
-            for i, p in enumerate(bucket.params):
-                entry = active_by_id.get(id(p))
-                if entry is None:
+        Returns ``{id(p): (group index, p's local tensor, the contiguous data to
+        step, its local grad)}``, the parameters without state yet and those
+        whose dtype or device changed since their state was made.
+        """
+        active: dict[int, tuple] = {}
+        fresh: list[torch.Tensor] = []
+        moved: list[torch.Tensor] = []
+        home = self._home
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
                     continue
-                data = local = local_tensor(p)  # FSDP2: step this rank's shard
+                at = home.get(id(p))
+                if at is None or not _checks.fits(p, g, at[2]):
+                    g = _checks.grad_of(p)  # raises with the reason when the grad is at fault
+                    if p.device.type == "meta":
+                        raise ValueError("a parameter on the meta device has no data to step; "
+                                         "materialize it first (e.g. module.to_empty(device=...))")
+                    if at is not None:
+                        _checks.same_shape(p, at[2][2])
+                    (fresh if at is None else moved).append(p)
+                local, lg = local_pair(p, g)  # a DTensor's local shard
+                if at is not None and lg is not g and lg.shape != at[0].shapes[at[1]]:
+                    raise ValueError(f"a DTensor parameter's local shard changed shape from "
+                                     f"{tuple(at[0].shapes[at[1]])} to {tuple(lg.shape)} (resharded?) "
+                                     "after the optimizer made its state")
+                data = local
                 if not local.is_contiguous():
-                    data = local.contiguous()
-                    staged.append((local, data))
-                seg.params.append(data)
-                seg.grads.append(entry[1].contiguous())
-                seg.offsets.append(bucket.offsets[i])
-                seg.numels.append(data.numel())
-                seg.groups.append(entry[0])
-                seg.param_index.append(i)
-            if not seg.params:
-                continue
-            self._count_steps(bucket, seg.param_index, ok[bucket.device])
-            lr, weight_decay = self._group_scalars(bucket.device)
-            scalars = DeviceScalars(
-                coef=None,  # MADA fills in its coefficients
+                    if _checks.overlaps(local):
+                        raise ValueError(f"a parameter has elements that share memory (shape {tuple(local.shape)}, "
+                                         f"strides {local.stride()}, e.g. from expand()): it cannot be stepped")
+                    data = local.contiguous()  # stepped, then copied back
+                active[id(p)] = (gi, local, data, lg)
+        return active, fresh, moved
+
+    def _device_scalars(self, devices, grad_scale, found_inf) -> tuple[dict, dict]:
+        """Per device: the step's :class:`DeviceScalars` and ``ok`` (1.0 for a step
+        that counts, 0.0 for one GradScaler skips; None without a GradScaler)."""
+        scalars, ok = {}, {}
+        for d in devices:
+            lr, weight_decay = self._group_scalars(d)
+            fi = None if found_inf is None else found_inf.to(d)
+            ok[d] = None if fi is None else (fi.reshape(()) == 0).to(torch.float64)
+            scalars[d] = DeviceScalars(
+                coef=self._coefficients(d),
                 lr=lr,
                 weight_decay=weight_decay,
-                grad_scale=None if grad_scale is None else grad_scale.to(bucket.device),
-                found_inf=None if found_inf is None else found_inf.to(bucket.device),
+                grad_scale=None if grad_scale is None else grad_scale.to(d),
+                found_inf=fi,
             )
-            work.append((self._backend_for[bucket.device, bucket.dtype], bucket, seg, scalars))
-        return work, staged, ok
+        return scalars, ok
 
-    def _count_steps(self, bucket: Bucket, index: list[int], ok: torch.Tensor | None) -> None:
+    # -- buckets ----------------------------------------------------------------
+    def _new_bucket(self, params: list[torch.Tensor]) -> Bucket:
+        return Bucket(params, self._state_names(), self._num_tangents())
+
+    def _install(self, buckets: list[Bucket]) -> None:
+        """Make ``buckets`` the optimizer's state (each built and filled beforehand)."""
+        self._buckets = buckets
+        self._home = _home_of(buckets)
+        for b in buckets:
+            for i, p in enumerate(b.params):
+                self.state[p] = param_state(p, b.views(i))
+
+    def _allocate(self, params: list[torch.Tensor]) -> None:
+        """Give parameters that have no state yet their own bucket per (device, dtype)."""
+        self._install(self._buckets + [self._new_bucket(ps) for ps in _by_key(params)])
+
+    def _move(self, moved: list[torch.Tensor]) -> None:
+        """Parameters whose dtype or device changed (``model.half()``, ``.to()``)
+        take their state into a bucket of their new (device, dtype), converted
+        as load_state_dict converts; their old buckets are rebuilt without them."""
+        going = {id(p) for p in moved}
+        layout: list[Bucket | list[torch.Tensor]] = []
+        for b in self._buckets:
+            stay = [p for p in b.params if id(p) not in going]
+            if len(stay) == len(b.params):
+                layout.append(b)
+            elif stay:
+                layout.append(stay)
+        layout += _by_key(moved)
+        buckets = []
+        for entry in layout:
+            if isinstance(entry, list):
+                bucket = self._new_bucket(entry)
+                for i, p in enumerate(entry):
+                    bucket.copy_state(i, *self._home[id(p)][:2])
+                entry = bucket
+            buckets.append(entry)
+        self._install(buckets)
+
+    def _plan(self, active: dict[int, tuple], scalars: dict, capturing: bool) -> tuple[list[Work], list, list]:
+        """The backend calls, the staged copies of non-contiguous parameters, and
+        per bucket the parameters whose step counts go up."""
+        work: list[Work] = []
+        staged = []
+        counts = []
+        for bucket in self._buckets:
+            seg = Segments([], [], [], [], [], [])
+            stepped = []
+            for i, p in enumerate(bucket.params):
+                entry = active.get(id(p))
+                if entry is None:
+                    continue
+                gi, local, data, grad = entry
+                stepped.append(i)
+                if data is not local:
+                    staged.append((local, data))
+                n = data.numel()
+                if not n:  # nothing for a backend to do, but its step still counts
+                    continue
+                seg.params.append(data)
+                seg.grads.append(grad.contiguous())
+                seg.offsets.append(bucket.offsets[i])
+                seg.numels.append(n)
+                seg.groups.append(gi)
+                seg.param_index.append(i)
+            if not stepped:
+                continue
+            counts.append((bucket, self._step_index(bucket, stepped, capturing)))
+            if seg.params:
+                work.append(Work(self._backend_for[bucket.device, bucket.dtype], bucket, seg, scalars[bucket.device]))
+        return work, staged, counts
+
+    @staticmethod
+    def _step_index(bucket: Bucket, index: list[int], capturing: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(indices, ones) on the device for a step where only some of the bucket's
+        parameters have grads; None when all have. Built once per pattern (kept
+        for the INDEX_CACHE_SIZE last used): no per-step host-to-device copy."""
         if len(index) == len(bucket.params):
-            bucket.steps.add_(1.0 if ok is None else ok)
-            return
+            return None
         key = tuple(index)
-        cached = bucket.index_cache.get(key)
-        if cached is None:  # built once per pattern of missing grads: no per-step copy
-            ones = torch.ones(len(index), dtype=torch.float64, device=bucket.device)
-            cached = bucket.index_cache[key] = (torch.tensor(index, device=bucket.device), ones)
-        idx, ones = cached
-        bucket.steps.index_add_(0, idx, ones if ok is None else ones * ok)
+        cache = bucket.index_cache
+        cached = cache.get(key)
+        if cached is not None:
+            cache.move_to_end(key)
+            return cached
+        if capturing:
+            raise RuntimeError(
+                "step() under CUDA graph capture met a new pattern of parameters without grads, "
+                "whose index needs a host-to-device copy: take a step with that pattern before capturing"
+            )
+        ones = torch.ones(len(index), dtype=torch.float64, device=bucket.device)
+        cached = cache[key] = (torch.tensor(index, device=bucket.device), ones)
+        if len(cache) > INDEX_CACHE_SIZE:
+            cache.popitem(last=False)
+        return cached
 
     def _group_scalars(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(num_groups,) float64 lr and weight_decay on ``device``, refreshed without a sync.
@@ -221,82 +370,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = hook(self, state_dict) or state_dict
         params = self._param_list()
-        layout, saved_state = self._check_state_dict(state_dict, params)
-        # Checked: from here on nothing can fail half-way.
+        layout, saved_state = _checkpoint.check(self, state_dict, params)
+        buckets = []
+        for members in layout:  # built aside: a copy that fails leaves the optimizer as it was
+            bucket = self._new_bucket([params[i] for i in members])
+            for j, i in enumerate(members):
+                for name, dst in bucket.views(j).items():
+                    dst.copy_(local_tensor(saved_state[i][name]))
+            buckets.append(bucket)
+        # From here on nothing can fail half-way.
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             for key, value in saved.items():
                 if key != "params":
                     group[key] = value
-        self._buckets, self._bucket_of = [], {}
         self.state.clear()
-        for members in layout:
-            bucket = self._add_bucket([params[i] for i in members])
-            for j, i in enumerate(members):
-                for name, dst in bucket.views(j).items():
-                    dst.copy_(local_tensor(saved_state[i][name]))
+        self._install(buckets)
         self._load_extra_state(state_dict["mada"])
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
-
-    def _check_state_dict(
-        self, sd: Mapping[str, Any], params: list[torch.Tensor]
-    ) -> tuple[list[list[int]], dict[int, Mapping]]:
-        """The saved bucket layout and per-parameter state, keyed by parameter position."""
-        def bad(why: str) -> ValueError:
-            return ValueError(f"cannot load this state_dict into {type(self).__name__}: {why}")
-
-        if not isinstance(sd, Mapping) or not {"state", "param_groups", "mada"} <= set(sd):
-            raise bad(
-                "it needs the keys 'state', 'param_groups' and 'mada' (torch.distributed.checkpoint's "
-                "state_dict helpers drop 'mada': use those in mada_fused.distributed)"
-            )
-        extra = sd["mada"]
-        if not isinstance(extra, Mapping) or extra.get("config") != self._config():
-            raise bad(f"it comes from another configuration ({extra.get('config') if isinstance(extra, Mapping) else extra} != {self._config()})")
-        groups = sd["param_groups"]
-        if len(groups) != len(self.param_groups) or any(
-            len(s["params"]) != len(g["params"]) for s, g in zip(groups, self.param_groups)
-        ):
-            raise bad("its parameter groups differ in number or size from this optimizer's")
-        for i, group in enumerate(groups):
-            _checks.group_lr(group, i)
-        # Saved ids map to parameters by position, as in torch.optim.
-        ids = [pid for g in groups for pid in g["params"]]
-        pos = {pid: k for k, pid in enumerate(ids)}
-        layout = extra.get("buckets")
-        if not isinstance(layout, list):
-            raise bad("'mada' has no bucket layout")
-        layout = [[pos.get(i, -1) for i in b] if isinstance(b, list) else None for b in layout]
-        flat = [i for b in layout if b is not None for i in b]
-        if None in layout or -1 in flat or len(set(flat)) != len(flat) or any(not b for b in layout):
-            raise bad("its bucket layout does not match its parameter groups")
-        # Reading optimizer.state[p] of a parameter that never stepped leaves an
-        # empty entry behind (it is a defaultdict); that is no state at all.
-        state = {pos.get(k, -1): v for k, v in sd["state"].items() if not (isinstance(v, Mapping) and not v)}
-        if set(state) != set(flat):
-            raise bad("its per-parameter state does not match its bucket layout")
-        for members in layout:
-            first = params[members[0]]
-            for i in members:
-                p = params[i]
-                if (p.device, p.dtype) != (first.device, first.dtype):
-                    raise bad("a saved bucket mixes devices or dtypes in this optimizer")
-                self._check_param_state(state[i], p, i)
-        self._check_extra_state(extra)
-        return layout, state
-
-    def _check_param_state(self, st: Any, p: torch.Tensor, i: int) -> None:
-        expected = {"step": ()} | {n: tuple(p.shape) for n in self._state_names()}
-        if self._num_tangents():
-            expected["tangents"] = (self._num_tangents(), *p.shape)
-        if not isinstance(st, Mapping) or set(st) != set(expected):
-            got = sorted(st) if isinstance(st, Mapping) else type(st).__name__
-            raise ValueError(f"state of parameter {i} has entries {got}, expected {sorted(expected)}")
-        for name, shape in expected.items():
-            t = st[name]
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
-                raise ValueError(f"state[{i}][{name!r}] must be a float tensor of shape {shape}")
-            # A sharded parameter needs its state sharded the same way (DCP does that).
-            local = shape[: len(shape) - p.dim()] + tuple(local_shape(p))
-            if name != "step" and tuple(local_shape(t)) != local:
-                raise ValueError(f"state[{i}][{name!r}] is not sharded like its parameter ({local} here)")

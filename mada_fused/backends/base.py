@@ -34,14 +34,12 @@ import torch
 
 from ..flat_state import Bucket
 
-COEFFICIENTS: tuple[str, ...] = ("beta1", "beta2", "beta3", "rho", "c", "gamma")
-
 
 @dataclass(frozen=True)
 class MadaKernelConfig:
     """Host constants of a MADA pass; fixed for the optimizer's lifetime."""
 
-    learn: tuple[int, ...]  # canonical indices (into COEFFICIENTS) of learned coefficients
+    learn: tuple[int, ...]  # canonical indices (into coefficients.COEFFICIENTS) of learned coefficients
     has_beta3: bool  # state n, g_prev
     has_vbar: bool  # state vb
     has_lion: bool  # state l
@@ -62,9 +60,9 @@ class AdamodKernelConfig:
     diff: bool  # DiffMod's friction term (state g_prev)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeviceScalars:
-    """Per-step scalars, all on the bucket's device."""
+    """Per-step scalars, all on the bucket's device (one set per device, shared by its buckets)."""
 
     coef: torch.Tensor | None  # (6,) float64, canonical order; None for AdaMod/DiffMod
     lr: torch.Tensor  # (num_groups,) float64

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..coefficients import COEFFICIENTS
 from ..flat_state import Bucket
 from .base import (
-    COEFFICIENTS,
     AdamodKernelConfig,
     DeviceScalars,
     MadaKernelConfig,

@@ -1,0 +1,101 @@
+"""What a state_dict must hold for a mada-fused optimizer to load it.
+
+Everything is checked before anything is copied, on the host: loading is not
+a hot path, and a checkpoint that loads must not give NaN parameters on the
+next step.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import _checks
+from .distributed import local_shape, local_tensor
+
+if TYPE_CHECKING:
+    from .optimizer import FusedOptimizer
+
+# Second moments and their running mean: a negative or NaN value is corruption.
+_NON_NEGATIVE = ("v", "vb")
+
+
+def check(opt: FusedOptimizer, sd: Mapping[str, Any], params: list[torch.Tensor]) -> tuple[list[list[int]], dict[int, Mapping]]:
+    """The saved bucket layout and per-parameter state, keyed by parameter position."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"cannot load this state_dict into {type(opt).__name__}: {why}")
+
+    if not isinstance(sd, Mapping) or not {"state", "param_groups", "mada"} <= set(sd):
+        raise bad(
+            "it needs the keys 'state', 'param_groups' and 'mada' (torch.distributed.checkpoint's "
+            "state_dict helpers drop 'mada': use those in mada_fused.distributed)"
+        )
+    extra = sd["mada"]
+    if not isinstance(extra, Mapping) or extra.get("config") != opt._config():
+        got = extra.get("config") if isinstance(extra, Mapping) else extra
+        raise bad(f"it comes from another configuration ({got} != {opt._config()})")
+    groups = sd["param_groups"]
+    if len(groups) != len(opt.param_groups) or any(
+        len(s["params"]) != len(g["params"]) for s, g in zip(groups, opt.param_groups)
+    ):
+        raise bad("its parameter groups differ in number or size from this optimizer's")
+    for i, (group, live) in enumerate(zip(groups, opt.param_groups)):
+        unknown = set(group) - _checks.GROUP_KEYS - set(opt._PER_GROUP) - set(opt.defaults) - set(live)
+        if unknown:
+            raise bad(f"param_groups[{i}] has keys {sorted(unknown)} that {type(opt).__name__} does not know")
+        _checks.group_lr(group, i, read_tensor=True)
+    # Saved ids map to parameters by position, as in torch.optim.
+    ids = [pid for g in groups for pid in g["params"]]
+    pos = {pid: k for k, pid in enumerate(ids)}
+    layout = extra.get("buckets")
+    if not isinstance(layout, list):
+        raise bad("'mada' has no bucket layout")
+    layout = [[pos.get(i, -1) for i in b] if isinstance(b, list) else None for b in layout]
+    flat = [i for b in layout if b is not None for i in b]
+    if None in layout or -1 in flat or len(set(flat)) != len(flat) or any(not b for b in layout):
+        raise bad("its bucket layout does not match its parameter groups")
+    # Reading optimizer.state[p] of a parameter that never stepped leaves an
+    # empty entry behind (it is a defaultdict); that is no state at all.
+    state = {pos.get(k, -1): v for k, v in sd["state"].items() if not (isinstance(v, Mapping) and not v)}
+    if set(state) != set(flat):
+        raise bad("its per-parameter state does not match its bucket layout")
+    for members in layout:
+        first = params[members[0]]
+        for i in members:
+            p = params[i]
+            if (p.device, p.dtype) != (first.device, first.dtype):
+                raise bad("a saved bucket mixes devices or dtypes in this optimizer")
+            _param_state(opt, state[i], p, i)
+    opt._check_extra_state(extra)
+    return layout, state
+
+
+def _param_state(opt: FusedOptimizer, st: Any, p: torch.Tensor, i: int) -> None:
+    expected = {"step": ()} | {n: tuple(p.shape) for n in opt._state_names()}
+    if opt._num_tangents():
+        expected["tangents"] = (opt._num_tangents(), *p.shape)
+    if not isinstance(st, Mapping) or set(st) != set(expected):
+        got = sorted(st) if isinstance(st, Mapping) else type(st).__name__
+        raise ValueError(f"state of parameter {i} has entries {got}, expected {sorted(expected)}")
+    for name, shape in expected.items():
+        t = st[name]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
+            raise ValueError(f"state[{i}][{name!r}] must be a float tensor of shape {shape}")
+        # A sharded parameter needs its state sharded the same way (DCP does that).
+        local = shape[: len(shape) - p.dim()] + tuple(local_shape(p))
+        if name != "step" and tuple(local_shape(t)) != local:
+            raise ValueError(f"state[{i}][{name!r}] is not sharded like its parameter ({local} here)")
+        _values(name, local_tensor(t), i)
+
+
+def _values(name: str, t: torch.Tensor, i: int) -> None:
+    if t.device.type == "meta":
+        raise ValueError(f"state[{i}][{name!r}] is on the meta device: it holds no values")
+    if name == "step":
+        step = float(t)
+        if not (math.isfinite(step) and step >= 0 and step == math.floor(step)):
+            raise ValueError(f"state[{i}]['step'] must be a whole number >= 0, got {step}")
+    elif name in _NON_NEGATIVE and not bool((t >= 0).all()):
+        raise ValueError(f"state[{i}][{name!r}] holds negative or NaN values: the checkpoint is corrupt")
