@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mada_fused
-from mada_fused.build_info import archs_run_on  # the package attribute is the function
+from mada_fused.backends.cuda import archs_run_on
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tests that read setup.py / pyproject.toml need the source tree; the rest
