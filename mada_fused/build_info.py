@@ -46,7 +46,7 @@ def build_info() -> dict[str, Any]:
     Keys: ``version``, ``torch``, ``cpu_ext``, ``cuda_ext`` (bools),
     ``cuda_archs`` (list), ``triton`` (bool), ``backends_available`` (list),
     ``unavailable`` (backend -> reason), ``cpu`` (ISA in use, threads, build
-    flags), ``cuda_build`` (what setup.py did about CUDA), ``gpus`` (per GPU:
+    flags), ``cuda_build`` (what the build did about CUDA), ``gpus`` (per GPU:
     name, capability, whether the CUDA extension has code for it) and
     ``auto`` (device -> the backend ``backend="auto"`` picks for float32).
     """

@@ -73,10 +73,10 @@ class Call:
     of which a case spoils."""
 
     def __init__(self):
-        f64 = dict(dtype=torch.float64)
-        self.p, self.g = torch.randn(N), torch.randn(N)
-        self.state = [torch.zeros(N) for _ in range(4)]  # m v n g_prev
-        self.tangents = torch.zeros(2, N)
+        f32, f64 = dict(dtype=torch.float32), dict(dtype=torch.float64)
+        self.p, self.g = torch.randn(N, **f32), torch.randn(N, **f32)
+        self.state = [torch.zeros(N, **f32) for _ in range(4)]  # m v n g_prev
+        self.tangents = torch.zeros(2, N, **f32)
         self.dot = torch.zeros(2, **f64)
         self.lr, self.wd, self.steps = torch.full((1,), 1e-2, **f64), torch.zeros(1, **f64), torch.ones(1, **f64)
         self.coef = torch.tensor([0.9, 0.999, 0.5, 1.0, 1.0, 1.0], **f64)

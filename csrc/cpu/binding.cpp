@@ -24,18 +24,18 @@
 #include "../abi_py.h"
 #include "cpu_calls.h"
 
-// Written by setup.py next to the objects; absent in a hand-made build.
+// Written by build_support.py next to the objects; absent in a hand-made build.
 #if __has_include("cpu_build_config.h")
 #include "cpu_build_config.h"
 #else
-#define MADA_CPU_FLAGS "unknown (not built by setup.py)"
-#define MADA_CUDA_STATUS "unknown (not built by setup.py)"
+#define MADA_CPU_FLAGS "unknown (not built by build_support.py)"
+#define MADA_CUDA_STATUS "unknown (not built by build_support.py)"
 #endif
 
 namespace py = pybind11;
 
 namespace mada_cpu {
-// One table per (instruction set, dtype); setup.py builds the same list.
+// One table per (instruction set, dtype); build_support.py builds the same list.
 extern const KernelTable kernels_base_f32, kernels_base_f64, kernels_base_bf16, kernels_base_f16;
 #if defined(MADA_HAVE_AVX2)
 extern const KernelTable kernels_avx2_f32, kernels_avx2_bf16, kernels_avx2_f16;
@@ -124,7 +124,7 @@ py::dict build_config() {
   d["isas_built"] = isas;
   d["cpu_has_avx2"] = cpu_has_avx2();
   d["flags"] = MADA_CPU_FLAGS;
-  d["cuda_status"] = MADA_CUDA_STATUS;  // whether setup.py built _C_cuda, and why not
+  d["cuda_status"] = MADA_CUDA_STATUS;  // whether the build made _C_cuda, and why not
   return d;
 }
 }  // namespace

@@ -1,9 +1,9 @@
 // The fused CPU passes: one sweep over a bucket's active segments per step,
 // with the per-element math of ../mada_math.h (the same code the CUDA kernels
-// run). setup.py compiles this file once per (instruction set, parameter
-// dtype), e.g. -DMADA_PARAM_CODE=2 -DMADA_TABLE=kernels_avx2_bf16 -mavx2 ...;
-// binding.cpp picks the object at run time, so one wheel is portable and still
-// uses AVX2 where the CPU has it.
+// run). build_support.py compiles this file once per (instruction set,
+// parameter dtype), e.g. -DMADA_PARAM_CODE=kBF16 -DMADA_TABLE=kernels_avx2_bf16
+// -mavx2 ...; binding.cpp picks the object at run time, so one wheel is
+// portable and still uses AVX2 where the CPU has it.
 //
 // Determinism: when there are hyper-gradient sums, the element space (active
 // segments, concatenated) is cut into fixed 64K-element chunks whatever the
@@ -24,7 +24,7 @@
 #include "cpu_calls.h"
 
 #if !defined(MADA_PARAM_CODE) || !defined(MADA_TABLE)
-#error "setup.py defines MADA_PARAM_CODE and MADA_TABLE for each kernel object"
+#error "build_support.py defines MADA_PARAM_CODE and MADA_TABLE for each kernel object"
 #endif
 
 namespace mada_cpu {

@@ -15,7 +15,7 @@
 
 namespace mada_cuda {
 
-// State and arithmetic dtype: fp32, except fp64 for fp64 params (base.py).
+// State and arithmetic dtype: fp32, except fp64 for fp64 params (abi.h: Dtype).
 template <typename P> struct StateOf { using type = float; };
 template <> struct StateOf<double> { using type = double; };
 
