@@ -16,6 +16,9 @@ Environment:
                     PTX for newer GPUs), "8.0 9.0", "sm_90a"
   MADA_BUILD_CUDA   "auto" (default), "0" (never), "1" (fail without nvcc)
   CUDA_HOME         toolkit root (else found from nvcc on PATH)
+  MADA_SANITIZE     e.g. "address,undefined": instrument the CPU extension with
+                    these sanitizers (.ci/sanitize_cpu.sh), objects in a build
+                    folder of their own
   MAX_JOBS          parallel compile jobs; CXX, MADA_NVCC_FLAGS as usual
 """
 from __future__ import annotations
@@ -67,6 +70,17 @@ if X86:
     # Inline copies (the tangent rows) in 32-byte moves, not 16 (g++ >= 12; 2-6 % on full MADA).
     WIDE_MOVES = ["-mmove-max=256", "-mstore-max=256"]
     CPU_ISAS.append(("avx2", ["-mavx2", *(WIDE_MOVES if cxx_accepts(WIDE_MOVES) else [])], ("f32", "bf16", "f16")))
+
+
+def sanitize_flags() -> list[str]:
+    """Compile and link flags of MADA_SANITIZE (none when unset). Every finding is fatal:
+    a sanitizer report that only prints would pass CI."""
+    spec = os.environ.get("MADA_SANITIZE", "").strip()
+    if not spec:
+        return []
+    if not re.fullmatch(r"[a-z]+(,[a-z]+)*", spec):
+        raise SystemExit(f"mada-fused: MADA_SANITIZE={spec!r} is not a comma list of sanitizers")
+    return [f"-fsanitize={spec}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
 
 
 def note(msg: str) -> None:
@@ -232,8 +246,9 @@ def run_jobs(jobs: list[Job], build_dir: str) -> None:
 # -- the jobs of each extension ---------------------------------------------------------------
 def cpu_jobs(tmp: str, includes: list[str], out: str, cuda_status: str) -> list[Job]:
     """One kernel object per (ISA, dtype), the binding, the link."""
+    flags = CPU_FLAGS + sanitize_flags()
     write_if_changed(os.path.join(tmp, "cpu_build_config.h"),
-                     f"#define MADA_CPU_FLAGS {_cstr(' '.join(CPU_FLAGS))}\n"
+                     f"#define MADA_CPU_FLAGS {_cstr(' '.join(flags))}\n"
                      f"#define MADA_CUDA_STATUS {_cstr(cuda_status)}\n")
     src = os.path.join(CSRC, "cpu")
     jobs, objs = [], []
@@ -241,17 +256,17 @@ def cpu_jobs(tmp: str, includes: list[str], out: str, cuda_status: str) -> list[
         for dt in dtypes:
             obj = os.path.join(tmp, f"kernels_{isa}_{dt}.o")
             defs = [f"-DMADA_PARAM_CODE={CPU_DTYPES[dt]}", f"-DMADA_TABLE=kernels_{isa}_{dt}"]
-            argv = [CXX, *CPU_FLAGS, *isa_flags, *defs, *includes, "-MMD", "-MF", obj + ".d",
+            argv = [CXX, *flags, *isa_flags, *defs, *includes, "-MMD", "-MF", obj + ".d",
                     "-c", os.path.join(src, "kernels.cpp"), "-o", obj]
             jobs.append(Job(obj, [os.path.join(src, "kernels.cpp")], argv, f"CXX[{isa}]"))
             objs.append(obj)
     obj = os.path.join(tmp, "cpu_binding.o")
     avx2 = ["-DMADA_HAVE_AVX2"] if X86 else []
-    argv = [CXX, *CPU_FLAGS, *avx2, *includes, "-MMD", "-MF", obj + ".d", "-c",
+    argv = [CXX, *flags, *avx2, *includes, "-MMD", "-MF", obj + ".d", "-c",
             os.path.join(src, "binding.cpp"), "-o", obj]
     jobs.append(Job(obj, [os.path.join(src, "binding.cpp")], argv, "CXX"))
     objs.append(obj)
-    link = [CXX, "-shared", "-fopenmp", *objs, "-o", out]
+    link = [CXX, "-shared", "-fopenmp", *sanitize_flags(), *objs, "-o", out]
     return jobs + [Job(out, objs, link, "LINK", dep=False)]
 
 
@@ -308,7 +323,9 @@ class BuildExt(build_ext):
 
         import pybind11  # build requirement
 
-        tmp = os.path.abspath(os.path.join(self.build_temp, "mada_fused"))
+        # Sanitized objects never mix with the normal ones.
+        folder = "mada_fused-sanitize" if sanitize_flags() else "mada_fused"
+        tmp = os.path.abspath(os.path.join(self.build_temp, folder))
         os.makedirs(tmp, exist_ok=True)
         includes = ["-I" + CSRC, "-I" + pybind11.get_include(), "-I" + sysconfig.get_paths()["include"],
                     "-I" + tmp]

@@ -43,7 +43,7 @@ struct Common {
   int64_t slot_stride;      // total blocks of this call (all launches)
   int64_t block_base;       // first slot of this launch
   int64_t chunk;            // elements per block, a multiple of kPad
-  double k[kNumConsts];      // Call::consts: abi.h's MadaConst or AdamodConst
+  double k[kNumConsts];     // Call::consts: abi.h's MadaConst or AdamodConst
   uint32_t learn_mask;      // Call::learn_mask (tangent row = rank of the coefficient's bit)
   int maximize;
   int vbar_detach;
