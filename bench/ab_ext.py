@@ -10,6 +10,8 @@ steps between them; compare the medians of the round medians.
     cp mada_fused/_C_cpu*.so /tmp/old.so      # before the change
     pip install --no-build-isolation --no-deps -e .
     python -m bench.ab_ext /tmp/old.so mada_fused/_C_cpu*.so --size 16M --config mada_full
+
+Both builds must speak this tree's call interface (csrc/abi.h, checked on load).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 
 from bench.__main__ import parse_size
 from bench.step import CONFIGS, one_param_optimizer
+from mada_fused.backends import abi
 from mada_fused.backends.cpu import CpuBackend
 
 
@@ -43,6 +46,9 @@ def load_build(path: str, workdir: Path, tag: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, dst, loader=loader)
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
+    if not hasattr(module, "abi") or module.abi() != abi.report():
+        raise SystemExit(f"{path} was built from another call interface than this tree's csrc/abi.h: "
+                         "time the two trees with `python -m bench.paired` instead")
     return module
 
 
