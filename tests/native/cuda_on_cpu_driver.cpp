@@ -4,6 +4,7 @@
 // so the same binary runs under AddressSanitizer + UBSan and ThreadSanitizer.
 //
 //   cuda_on_cpu_driver [--big] [--plant overrun|misaligned|no-sync]
+//   cuda_on_cpu_driver --convert IN OUT   float32s in, their bf16 then fp16 bits out
 //
 // Params, state and tangent rows must match bit for bit (same math, same
 // types: only the memory schedule differs); a hyper-gradient to 1e-12 of its
@@ -341,10 +342,27 @@ void conversions() {
     expect(__float2half_rn(__half2float(__half{uint16_t(h)})).bits == h, "fp16 bits " + std::to_string(h));
 }
 
+// The host conversions of cuda_on_cpu.h, for tests/test_cuda_on_cpu.py to compare with torch's.
+int convert(const char* in, const char* out) {
+  std::FILE* f = std::fopen(in, "rb");
+  if (!f) return 2;
+  std::vector<float> x;
+  for (float v; std::fread(&v, 4, 1, f) == 1;) x.push_back(v);
+  std::fclose(f);
+  std::vector<uint16_t> bits;
+  for (float v : x) bits.push_back(__float2bfloat16_rn(v).bits);
+  for (float v : x) bits.push_back(__float2half_rn(v).bits);
+  f = std::fopen(out, "wb");
+  if (!f) return 2;
+  const bool ok = std::fwrite(bits.data(), 2, bits.size(), f) == bits.size();
+  return std::fclose(f) == 0 && ok ? 0 : 2;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   bool big = false;
+  if (argc == 4 && std::string(argv[1]) == "--convert") return convert(argv[2], argv[3]);
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--big") big = true;
