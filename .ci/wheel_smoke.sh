@@ -38,11 +38,11 @@ names = zipfile.ZipFile(sys.argv[1]).namelist()
 def has(prefix, suffix=""):
     return any(n.startswith(prefix) and n.endswith(suffix) for n in names)
 need = [("mada_fused/_C_cpu", ".so"), ("mada_fused/triton_kernels/__init__.py", ""),
-        ("mada_fused/backends/reference.py", ""), ("mada_fused/info.py", "")]
+        ("mada_fused/backends/reference.py", ""), ("mada_fused/backends/abi.py", ""), ("mada_fused/info.py", "")]
 if sys.argv[2] == "1":
     need.append(("mada_fused/_C_cuda", ".so"))
 missing = [p + s for p, s in need if not has(p, s)]
-stray = [n for n in names if n.split("/")[0] in ("triton_kernels", "bench", "tests", "csrc")]
+stray = [n for n in names if n.split("/")[0] in ("triton_kernels", "bench", "tests", "csrc", "build_support.py")]
 meta = next(zipfile.ZipFile(sys.argv[1]).read(n).decode() for n in names if n.endswith("METADATA"))
 torch_reqs = [l for l in meta.splitlines() if l.startswith("Requires-Dist: torch")]
 assert not missing, f"missing from the wheel: {missing}"
@@ -96,11 +96,13 @@ print(f"ok: torch {torch.__version__}, cpu_ext, cuda_ext={info['cuda_ext']} {inf
 EOF
 "$VPY" -m mada_fused.info
 
-# CI builds the CUDA extension only here, so its import and host-side tests run here too.
-step "CPU-backend and CUDA-extension tests against the installed wheel"
+# CI builds the CUDA extension only here, so its import and host-side tests run here too,
+# and the check that both built extensions speak the call interface of the Python mirror.
+step "CPU-backend, CUDA-extension and call-interface tests against the installed wheel"
 mkdir -p "$WORK/tests"
 cp "$ROOT"/tests/conftest.py "$ROOT"/tests/spec_model.py "$ROOT"/tests/backend_cases.py "$ROOT"/tests/test_cpu_backend.py \
-   "$ROOT"/tests/test_cuda_backend.py "$WORK/tests/"
-"$VPY" -m pytest -q -p no:cacheprovider "$WORK/tests/test_cpu_backend.py" "$WORK/tests/test_cuda_backend.py"
+   "$ROOT"/tests/test_cuda_backend.py "$ROOT"/tests/test_abi.py "$WORK/tests/"
+"$VPY" -m pytest -q -p no:cacheprovider "$WORK/tests/test_cpu_backend.py" "$WORK/tests/test_cuda_backend.py" \
+    "$WORK/tests/test_abi.py"
 
 step "wheel job passed"

@@ -105,7 +105,7 @@ def test_ab_ext_steps_two_separately_loaded_builds(tmp_path, capsys):
     ext = pytest.importorskip("mada_fused._C_cpu", reason="the C++ CPU extension is not built")
     ab = pytest.importorskip("bench.ab_ext")
     a, b = ab.load_build(ext.__file__, tmp_path, "0"), ab.load_build(ext.__file__, tmp_path, "1")
-    assert a is not b and a.__file__ != b.__file__ and a.mada is not b.mada
+    assert a is not b and a.__file__ != b.__file__ and a.run is not b.run
     assert ab.main([ext.__file__, ext.__file__, "--size", "4K", "--config", "adam_corner",
                     "--rounds", "2", "--steps", "1"]) == 0
     out = capsys.readouterr().out

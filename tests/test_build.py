@@ -1,4 +1,4 @@
-"""The build (setup.py, pyproject.toml) and what it reports (build_info, info).
+"""The build (setup.py, build_support.py, pyproject.toml) and what it reports (build_info, info).
 
 No test here compiles anything: .ci/wheel_smoke.sh builds and installs a wheel.
 """
@@ -14,43 +14,61 @@ import pytest
 import torch
 
 import mada_fused
-from mada_fused.build_info import archs_run_on  # the package attribute is the function
+from mada_fused.backends.cuda import archs_run_on
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The tests that read setup.py / pyproject.toml need the source tree; the rest
+# The tests that read setup.py / build_support.py / pyproject.toml need the source tree; the rest
 # also run against an installed wheel (.ci/wheel_smoke.sh can copy this file).
 needs_source = pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "setup.py")),
                                   reason="needs the source tree")
 
 
-def _setup_module():
-    """setup.py's helpers, imported with torch made unimportable: the build must never need it."""
-    code = (
-        "import importlib.util, json, sys; sys.modules['torch'] = None\n"
-        f"spec = importlib.util.spec_from_file_location('mada_setup', {os.path.join(ROOT, 'setup.py')!r})\n"
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        "print(json.dumps([m.arch_names(m.parse_archs(m.DEFAULT_CUDA_ARCHS)), m.packages()]))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+def _no_torch(code: str, *args: str) -> str:
+    """Runs ``code`` in the source tree with torch made unimportable (the build must never
+    need it); returns its stdout."""
+    prelude = "import sys; sys.modules['torch'] = None; sys.path.insert(0, '.')\n"
+    out = subprocess.run([sys.executable, "-c", prelude + code, *args], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300, env={**os.environ, "MADA_BUILD_CUDA": "0"})
     assert out.returncode == 0, out.stderr
     return out.stdout
 
 
 @needs_source
-def test_setup_never_imports_torch_and_maps_triton_kernels():
+def test_build_never_imports_torch_and_maps_triton_kernels():
     import json
 
-    archs, (packages, package_dir) = json.loads(_setup_module())
+    code = (
+        "import importlib.util, json, build_support as b\n"
+        "spec = importlib.util.spec_from_file_location('mada_setup', 'setup.py')\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "print(json.dumps([b.arch_names(b.parse_archs(b.DEFAULT_CUDA_ARCHS)), m.packages(), b.headers()]))"
+    )
+    archs, (packages, package_dir), headers = json.loads(_no_torch(code))
     assert archs == ["sm_80", "sm_86", "sm_89", "sm_90", "compute_90"]  # issue #8's default
     assert "mada_fused.triton_kernels" in packages and "triton_kernels" not in packages
     assert package_dir == {"mada_fused.triton_kernels": "triton_kernels"}
+    # Every header is a dependency of both extensions (ninja's depfiles track the includes too).
+    assert {"csrc/abi.h", "csrc/abi_check.h", "csrc/mada_math.h", "csrc/cpu/cpu_calls.h",
+            "csrc/cuda/launch.h"} <= set(headers)
 
 
 @needs_source
-def test_parse_archs():
-    spec = importlib.util.spec_from_file_location("mada_setup", os.path.join(ROOT, "setup.py"))
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)  # defines helpers only: setup() runs under __main__
+def test_sdist_holds_what_the_build_needs(tmp_path):
+    """setup.py imports build_support.py: an sdist without it (or without a header) cannot build."""
+    import tarfile
+
+    _no_torch("import runpy; sys.argv = ['setup.py', '-q', 'sdist', '-d', sys.argv[1]]; "
+              "runpy.run_path('setup.py', run_name='__main__')", str(tmp_path))
+    (sdist,) = tmp_path.glob("*.tar.gz")
+    names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
+    assert {"setup.py", "build_support.py", "pyproject.toml", "csrc/abi.h", "csrc/cpu/kernels.cpp",
+            "csrc/cuda/launch.h", "triton_kernels/kernels.py"} <= names
+
+
+@needs_source
+def test_parse_archs(monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)
+    m = importlib.import_module("build_support")
     assert m.parse_archs("80;86 , 8.9;90+PTX") == [("80", False), ("86", False), ("89", False), ("90", True)]
     assert m.arch_names(m.parse_archs("sm_90a,120+ptx")) == ["sm_90a", "sm_120", "compute_120"]
     with pytest.raises(SystemExit):

@@ -23,6 +23,7 @@ import torch
 import spec_model as sm
 from mada_fused import MADA, AVGrad, AdaMod, DiffMod
 from mada_fused import backends as registry
+from mada_fused.backends import abi
 
 C = pytest.importorskip("mada_fused._C_cpu", reason="the C++ CPU extension is not built")
 
@@ -265,12 +266,17 @@ def test_extension_rejects_out_of_bounds_segments():
     p, g, m, v = (torch.zeros(8) for _ in range(4))
     lr, wd, steps, coef = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), \
         torch.ones(1, dtype=torch.float64), torch.tensor([0.9, 0.999, 0, 1, 1, 1], dtype=torch.float64)
+    fixed = abi.pack_fixed(op=abi.MADA_STEP, variant=0, dtype=abi.DTYPES["float32"], learn_mask=0, maximize=False,
+                           vbar_detach=False, device=0, state_numel=8, num_groups=1, num_params=1,
+                           lr=lr.data_ptr(), wd=wd.data_ptr(), steps=steps.data_ptr(),
+                           state=[m.data_ptr(), v.data_ptr()], tangents=0, tan_stride=8,
+                           consts=[1e-8, 0.0, 0.95, 0.98])
     for offset, numel, group in [(4, 8, 0), (-1, 2, 0), (0, 8, 3)]:
         table = torch.tensor([p.data_ptr(), g.data_ptr(), offset, numel, group, 0])
-        common = [table.data_ptr(), 1, 0, 8, 1, 1, lr.data_ptr(), wd.data_ptr(), steps.data_ptr(), 0, 0, 1]
-        with pytest.raises(ValueError):
-            C.mada(common, [m.data_ptr(), v.data_ptr(), 0, 0, 0, 0, 0], 0, 8, [], 0, True, True,
-                   coef.data_ptr(), [1e-8, 0.0, 0.95, 0.98], False, False)
+        step = abi.pack_step(rows=table.data_ptr(), n_rows=1, coef=coef.data_ptr(), grad_scale=0, found_inf=0,
+                             dot_out=0, stream=0, num_threads=1)
+        with pytest.raises(ValueError, match="outside the flat state|bad group"):
+            C.run(fixed + step)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

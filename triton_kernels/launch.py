@@ -29,7 +29,8 @@ import triton
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench
 
-from .._segments import MADA_STATE, pack
+from ..backends.abi import MADA_STATE
+from ..backends.segments import pack
 
 _MADA, _ADAMOD = 0, 1
 # The interpreter costs ~0.1 s per block whatever its size, so blocks are big;

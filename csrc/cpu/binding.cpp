@@ -1,11 +1,12 @@
 // mada_fused._C_cpu: the pybind11 face of the fused CPU passes.
 //
-// It takes raw addresses (tensor.data_ptr()), element counts and dtype codes,
-// never a torch object, so the module links neither libtorch nor libc10 and one
-// build serves every torch version. mada_fused/backends/cpu.py owns the
-// tensor-side checks; this file checks what a bad address table could turn
-// into an out-of-bounds write, then releases the GIL and runs the kernel
-// object for the CPU's instruction set.
+// It takes one packed call of raw addresses (tensor.data_ptr()), element
+// counts and codes (../abi.h), never a torch object, so the module links
+// neither libtorch nor libc10 and one build serves every torch version.
+// mada_fused/backends/native.py owns the tensor-side checks; ../abi_check.h
+// checks what a bad call could turn into an out-of-bounds write; then this
+// file releases the GIL and runs the kernel object for the CPU's instruction
+// set.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -20,20 +21,21 @@
 #include <omp.h>
 #endif
 
+#include "../abi_py.h"
 #include "cpu_calls.h"
 
-// Written by setup.py next to the objects; absent in a hand-made build.
+// Written by build_support.py next to the objects; absent in a hand-made build.
 #if __has_include("cpu_build_config.h")
 #include "cpu_build_config.h"
 #else
-#define MADA_CPU_FLAGS "unknown (not built by setup.py)"
-#define MADA_CUDA_STATUS "unknown (not built by setup.py)"
+#define MADA_CPU_FLAGS "unknown (not built by build_support.py)"
+#define MADA_CUDA_STATUS "unknown (not built by build_support.py)"
 #endif
 
 namespace py = pybind11;
 
 namespace mada_cpu {
-// One table per (instruction set, dtype); setup.py builds the same list.
+// One table per (instruction set, dtype); build_support.py builds the same list.
 extern const KernelTable kernels_base_f32, kernels_base_f64, kernels_base_bf16, kernels_base_f16;
 #if defined(MADA_HAVE_AVX2)
 extern const KernelTable kernels_avx2_f32, kernels_avx2_bf16, kernels_avx2_f16;
@@ -85,101 +87,17 @@ const T* as_ptr(int64_t addr) {
   return reinterpret_cast<const T*>(static_cast<uintptr_t>(addr));
 }
 
-// common = (table, nseg, dtype, state_numel, num_groups, num_steps,
-//           lr, weight_decay, steps, grad_scale, found_inf, num_threads),
-// as built by mada_fused/_segments.py.
-Common make_common(const std::vector<int64_t>& a, int* dtype) {
-  if (a.size() != 12) throw py::value_error("common must hold 12 integers");
-  Common c{};
-  c.seg = as_ptr<SegRow>(a[0]);
-  c.nseg = a[1];
-  *dtype = int(a[2]);
-  c.state_numel = a[3];
-  const int64_t groups = a[4], steps = a[5];
-  c.lr = as_ptr<double>(a[6]);
-  c.wd = as_ptr<double>(a[7]);
-  c.steps = as_ptr<double>(a[8]);
-  c.grad_scale = as_ptr<float>(a[9]);
-  c.found_inf = as_ptr<float>(a[10]);
-  c.num_threads = int(a[11]) > 0 ? int(a[11]) : 1;
-  if (c.nseg < 0 || (c.nseg > 0 && !c.seg)) throw py::value_error("bad segment table");
-  if (!c.lr || !c.wd || !c.steps) throw py::value_error("lr, weight_decay and steps are required");
-  for (int64_t i = 0; i < c.nseg; ++i) {
-    const SegRow& r = c.seg[i];
-    if (r.numel < 0 || r.offset < 0 || r.offset > c.state_numel - r.numel)
-      throw py::value_error("segment " + std::to_string(i) + " lies outside the flat state");
-    if (r.group < 0 || r.group >= groups || r.pindex < 0 || r.pindex >= steps)
-      throw py::value_error("segment " + std::to_string(i) + " has a bad group or parameter index");
-    if (r.numel > 0 && (!r.param || !r.grad))
-      throw py::value_error("segment " + std::to_string(i) + " has a null address");
-  }
-  return c;
-}
-
-template <size_t N>
-void fill_state(void* (&dst)[N], const std::vector<int64_t>& src, const char* what) {
-  if (src.size() != N) throw py::value_error(std::string(what) + ": wrong number of state addresses");
-  for (size_t i = 0; i < N; ++i) dst[i] = reinterpret_cast<void*>(static_cast<uintptr_t>(src[i]));
-}
-
-void mada(const std::vector<int64_t>& common, const std::vector<int64_t>& state,
-          int64_t tangents, int64_t tan_stride, const std::vector<int>& learn, int64_t dot_out,
-          bool dot_is_f64, bool step, int64_t coef, const std::vector<double>& consts,
-          bool vbar_detach, bool maximize) {
-  MadaCall c{};
-  int dtype = 0;
-  c.c = make_common(common, &dtype);
-  fill_state(c.state, state, "mada");
-  if (!c.state[kM] || !c.state[kV]) throw py::value_error("mada: m and v are required");
-  if (!c.state[kN] != !c.state[kGPrev]) throw py::value_error("mada: n and g_prev come together");
-  if (learn.size() > 6) throw py::value_error("mada: at most 6 learned coefficients");
-  // A learned coefficient needs its state: its tangent is computed from it.
-  const void* needs[6] = {c.state[kM], c.state[kM], c.state[kN], c.state[kVb], c.state[kM], c.state[kL]};
-  for (size_t j = 0; j < learn.size(); ++j) {
-    if (learn[j] < 0 || learn[j] > 5 || (j && learn[j] <= learn[j - 1]))
-      throw py::value_error("mada: learn must be increasing coefficient indices");
-    if (!needs[learn[j]]) throw py::value_error("mada: a learned coefficient lacks its state");
-    c.learn[j] = learn[j];
-  }
-  c.num_learn = int(learn.size());
-  c.tangents = reinterpret_cast<void*>(static_cast<uintptr_t>(tangents));
-  c.tan_stride = tan_stride;
-  if (c.num_learn && (!c.tangents || tan_stride < c.c.state_numel))
-    throw py::value_error("mada: learned coefficients need the tangent rows");
-  c.dot_out = reinterpret_cast<void*>(static_cast<uintptr_t>(dot_out));
-  c.dot_is_f64 = dot_is_f64;
-  if (c.dot_out && !c.num_learn) throw py::value_error("mada: partial sums need learned coefficients");
-  c.step = step;
-  if (!step && !c.dot_out) throw py::value_error("mada: a dot-only pass needs dot_out");
-  c.coef = as_ptr<double>(coef);
-  if (!c.coef) throw py::value_error("mada: coef is required");
-  if (consts.size() != 4) throw py::value_error("mada: consts = (eps, mod_beta, lion_beta1, lion_beta2)");
-  c.eps = consts[0];
-  c.mod_beta = consts[1];
-  c.lion_beta1 = consts[2];
-  c.lion_beta2 = consts[3];
-  c.vbar_detach = vbar_detach;
-  c.maximize = maximize;
-  const KernelTable& t = table_for(dtype);
+// One pass (../abi.h: Call). `alloc` is the CUDA extension's scratch
+// allocator: the same signature for both, unused here.
+void run(const py::bytes& packed, const py::object& /*alloc*/) {
+  Pass p{};
+  p.c = unpack(packed, "_C_cpu.run");
+  p.num_threads = p.c.num_threads > 0 ? int(p.c.num_threads) : 1;
+  for (int j = 0; j < kNumCoef; ++j)
+    if ((p.c.learn_mask >> j) & 1u) p.learn[p.num_learn++] = j;
+  const KernelTable& t = table_for(p.c.dtype);
   py::gil_scoped_release nogil;
-  t.mada(c);
-}
-
-void adamod(const std::vector<int64_t>& common, const std::vector<int64_t>& state,
-            const std::vector<double>& consts) {
-  AdamodCall c{};
-  int dtype = 0;
-  c.c = make_common(common, &dtype);
-  fill_state(c.state, state, "adamod");
-  if (!c.state[kAm] || !c.state[kAv] || !c.state[kAs]) throw py::value_error("adamod: m, v and s are required");
-  if (consts.size() != 4) throw py::value_error("adamod: consts = (beta1, beta2, beta3, eps)");
-  c.beta1 = consts[0];
-  c.beta2 = consts[1];
-  c.beta3 = consts[2];
-  c.eps = consts[3];
-  const KernelTable& t = table_for(dtype);
-  py::gil_scoped_release nogil;
-  t.adamod(c);
+  (p.c.op == kAdamodStep ? t.adamod : t.mada)(p);
 }
 
 void convert(int dtype, bool to_state, int64_t src, int64_t dst, int64_t n) {
@@ -206,18 +124,16 @@ py::dict build_config() {
   d["isas_built"] = isas;
   d["cpu_has_avx2"] = cpu_has_avx2();
   d["flags"] = MADA_CPU_FLAGS;
-  d["cuda_status"] = MADA_CUDA_STATUS;  // whether setup.py built _C_cuda, and why not
+  d["cuda_status"] = MADA_CUDA_STATUS;  // whether the build made _C_cuda, and why not
   return d;
 }
 }  // namespace
 
 PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "Fused CPU passes of mada-fused (no libtorch: raw addresses in, nothing out).";
-  m.def("mada", &mada, py::arg("common"), py::arg("state"), py::arg("tangents"),
-        py::arg("tan_stride"), py::arg("learn"), py::arg("dot_out"), py::arg("dot_is_f64"),
-        py::arg("step"), py::arg("coef"), py::arg("consts"), py::arg("vbar_detach"),
-        py::arg("maximize"));
-  m.def("adamod", &adamod, py::arg("common"), py::arg("state"), py::arg("consts"));
+  m.def("run", &run, py::arg("call"), py::arg("alloc") = py::none(),
+        "One MADA / dot / AdaMod pass over a bucket's active segments (alloc: unused on the CPU)");
+  m.def("abi", &report, "The call interface as compiled (csrc/abi.h): codes, sizes, offsets");
   m.def("convert", &convert, py::arg("dtype"), py::arg("to_state"), py::arg("src"),
         py::arg("dst"), py::arg("n"), "Element conversion param <-> state dtype (for tests).");
   m.def("isa", [] { return g_isa; }, "The instruction set whose kernels run: 'avx2' or 'base'.");

@@ -1,9 +1,9 @@
 // The fused CPU passes: one sweep over a bucket's active segments per step,
 // with the per-element math of ../mada_math.h (the same code the CUDA kernels
-// run). setup.py compiles this file once per (instruction set, parameter
-// dtype), e.g. -DMADA_PARAM_CODE=2 -DMADA_TABLE=kernels_avx2_bf16 -mavx2 ...;
-// binding.cpp picks the object at run time, so one wheel is portable and still
-// uses AVX2 where the CPU has it.
+// run). build_support.py compiles this file once per (instruction set,
+// parameter dtype), e.g. -DMADA_PARAM_CODE=kBF16 -DMADA_TABLE=kernels_avx2_bf16
+// -mavx2 ...; binding.cpp picks the object at run time, so one wheel is
+// portable and still uses AVX2 where the CPU has it.
 //
 // Determinism: when there are hyper-gradient sums, the element space (active
 // segments, concatenated) is cut into fixed 64K-element chunks whatever the
@@ -24,7 +24,7 @@
 #include "cpu_calls.h"
 
 #if !defined(MADA_PARAM_CODE) || !defined(MADA_TABLE)
-#error "setup.py defines MADA_PARAM_CODE and MADA_TABLE for each kernel object"
+#error "build_support.py defines MADA_PARAM_CODE and MADA_TABLE for each kernel object"
 #endif
 
 namespace mada_cpu {
@@ -40,6 +40,7 @@ using mada::AdamodScalars;
 using mada::MadaConst;
 using mada::MadaScalars;
 using mada::MadaState;
+static_assert(mada::kNumCoef == kNumCoef, "abi.h's learn_mask has one bit per coefficient of mada_math.h");
 
 constexpr int64_t kChunk = int64_t(1) << 16;  // fixed, never derived from the thread count
 constexpr int kBlock = 64;                    // block scratch stays in L1 (measured best)
@@ -58,7 +59,7 @@ struct Chunk {
   S k{};
 
   template <class Make>
-  const S& scalars(const Common& c, const SegRow& r, Make make) {
+  const S& scalars(const Call& c, const SegRow& r, Make make) {
     const double tr = c.steps[r.pindex];
     if (r.group != group || tr != t) {
       group = r.group;
@@ -72,10 +73,10 @@ struct Chunk {
 // Runs piece(row, lo, hi, chunk) over every part of every segment, chunk by
 // chunk, in parallel; total[j] gets row j's sum over all chunks, in order.
 template <class S, class Piece>
-void run_chunks(const Common& c, int rows, double* total, Piece piece) {
-  std::vector<int64_t> start(c.nseg + 1, 0);
-  for (int64_t s = 0; s < c.nseg; ++s) start[s + 1] = start[s] + c.seg[s].numel;
-  const int64_t n = start[c.nseg];
+void run_chunks(const Pass& c, int rows, double* total, Piece piece) {
+  std::vector<int64_t> start(c.c.n_rows + 1, 0);
+  for (int64_t s = 0; s < c.c.n_rows; ++s) start[s + 1] = start[s] + c.c.rows[s].numel;
+  const int64_t n = start[c.c.n_rows];
   // Without sums to reduce, the chunking cannot change a bit: split evenly
   // over the threads instead (fixed 64K chunks left 1,000,000 elements 8:7.3
   // on two threads, and ran anything below 128K on one).
@@ -91,7 +92,7 @@ void run_chunks(const Common& c, int rows, double* total, Piece piece) {
     int64_t s = std::upper_bound(start.begin(), start.end(), lo) - start.begin() - 1;
     for (; lo < hi; ++s) {
       const int64_t end = std::min(hi, start[s + 1]);
-      if (end > lo) piece(c.seg[s], lo - start[s], end - start[s], chunk);
+      if (end > lo) piece(c.c.rows[s], lo - start[s], end - start[s], chunk);
       lo = std::max(lo, end);
     }
     for (int j = 0; j < rows; ++j) {
@@ -120,16 +121,16 @@ T* slot_ptr(void* const* state, int i, int64_t offset) {
 // scratch: the two-loop split below only adds traffic for these (measured 7 %
 // slower at Adam's corner).
 template <int D, bool VB, bool MO, bool SCALED>
-void mada_short(const MadaCall& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
+void mada_short(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
                 int64_t lo, int64_t hi, typename Param<D>::T sign, typename Param<D>::T scale) {
   using T = typename Param<D>::T;
   using P = typename Param<D>::P;
   const P* __restrict__ grad = reinterpret_cast<const P*>(r.grad);
   P* __restrict__ param = reinterpret_cast<P*>(r.param);
-  T* __restrict__ m = slot_ptr<T>(c.state, kM, r.offset);
-  T* __restrict__ v = slot_ptr<T>(c.state, kV, r.offset);
-  T* __restrict__ vb = slot_ptr<T>(c.state, kVb, r.offset);
-  T* __restrict__ s = slot_ptr<T>(c.state, kS, r.offset);
+  T* __restrict__ m = slot_ptr<T>(c.c.state, kM, r.offset);
+  T* __restrict__ v = slot_ptr<T>(c.c.state, kV, r.offset);
+  T* __restrict__ vb = slot_ptr<T>(c.c.state, kVb, r.offset);
+  T* __restrict__ s = slot_ptr<T>(c.c.state, kS, r.offset);
 #pragma GCC ivdep
   for (int64_t i = lo; i < hi; ++i) {
     MadaState<T> st{};
@@ -152,19 +153,19 @@ void mada_short(const MadaCall& c, const MadaScalars<typename Param<D>::T>& k, c
 // of one long one: 15-25 % faster with the Yogi or Adan terms), then the
 // hyper-gradient partial sums and the new tangent rows.
 template <int D, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI>
-void mada_split(const MadaCall& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
+void mada_split(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
                 int64_t lo, int64_t hi, typename Param<D>::T sign, double (*lanes)[kLanes]) {
   using T = typename Param<D>::T;
   using P = typename Param<D>::P;
   const P* __restrict__ grad = reinterpret_cast<const P*>(r.grad);
   P* __restrict__ param = reinterpret_cast<P*>(r.param);
-  T* __restrict__ m = slot_ptr<T>(c.state, kM, r.offset);
-  T* __restrict__ v = slot_ptr<T>(c.state, kV, r.offset);
-  T* __restrict__ n = slot_ptr<T>(c.state, kN, r.offset);
-  T* __restrict__ gp = slot_ptr<T>(c.state, kGPrev, r.offset);
-  T* __restrict__ l = slot_ptr<T>(c.state, kL, r.offset);
-  T* __restrict__ vb = slot_ptr<T>(c.state, kVb, r.offset);
-  T* __restrict__ s = slot_ptr<T>(c.state, kS, r.offset);
+  T* __restrict__ m = slot_ptr<T>(c.c.state, kM, r.offset);
+  T* __restrict__ v = slot_ptr<T>(c.c.state, kV, r.offset);
+  T* __restrict__ n = slot_ptr<T>(c.c.state, kN, r.offset);
+  T* __restrict__ gp = slot_ptr<T>(c.c.state, kGPrev, r.offset);
+  T* __restrict__ l = slot_ptr<T>(c.c.state, kL, r.offset);
+  T* __restrict__ vb = slot_ptr<T>(c.c.state, kVb, r.offset);
+  T* __restrict__ s = slot_ptr<T>(c.c.state, kS, r.offset);
   alignas(64) T gbuf[kBlock];
   alignas(64) T tbuf[mada::kNumCoef][kBlock];
   Stash<T, B3, VB, LI, TAN, YOGI> mid;
@@ -202,12 +203,12 @@ void mada_split(const MadaCall& c, const MadaScalars<typename Param<D>::T>& k, c
     }
     const int64_t at = r.offset + b0;
     // The stored rows are still the previous step's tangents: reduce, then overwrite.
-    if (c.dot_out) dot_rows<T>(c, gbuf, nb, at, lanes);
+    if (c.c.dot_out) dot_rows<T>(c, gbuf, nb, at, lanes);
     if (TAN)
       for (int j = 0; j < c.num_learn; ++j) {
         // Constant size for full blocks: g++ expands a variable-size copy into
         // `rep movsq`, whose start-up cost dominated the whole tangent pass.
-        T* row = static_cast<T*>(c.tangents) + j * c.tan_stride + at;
+        T* row = static_cast<T*>(c.c.tangents) + j * c.c.tan_stride + at;
         if (nb == kBlock)
           std::memcpy(row, tbuf[c.learn[j]], sizeof(T) * kBlock);
         else
@@ -217,7 +218,7 @@ void mada_split(const MadaCall& c, const MadaScalars<typename Param<D>::T>& k, c
 }
 
 template <int D, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI>
-void mada_piece(const MadaCall& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
+void mada_piece(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
                 int64_t lo, int64_t hi, typename Param<D>::T sign, double (*lanes)[kLanes]) {
   if constexpr (!TAN && !B3 && !LI && !YOGI) {
     with_grad_scale<typename Param<D>::T>(c.c.grad_scale, [&](auto scaled, auto scale) {
@@ -229,7 +230,7 @@ void mada_piece(const MadaCall& c, const MadaScalars<typename Param<D>::T>& k, c
 }
 
 template <int D>
-void mada_dot_piece(const MadaCall& c, const SegRow& r, int64_t lo, int64_t hi,
+void mada_dot_piece(const Pass& c, const SegRow& r, int64_t lo, int64_t hi,
                     typename Param<D>::T sign, double (*lanes)[kLanes]) {
   using T = typename Param<D>::T;
   const auto* __restrict__ grad = reinterpret_cast<const typename Param<D>::P*>(r.grad);
@@ -244,16 +245,17 @@ void mada_dot_piece(const MadaCall& c, const SegRow& r, int64_t lo, int64_t hi,
 // One MADA pass for one flag combination; STEP = false is the dot-only pass
 // (hyper_order="exact"), instantiated once rather than inside every variant.
 template <int D, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI, bool STEP = true>
-void mada_pass(const MadaCall& c) {
+void mada_pass(const Pass& c) {
   using T = typename Param<D>::T;
-  const MadaConst kc{c.eps, c.mod_beta, c.lion_beta1, c.lion_beta2, c.vbar_detach};
-  const T sign = c.maximize ? T(-1) : T(1);
-  const int rows = c.dot_out ? c.num_learn : 0;
+  const double* k = c.c.consts;
+  const MadaConst kc{k[kEps], k[kModBeta], k[kLionBeta1], k[kLionBeta2], c.c.vbar_detach != 0};
+  const T sign = c.c.maximize ? T(-1) : T(1);
+  const int rows = c.c.dot_out ? c.num_learn : 0;
   double total[mada::kNumCoef] = {};
   auto make = [&](double lr, double wd, double t) {
-    return mada::make_mada_scalars<T>(c.coef, lr, wd, t, kc);
+    return mada::make_mada_scalars<T>(c.c.coef, lr, wd, t, kc);
   };
-  run_chunks<MadaScalars<T>>(c.c, rows, total, [&](const SegRow& r, int64_t lo, int64_t hi,
+  run_chunks<MadaScalars<T>>(c, rows, total, [&](const SegRow& r, int64_t lo, int64_t hi,
                                                    Chunk<MadaScalars<T>>& ch) {
     if constexpr (STEP)
       mada_piece<D, B3, VB, LI, MO, TAN, YOGI>(c, ch.scalars(c.c, r, make), r, lo, hi, sign,
@@ -261,22 +263,17 @@ void mada_pass(const MadaCall& c) {
     else
       mada_dot_piece<D>(c, r, lo, hi, sign, ch.lanes);
   });
-  for (int j = 0; j < rows; ++j) {
-    if (c.dot_is_f64)
-      static_cast<double*>(c.dot_out)[j] += total[j];
-    else
-      static_cast<float*>(c.dot_out)[j] += float(total[j]);
-  }
+  for (int j = 0; j < rows; ++j) c.c.dot_out[j] += total[j];
 }
 
-using MadaFn = void (*)(const MadaCall&);
+using MadaFn = void (*)(const Pass&);
 
-// Flag bits: 1 beta3, 2 vbar, 4 lion, 8 mod, 16 tangents, 32 "c is 1 and not
-// learned" (the Yogi term compiles out). Learning configurations keep the
-// Yogi term (bit 32 ignored): it is a small part of their work, and 16 more
-// variants would cost build time for nothing.
+// Flag bits: abi.h's MadaBits (1 beta3, 2 vbar, 4 lion, 8 mod, 16 tangents)
+// and 32, "c is 1 and not learned" (the Yogi term compiles out). Learning
+// configurations keep the Yogi term (bit 32 ignored): it is a small part of
+// their work, and 16 more variants would cost build time for nothing.
 template <int D, int F>
-void mada_flags(const MadaCall& c) {
+void mada_flags(const Pass& c) {
   constexpr bool tan = (F & 16) != 0, yogi = tan || (F & 32) == 0;
   mada_pass<D, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0, (F & 8) != 0, tan, yogi>(c);
 }
@@ -286,31 +283,29 @@ constexpr std::array<MadaFn, sizeof...(F)> mada_table(std::integer_sequence<int,
 }
 
 template <int D>
-void mada_entry(const MadaCall& c) {
+void mada_entry(const Pass& c) {
   if (c.c.found_inf && *c.c.found_inf != 0.0f) return;  // GradScaler skip: touch nothing
-  if (!c.step) return mada_pass<D, false, false, false, false, false, true, false>(c);
+  if (c.c.op == kMadaDot) return mada_pass<D, false, false, false, false, false, true, false>(c);
+  static_assert(kMadaVariants == 32, "flag 32 comes after the MadaBits");
   static constexpr auto table = mada_table<D>(std::make_integer_sequence<int, 64>{});
-  bool c_learned = false;
-  for (int j = 0; j < c.num_learn; ++j) c_learned |= c.learn[j] == mada::kC;
-  const int f = (c.state[kN] != nullptr) | (c.state[kVb] != nullptr) << 1 |
-                (c.state[kL] != nullptr) << 2 | (c.state[kS] != nullptr) << 3 |
-                (c.num_learn > 0) << 4 | (!c_learned && c.coef[mada::kC] == 1.0) << 5;
+  const bool c_learned = (c.c.learn_mask >> mada::kC) & 1u;
+  const int f = int(c.c.variant) | (!c_learned && c.c.coef[mada::kC] == 1.0) << 5;
   table[f](c);
 }
 
 // One segment part [lo, hi) of AdaMod or DiffMod: a short chain, so one loop
 // with the gradient read in place, as mada_short.
 template <int D, bool DIFF, bool SCALED>
-void adamod_piece(const AdamodCall& c, const AdamodScalars<typename Param<D>::T>& k,
+void adamod_piece(const Pass& c, const AdamodScalars<typename Param<D>::T>& k,
                   const SegRow& r, int64_t lo, int64_t hi, typename Param<D>::T scale) {
   using T = typename Param<D>::T;
   using P = typename Param<D>::P;
   const P* __restrict__ grad = reinterpret_cast<const P*>(r.grad);
   P* __restrict__ param = reinterpret_cast<P*>(r.param);
-  T* __restrict__ m = slot_ptr<T>(c.state, kAm, r.offset);
-  T* __restrict__ v = slot_ptr<T>(c.state, kAv, r.offset);
-  T* __restrict__ s = slot_ptr<T>(c.state, kAs, r.offset);
-  T* __restrict__ gp = slot_ptr<T>(c.state, kAgPrev, r.offset);
+  T* __restrict__ m = slot_ptr<T>(c.c.state, kAm, r.offset);
+  T* __restrict__ v = slot_ptr<T>(c.c.state, kAv, r.offset);
+  T* __restrict__ s = slot_ptr<T>(c.c.state, kAs, r.offset);
+  T* __restrict__ gp = slot_ptr<T>(c.c.state, kAgPrev, r.offset);
 #pragma GCC ivdep
   for (int64_t i = lo; i < hi; ++i) {
     T gprev = DIFF ? gp[i] : T(0);
@@ -322,12 +317,14 @@ void adamod_piece(const AdamodCall& c, const AdamodScalars<typename Param<D>::T>
 }
 
 template <int D, bool DIFF>
-void adamod_pass(const AdamodCall& c) {
+void adamod_pass(const Pass& c) {
   using T = typename Param<D>::T;
   auto make = [&](double lr, double wd, double t) {
-    return mada::make_adamod_scalars<T>(c.beta1, c.beta2, c.beta3, c.eps, lr, wd, t);
+    const double* k = c.c.consts;
+    return mada::make_adamod_scalars<T>(k[kAdamodBeta1], k[kAdamodBeta2], k[kAdamodBeta3], k[kAdamodEps],
+                                        lr, wd, t);
   };
-  run_chunks<AdamodScalars<T>>(c.c, 0, nullptr, [&](const SegRow& r, int64_t lo, int64_t hi,
+  run_chunks<AdamodScalars<T>>(c, 0, nullptr, [&](const SegRow& r, int64_t lo, int64_t hi,
                                                     Chunk<AdamodScalars<T>>& ch) {
     const AdamodScalars<T>& k = ch.scalars(c.c, r, make);
     with_grad_scale<T>(c.c.grad_scale, [&](auto scaled, T scale) {
@@ -337,9 +334,9 @@ void adamod_pass(const AdamodCall& c) {
 }
 
 template <int D>
-void adamod_entry(const AdamodCall& c) {
+void adamod_entry(const Pass& c) {
   if (c.c.found_inf && *c.c.found_inf != 0.0f) return;
-  if (c.state[kAgPrev])
+  if (c.c.variant & kDiff)
     adamod_pass<D, true>(c);
   else
     adamod_pass<D, false>(c);

@@ -1,13 +1,14 @@
-// pybind11 module mada_fused._C_cuda. Pointers arrive as Python ints
-// (tensor.data_ptr()), so the extension needs no libtorch. Importing it makes no
-// CUDA call: the static runtime starts at the first launch or device query, so
-// the module imports on machines with no GPU and no driver.
+// pybind11 module mada_fused._C_cuda. Pointers arrive in a packed call of
+// ../abi.h (tensor.data_ptr() values), so the extension needs no libtorch.
+// Importing it makes no CUDA call: the static runtime starts at the first
+// launch or device query, so the module imports on machines with no GPU and no
+// driver.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <string>
-#include <vector>
 
+#include "abi_py.h"
 #include "cuda/launch.h"
 
 namespace py = pybind11;
@@ -15,20 +16,17 @@ namespace mc = mada_cuda;
 
 namespace {
 
-using mc::Addrs;
-
-// One backend call. `alloc(n)` returns a float64 device tensor of n elements
-// (torch's caching allocator on the current stream, so it is graph-capture
-// safe); it is only called when a dot product is taken, for the per-block slots.
-void run(const std::vector<int64_t>& call, const Addrs& table, const Addrs& scalars,
-         const Addrs& bufs, int64_t tan, int64_t tan_stride, uint32_t learn_mask,
-         const std::vector<double>& consts, bool maximize, int64_t dot_out, py::object alloc) {
-  const mc::Request r =
-      mc::make_request(call, table, scalars, bufs, tan, tan_stride, learn_mask, consts, maximize, dot_out);
+// One pass (../abi.h: Call), the same signature as _C_cpu.run. `alloc(n)`
+// returns a float64 device tensor of n elements (torch's caching allocator on
+// the current stream, so it is graph-capture safe); it is only called when a
+// dot product is taken, for the per-block slots.
+void run(const py::bytes& packed, const py::object& alloc) {
+  const mc::Request r = mc::make_request(mada_abi::unpack(packed, "_C_cuda.run"));
   mc::Plan plan = mc::make_plan(r);
   py::object scratch;
   double* slots = nullptr;
-  if (r.dot_out && plan.total_blocks > 0) {
+  if (r.call.dot_out && plan.total_blocks > 0) {
+    if (alloc.is_none()) throw py::value_error("_C_cuda.run: a dot product needs the scratch allocator");
     scratch = alloc(plan.total_blocks * r.n_learn);
     slots = reinterpret_cast<double*>(scratch.attr("data_ptr")().cast<uintptr_t>());
   }
@@ -36,11 +34,8 @@ void run(const std::vector<int64_t>& call, const Addrs& table, const Addrs& scal
 }
 
 // The launch layout run() would use (no CUDA call), for tests on machines with no GPU.
-py::list plan_info(const std::vector<int64_t>& call, const Addrs& table, const Addrs& scalars,
-                   const Addrs& bufs, int64_t tan, int64_t tan_stride, uint32_t learn_mask) {
-  const std::vector<double> consts(5, 0.0);
-  const mc::Plan plan = mc::make_plan(
-      mc::make_request(call, table, scalars, bufs, tan, tan_stride, learn_mask, consts, false, 0));
+py::list plan_info(const py::bytes& packed) {
+  const mc::Plan plan = mc::make_plan(mc::make_request(mada_abi::unpack(packed, "_C_cuda.plan_info")));
   py::list launches;
   for (size_t i = 0; i < plan.launches.size(); ++i) {
     const mc::Args& a = plan.launches[i];
@@ -62,8 +57,10 @@ py::list plan_info(const std::vector<int64_t>& call, const Addrs& table, const A
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "mada_fused CUDA kernels (raw device pointers in, no libtorch)";
-  m.def("run", &run, "One MADA / dot / AdaMod pass over a bucket's active segments");
-  m.def("plan_info", &plan_info, "Launch layout of a call (no CUDA call)");
+  m.def("run", &run, py::arg("call"), py::arg("alloc") = py::none(),
+        "One MADA / dot / AdaMod pass over a bucket's active segments");
+  m.def("plan_info", &plan_info, py::arg("call"), "Launch layout of a call (no CUDA call)");
+  m.def("abi", &mada_abi::report, "The call interface as compiled (csrc/abi.h): codes, sizes, offsets");
   m.def("built_archs", &mc::built_archs, "SM versions compiled in, e.g. [800, 900]");
   m.def("runtime_version", &mc::runtime_version, "CUDART_VERSION built against");
   m.def(

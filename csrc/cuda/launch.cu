@@ -59,12 +59,13 @@ class DeviceGuard {
 
 void execute(const Request& r, Plan& plan, double* slots) {
   if (plan.launches.empty()) return;
-  const KernelTable& t = r.dtype == kF32 ? table_f32() : r.dtype == kF64 ? table_f64()
-                       : r.dtype == kBF16 ? table_bf16() : table_f16();
-  const LaunchFn fn = r.op == kMadaStep ? t.mada[r.variant & (kMadaVariants - 1)]
-                    : r.op == kMadaDot ? t.dot : t.adamod[r.variant & 1];
-  const DeviceGuard device(r.device);
-  void* stream = reinterpret_cast<void*>(r.stream);
+  const Call& call = r.call;
+  const KernelTable& t = call.dtype == kF32 ? table_f32() : call.dtype == kF64 ? table_f64()
+                       : call.dtype == kBF16 ? table_bf16() : table_f16();
+  const LaunchFn fn = call.op == kMadaStep ? t.mada[call.variant] : call.op == kMadaDot ? t.dot
+                    : t.adamod[call.variant];
+  const DeviceGuard device(int(call.device));
+  void* stream = reinterpret_cast<void*>(static_cast<uintptr_t>(call.stream));
   for (size_t i = 0; i < plan.launches.size(); ++i) {
     Args& a = plan.launches[i];
     a.c.slots = slots;
@@ -72,9 +73,9 @@ void execute(const Request& r, Plan& plan, double* slots) {
     fn(a, plan.blocks[i], stream);
     check(cudaGetLastError(), "step kernel launch");
   }
-  if (r.dot_out && r.n_learn > 0) {
+  if (call.dot_out && r.n_learn > 0) {
     MADA_LAUNCH(r.n_learn, kThreads, static_cast<cudaStream_t>(stream), reduce_slots)(
-        slots, plan.total_blocks, r.dot_out, r.c.found_inf);
+        slots, plan.total_blocks, call.dot_out, r.c.found_inf);
     check(cudaGetLastError(), "reduction launch");
   }
 }

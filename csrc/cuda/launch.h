@@ -13,28 +13,15 @@
 #include <string>
 #include <vector>
 
+#include "abi.h"
+
 namespace mada_cuda {
 
-// Parameter dtypes, as the Python side encodes them.
-enum DType : int { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
-// Passes. kMadaDot is hyper_order="exact"'s reduction-only pass.
-enum Op : int { kMadaStep = 0, kMadaDot = 1, kAdamodStep = 2 };
-// MADA variant bits: which optional state exists, and whether tangents are written.
-enum MadaBits : int { kHasBeta3 = 1, kHasVbar = 2, kHasLion = 4, kHasMod = 8, kTangents = 16 };
-constexpr int kMadaVariants = 32;
-
-// State buffers a pass reads and writes, as bits of Common::buf (MADA: m v n
-// g_prev l vb s; AdaMod: m v s g_prev). The kernels compile the rest out; the
-// host refuses a call that leaves one of these null.
-constexpr unsigned mada_buffers(int variant) {
-  return 3u | ((variant & kHasBeta3) ? 12u : 0u) | ((variant & kHasLion) ? 16u : 0u) |
-         ((variant & kHasVbar) ? 32u : 0u) | ((variant & kHasMod) ? 64u : 0u);
-}
-constexpr unsigned adamod_buffers(bool diff) { return diff ? 15u : 7u; }
+// Codes, variant bits, slot order, Call and SegRow: the interface both
+// extensions share.
+using namespace mada_abi;
 
 constexpr int kThreads = 128;   // threads per block of the step kernel
-constexpr int kBufs = 7;        // MADA: m v n g_prev l vb s; AdaMod: m v s g_prev
-constexpr int kNumCoef = 6;
 // Segments per launch: 48 B each, so the whole parameter block stays under 32 KB.
 constexpr int kMaxSeg = 600;
 constexpr int64_t kPad = 8;     // segments start at multiples of 8 in the launch's index space
@@ -49,16 +36,17 @@ struct Common {
   const double* steps;      // (bucket params,) already incremented
   const float* grad_scale;  // null: no AMP scaling
   const float* found_inf;   // null: never skip
-  void* buf[kBufs];         // flat state buffers (state dtype); null when absent
+  void* buf[kMaxSlots];     // flat state buffers in abi.h's slot order; null when unused
   void* tan;                // (n_learn, tan_stride) tangent rows
   int64_t tan_stride;
   double* slots;            // (n_learn, slot_stride) per-block partial dot products
   int64_t slot_stride;      // total blocks of this call (all launches)
   int64_t block_base;       // first slot of this launch
   int64_t chunk;            // elements per block, a multiple of kPad
-  double k[5];              // op constants (see binding.cpp: MADA or AdaMod)
-  uint32_t learn_mask;      // bit j set: coefficient j is learned (tangent row = its rank)
+  double k[kNumConsts];      // Call::consts: abi.h's MadaConst or AdamodConst
+  uint32_t learn_mask;      // Call::learn_mask (tangent row = rank of the coefficient's bit)
   int maximize;
+  int vbar_detach;
   int dot;                  // accumulate sum(g * T) into slots
 };
 
@@ -82,37 +70,16 @@ struct Args {
 };
 static_assert(sizeof(Args) <= 32764, "kernel parameters exceed the 32 KB limit");
 
-// One active segment as mada_fused/_segments.py packs it (host memory, read
-// during the call only: the launch copies what it needs into kernel parameters).
-struct SegRow {
-  int64_t param, grad;  // addresses of contiguous data of the bucket's dtype
-  int64_t offset;       // element offset into the flat state
-  int64_t numel;
-  int64_t group;        // index into lr / weight_decay
-  int64_t pindex;       // index into steps
-};
-
-// One call from Python, checked by make_request.
+// One pass: the call (checked by abi_check.h: the segment rows it points to
+// are host memory, read during the call only; the launches copy what they
+// need into kernel parameters) and the parameters every launch starts from.
 struct Request {
-  int op = kMadaStep;
-  int variant = 0;  // MadaBits for kMadaStep; 1 = DiffMod for kAdamodStep
-  int dtype = kF32;
-  int device = 0;
-  uintptr_t stream = 0;
-  const SegRow* rows = nullptr;
-  int64_t n_rows = 0;
-  Common c{};
-  int n_learn = 0;
-  double* dot_out = nullptr;  // (n_learn,) float64; the pass ADDS into it
+  Call call;
+  Common c;
+  int n_learn;
 };
 
-using Addrs = std::vector<int64_t>;
-// Checks a call from Python (plan.cpp documents the arguments); throws
-// std::invalid_argument for anything that would make a kernel read or write
-// out of bounds.
-Request make_request(const std::vector<int64_t>& call, const Addrs& table, const Addrs& scalars,
-                     const Addrs& bufs, int64_t tan, int64_t tan_stride, uint32_t learn_mask,
-                     const std::vector<double>& consts, bool maximize, int64_t dot_out);
+Request make_request(const Call& checked);
 
 // The launches of one call. Pure host arithmetic: no CUDA call, testable anywhere.
 struct Plan {
@@ -122,7 +89,7 @@ struct Plan {
 };
 
 Plan make_plan(const Request& r);
-// Launch the plan (and the slot reduction when r.dot_out) on r.stream; `slots`
+// Launch the plan (and the slot reduction when a dot is taken) on the call's stream; `slots`
 // holds total_blocks * n_learn doubles when a dot is taken. Throws on CUDA errors.
 void execute(const Request& r, Plan& plan, double* slots);
 
@@ -131,7 +98,7 @@ using LaunchFn = void (*)(const Args&, int64_t blocks, void* stream);
 struct KernelTable {
   LaunchFn mada[kMadaVariants];
   LaunchFn dot;
-  LaunchFn adamod[2];  // [diff]
+  LaunchFn adamod[kAdamodVariants];
 };
 const KernelTable& table_f32();
 const KernelTable& table_f64();

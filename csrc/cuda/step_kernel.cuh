@@ -12,7 +12,7 @@
 
 namespace mada_cuda {
 
-// State and arithmetic dtype: fp32, except fp64 for fp64 params (base.py).
+// State and arithmetic dtype: fp32, except fp64 for fp64 params (abi.h: Dtype).
 template <typename P> struct StateOf { using type = float; };
 template <> struct StateOf<double> { using type = double; };
 
@@ -69,17 +69,17 @@ struct MadaOp {
                         kMod = V & kHasMod, kTan = V & kTangents;
   static constexpr bool kUpdate = true;
   static constexpr bool kMayDot = kTan;  // a dot needs last step's tangents
-  static constexpr unsigned kBufMask = mada_buffers(V);
+  static constexpr unsigned kBufMask = mada_slots(V);
   using Scalars = mada::MadaScalars<S>;
 
   __device__ static Scalars make(const Common& c, double lr, double wd, double t) {
-    const mada::MadaConst k{c.k[0], c.k[1], c.k[2], c.k[3], c.k[4] != 0.0};
+    const mada::MadaConst k{c.k[kEps], c.k[kModBeta], c.k[kLionBeta1], c.k[kLionBeta2], c.vbar_detach != 0};
     return mada::make_mada_scalars<S>(c.coef, lr, wd, t, k);
   }
-  __device__ static S element(const Scalars& k, S g, S theta, S (&st)[kBufs], S (&tan)[kNumCoef]) {
-    mada::MadaState<S> s{st[0], st[1], st[2], st[3], st[4], st[5], st[6]};
+  __device__ static S element(const Scalars& k, S g, S theta, S (&st)[kMaxSlots], S (&tan)[kNumCoef]) {
+    mada::MadaState<S> s{st[kM], st[kV], st[kN], st[kGPrev], st[kL], st[kVb], st[kS]};
     const S out = mada::mada_element<S, kBeta3, kVbar, kLion, kMod, kTan>(k, g, theta, s, tan);
-    st[0] = s.m; st[1] = s.v; st[2] = s.n; st[3] = s.g_prev; st[4] = s.l; st[5] = s.vb; st[6] = s.s;
+    st[kM] = s.m; st[kV] = s.v; st[kN] = s.n; st[kGPrev] = s.g_prev; st[kL] = s.l; st[kVb] = s.vb; st[kS] = s.s;
     return out;
   }
 };
@@ -95,13 +95,14 @@ struct DotOp {
 template <typename S, bool DIFF>
 struct AdamodOp {
   static constexpr bool kUpdate = true, kMayDot = false, kTan = false;
-  static constexpr unsigned kBufMask = adamod_buffers(DIFF);
+  static constexpr unsigned kBufMask = adamod_slots(DIFF ? kDiff : 0u);
   using Scalars = mada::AdamodScalars<S>;
   __device__ static Scalars make(const Common& c, double lr, double wd, double t) {
-    return mada::make_adamod_scalars<S>(c.k[0], c.k[1], c.k[2], c.k[3], lr, wd, t);
+    return mada::make_adamod_scalars<S>(c.k[kAdamodBeta1], c.k[kAdamodBeta2], c.k[kAdamodBeta3],
+                                        c.k[kAdamodEps], lr, wd, t);
   }
-  __device__ static S element(const Scalars& k, S g, S theta, S (&st)[kBufs], S (&)[kNumCoef]) {
-    return mada::adamod_element<S, DIFF>(k, g, theta, st[0], st[1], st[2], st[3]);
+  __device__ static S element(const Scalars& k, S g, S theta, S (&st)[kMaxSlots], S (&)[kNumCoef]) {
+    return mada::adamod_element<S, DIFF>(k, g, theta, st[kAm], st[kAv], st[kAs], st[kAgPrev]);
   }
 };
 
@@ -129,7 +130,7 @@ __device__ __forceinline__ void run_unit(const Common& c, const typename Op::Sca
 #pragma unroll
   for (int h = 0; h < N; h += M) {
     const int64_t e = soff + i + h;  // flat state index
-    // Tangent row of coefficient j is its rank among the learned ones (base.py).
+    // Tangent row of coefficient j is its rank among the learned ones (abi.h).
     S* trow[kNumCoef] = {};
     if constexpr (Op::kMayDot || Op::kTan) {
 #pragma unroll
@@ -149,24 +150,24 @@ __device__ __forceinline__ void run_unit(const Common& c, const typename Op::Sca
       }
     }
     if constexpr (Op::kUpdate) {
-      S st[kBufs][M] = {};
+      S st[kMaxSlots][M] = {};
 #pragma unroll
-      for (int b = 0; b < kBufs; ++b)
+      for (int b = 0; b < kMaxSlots; ++b)
         if ((Op::kBufMask >> b) & 1u) load<VEC>(static_cast<const S*>(c.buf[b]) + e, st[b]);
       S tan[kNumCoef][M];
 #pragma unroll
       for (int q = 0; q < M; ++q) {
-        S sq[kBufs], tq[kNumCoef] = {};
+        S sq[kMaxSlots], tq[kNumCoef] = {};
 #pragma unroll
-        for (int b = 0; b < kBufs; ++b) sq[b] = st[b][q];
+        for (int b = 0; b < kMaxSlots; ++b) sq[b] = st[b][q];
         praw[h + q] = from_state<P>(Op::element(k, g[h + q], to_state(praw[h + q]), sq, tq));
 #pragma unroll
-        for (int b = 0; b < kBufs; ++b) st[b][q] = sq[b];
+        for (int b = 0; b < kMaxSlots; ++b) st[b][q] = sq[b];
 #pragma unroll
         for (int j = 0; j < kNumCoef; ++j) tan[j][q] = tq[j];
       }
 #pragma unroll
-      for (int b = 0; b < kBufs; ++b)
+      for (int b = 0; b < kMaxSlots; ++b)
         if ((Op::kBufMask >> b) & 1u) store<VEC>(static_cast<S*>(c.buf[b]) + e, st[b]);
       if constexpr (Op::kTan) {
 #pragma unroll

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "abi_check.h"
 #include "cuda/cuda_api.h"
 #include "cuda/launch.h"
 #include "mada_math.h"
@@ -65,7 +66,7 @@ struct Bucket {
   std::vector<int64_t> offset;
   int64_t state_numel = 0, tan_stride = 0;
   std::vector<Buf<P>> param, grad;  // per segment: pmis + numel + kGuard elements
-  Buf<S> state[mc::kBufs], tan;
+  Buf<S> state[mc::kMaxSlots], tan;
   std::vector<double> coef{0.9, 0.999, 0.3, 0.6, 0.7, 0.8}, lr{1e-2, 3e-3}, wd{0.0, 0.1}, steps;
   float grad_scale = 512.0f, found_inf = 1.0f;
   std::vector<double> dot_out;
@@ -84,7 +85,7 @@ struct Bucket {
       steps.push_back(double(1 + rng.below(20)));
     }
     steps[0] = 1.0;  // the first step takes its own branches (d = 0)
-    for (int b = 0; b < mc::kBufs; ++b) {
+    for (int b = 0; b < mc::kMaxSlots; ++b) {
       state[b] = Buf<S>(state_numel);
       // v, vb and s are non-negative by construction (b = 1, 5, 6; AdaMod's s is 2)
       const bool positive = b == 1 || b == 2 || b == 5 || b == 6;
@@ -107,18 +108,35 @@ void run_kernels(Bucket<P>& b, const Config& cfg, mc::Plan* plan_out = nullptr) 
   for (size_t s = 0; s < b.segs.size(); ++s)
     rows.push_back({addr(b.param_at(s)), addr(b.grad_at(s)), b.offset[s], b.segs[s].numel,
                     b.segs[s].group, int64_t(s)});
-  mc::Addrs bufs(mc::kBufs);
-  for (int k = 0; k < mc::kBufs; ++k) bufs[k] = addr(b.state[k].data());
-  const bool mada = cfg.op != mc::kAdamodStep;
-  const std::vector<double> consts =
-      mada ? std::vector<double>{cfg.eps, cfg.mod_beta, cfg.lion_b1, cfg.lion_b2, cfg.vbar_detach ? 1.0 : 0.0}
-           : std::vector<double>{b.coef[0], b.coef[1], cfg.beta3, cfg.eps, 0.0};
-  const mc::Request r = mc::make_request(
-      {cfg.op, cfg.variant, dtype_code<P>(), cfg.device, 0}, {addr(rows.data()), int64_t(rows.size()), b.state_numel},
-      {addr(b.coef.data()), addr(b.lr.data()), addr(b.wd.data()), addr(b.steps.data()),
-       cfg.scale ? addr(&b.grad_scale) : 0, cfg.found_inf ? addr(&b.found_inf) : 0},
-      bufs, cfg.learn ? addr(b.tan.data()) : 0, b.tan_stride, cfg.learn, consts, cfg.maximize,
-      cfg.dot ? addr(b.dot_out.data()) : 0);
+  mc::Call call{};
+  call.op = cfg.op;
+  call.variant = uint32_t(cfg.variant);
+  call.dtype = dtype_code<P>();
+  call.learn_mask = cfg.learn;
+  call.maximize = cfg.maximize;
+  call.vbar_detach = cfg.vbar_detach;
+  call.device = cfg.device;
+  call.state_numel = b.state_numel;
+  call.num_groups = int64_t(b.lr.size());
+  call.num_params = int64_t(b.steps.size());
+  call.lr = b.lr.data();
+  call.wd = b.wd.data();
+  call.steps = b.steps.data();
+  for (int k = 0; k < mc::kMaxSlots; ++k) call.state[k] = b.state[k].data();
+  call.tangents = cfg.learn ? b.tan.data() : nullptr;
+  call.tan_stride = b.tan_stride;
+  const double mada[] = {cfg.eps, cfg.mod_beta, cfg.lion_b1, cfg.lion_b2};
+  const double adamod[] = {b.coef[0], b.coef[1], cfg.beta3, cfg.eps};
+  std::memcpy(call.consts, cfg.op == mc::kAdamodStep ? adamod : mada, sizeof call.consts);
+  call.rows = rows.data();
+  call.n_rows = int64_t(rows.size());
+  call.coef = b.coef.data();
+  call.grad_scale = cfg.scale ? &b.grad_scale : nullptr;
+  call.found_inf = cfg.found_inf ? &b.found_inf : nullptr;
+  call.dot_out = cfg.dot ? b.dot_out.data() : nullptr;
+  const std::string why = mada_abi::check_call(call);
+  if (!why.empty()) throw std::invalid_argument(why);
+  const mc::Request r = mc::make_request(call);
   mc::Plan plan = mc::make_plan(r);
   if (g_plant == "overrun") {  // the last segment one element longer than its state
     mc::SegTable& t = plan.launches.back().s;
@@ -160,8 +178,8 @@ void reference(Bucket<P>& b, const Config& cfg) {
           ++r;
         }
       if (!update) continue;
-      S* st[mc::kBufs];
-      for (int k = 0; k < mc::kBufs; ++k) st[k] = &b.state[k][e];
+      S* st[mc::kMaxSlots];
+      for (int k = 0; k < mc::kMaxSlots; ++k) st[k] = &b.state[k][e];
       const S theta = to_state(b.param_at(s)[i]);
       S out, tq[mada::kNumCoef] = {};
       if (cfg.op == mc::kAdamodStep) {
@@ -170,9 +188,9 @@ void reference(Bucket<P>& b, const Config& cfg) {
       } else {
         mada::MadaState<S> ms_{*st[0], *st[1], *st[2], *st[3], *st[4], *st[5], *st[6]};
         out = mada_element_dyn<S>(V, ms, g, theta, ms_, tq);
-        const unsigned used = mc::mada_buffers(V);  // write back only what the variant owns
-        const S vals[mc::kBufs] = {ms_.m, ms_.v, ms_.n, ms_.g_prev, ms_.l, ms_.vb, ms_.s};
-        for (int k = 0; k < mc::kBufs; ++k)
+        const unsigned used = mc::mada_slots(V);  // write back only what the variant owns
+        const S vals[mc::kMaxSlots] = {ms_.m, ms_.v, ms_.n, ms_.g_prev, ms_.l, ms_.vb, ms_.s};
+        for (int k = 0; k < mc::kMaxSlots; ++k)
           if ((used >> k) & 1u) *st[k] = vals[k];
       }
       b.param_at(s)[i] = from_state<P>(out);
@@ -190,7 +208,7 @@ void compare(const Bucket<P>& got, const Bucket<P>& want, const std::string& nam
   bool same = true;
   for (size_t s = 0; s < got.segs.size(); ++s) same = same && bits_equal(got.param[s], want.param[s]);
   expect(same, name + ": params");
-  for (int k = 0; k < mc::kBufs; ++k) expect(bits_equal(got.state[k], want.state[k]), name + ": state " + std::to_string(k));
+  for (int k = 0; k < mc::kMaxSlots; ++k) expect(bits_equal(got.state[k], want.state[k]), name + ": state " + std::to_string(k));
   expect(bits_equal(got.tan, want.tan), name + ": tangent rows");
   for (size_t r = 0; r < got.dot_out.size(); ++r) {
     const double d = std::fabs(got.dot_out[r] - want.dot_out[r]);

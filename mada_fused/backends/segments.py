@@ -1,14 +1,14 @@
-"""Packs a step's :class:`~mada_fused.backends.base.Segments` into the flat
-int64 table the native extensions read (CPU now; the CUDA backend may reuse it).
+"""The tensor side of a native call: the packed segment table and the checks
+of the tensors an extension will read by address.
 
-One row per active parameter, six int64 columns (see csrc/cpu/cpu_calls.h,
-``SegRow``)::
+:func:`pack` turns a step's :class:`~mada_fused.backends.base.Segments` into
+the flat int64 table of ``SegRow``s (csrc/abi.h; the column order is
+:data:`mada_fused.backends.abi.SEG_ROW`)::
 
     param address, grad address, state offset, numel, group index, param index
 
-Addresses come from ``data_ptr()``; the caller keeps ``seg`` alive while a
-kernel reads the table. State names give the order in which a backend passes
-the bucket's state buffers (absent state -> address 0).
+Addresses come from ``data_ptr()``; the caller keeps the table alive while a
+kernel reads it.
 """
 from __future__ import annotations
 
@@ -16,21 +16,14 @@ import array
 
 import torch
 
-from .backends.base import Segments
+from . import abi
+from .base import Segments
 
-COLUMNS: tuple[str, ...] = ("param", "grad", "offset", "numel", "group", "param_index")
-MADA_STATE: tuple[str, ...] = ("m", "v", "n", "g_prev", "l", "vb", "s")
-ADAMOD_STATE: tuple[str, ...] = ("m", "v", "s", "g_prev")
-DTYPE_CODES: dict[torch.dtype, int] = {
-    torch.float32: 0,
-    torch.float64: 1,
-    torch.bfloat16: 2,
-    torch.float16: 3,
-}
+_COLUMNS = len(abi.SEG_ROW)
 
 
 def pack(seg: Segments) -> array.array:
-    """The step's table as ``array('q')``, six int64 per segment, in host memory.
+    """The step's table as ``array('q')``, one row of six int64 per segment, in host memory.
 
     Its address is ``table.buffer_info()[0]``; ``torch.frombuffer(table,
     dtype=torch.int64)`` views it as a tensor (e.g. to copy it to a GPU).
@@ -46,7 +39,7 @@ def pack(seg: Segments) -> array.array:
     ):
         if p.numel() != n or g.numel() != n or not p.is_contiguous() or not g.is_contiguous():
             raise ValueError(
-                f"segment {len(flat) // 6}: param and grad must be contiguous with {n} elements, "
+                f"segment {len(flat) // _COLUMNS}: param and grad must be contiguous with {n} elements, "
                 f"got {tuple(p.shape)} and {tuple(g.shape)}"
             )
         flat += (p.data_ptr(), g.data_ptr(), off, n, grp, idx)
