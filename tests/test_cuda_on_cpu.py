@@ -7,6 +7,10 @@ a per-element loop over mada_math.h: four dtypes, vector and scalar paths,
 chunks spanning segments, more than 600 segments, learn subsets, the dot
 reduction, found_inf, grad scale and the caller's current device. The same
 driver runs under the sanitizers in .ci/cuda_on_cpu_sanitize.sh.
+
+When the extension ``_C_cuda_on_cpu`` is built (MADA_BUILD_CUDA_ON_CPU=1),
+backend="cuda_on_cpu" (the Python cuda call path, CPU tensors) is also held
+to the reference with the GPU tests' cases and tolerances (test_cuda_backend).
 """
 from __future__ import annotations
 
@@ -19,10 +23,23 @@ import numpy as np
 import pytest
 import torch
 
+import mada_fused
+from mada_fused import backends
+
+from backend_cases import CASES, FULL  # tests/, on sys.path through conftest
+from test_cuda_backend import LAYOUTS, _run
+
+try:
+    from mada_fused import _C_cuda_on_cpu
+except ImportError:  # built only with MADA_BUILD_CUDA_ON_CPU=1
+    _C_cuda_on_cpu = None
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CXX = os.environ.get("CXX", "g++")
+CPU = torch.device("cpu")
 
-pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"no C++ compiler ({CXX}) to build the driver")
+compiler = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"no C++ compiler ({CXX}) to build the driver")
+built = pytest.mark.skipif(_C_cuda_on_cpu is None, reason="_C_cuda_on_cpu not built (MADA_BUILD_CUDA_ON_CPU=1)")
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +51,13 @@ def driver(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return out / "cuda_on_cpu_driver"
 
 
+@compiler
 def test_kernels_match_the_element_loop(driver: pathlib.Path) -> None:
     run = subprocess.run([str(driver)], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and "all checks passed" in run.stdout, run.stdout + run.stderr
 
 
+@compiler
 def test_conversions_match_torch(driver: pathlib.Path, tmp_path: pathlib.Path) -> None:
     g = torch.Generator().manual_seed(0)
     bits = torch.randint(-2**31, 2**31, (1 << 18,), dtype=torch.int64, generator=g)
@@ -65,3 +84,33 @@ def test_conversions_match_torch(driver: pathlib.Path, tmp_path: pathlib.Path) -
         nan = torch.isnan(want)
         assert torch.equal(torch.isnan(row.view(dtype)), nan), dtype
         assert torch.equal(row[~nan], want.view(torch.int16)[~nan]), dtype
+
+
+@built
+def test_backend_is_explicit_only():
+    assert backends.load("cuda_on_cpu").supports(CPU, torch.float32)
+    assert not backends.load("cuda_on_cpu").supports(torch.device("cuda"), torch.float32)
+    assert backends.resolve("auto", CPU, torch.float32).name != "cuda_on_cpu"
+
+
+@built
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_backend_matches_reference(case, layout):
+    cls, kw = CASES[case]
+    _run(cls, kw, device=CPU, shapes=LAYOUTS[layout], backend="cuda_on_cpu")
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("case", ["full_mod", "full_exact_detach_max", "diffmod"])
+def test_backend_dtypes_amp_missing_grad(dtype, case):
+    cls, kw = CASES[case]
+    _run(cls, kw, dtype=dtype, device=CPU, shapes=LAYOUTS["aligned"], amp=True, drop=2, backend="cuda_on_cpu")
+
+
+@built
+def test_backend_many_segments():
+    """650 tensors: two launches, hyper-gradient slots across both."""
+    _run(mada_fused.MADA, dict(FULL, mod_beta=0.9), device=CPU, shapes=[(3,)] * 650 + [(5000,)], steps=3,
+         backend="cuda_on_cpu")
