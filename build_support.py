@@ -15,6 +15,9 @@ Environment:
   MADA_CUDA_ARCHS   GPU targets, e.g. "80;86;89;90+PTX" (default; "+PTX" adds
                     PTX for newer GPUs), "8.0 9.0", "sm_90a"
   MADA_BUILD_CUDA   "auto" (default), "0" (never), "1" (fail without nvcc)
+  MADA_BUILD_CUDA_ON_CPU  "1": also ``mada_fused._C_cuda_on_cpu``, the same
+                    csrc/cuda sources compiled by the host compiler through
+                    csrc/cuda/cuda_on_cpu.h (backend "cuda_on_cpu", for tests)
   CUDA_HOME         toolkit root (else found from nvcc on PATH)
   MADA_SANITIZE     e.g. "address,undefined": instrument the CPU extension with
                     these sanitizers (.ci/sanitize_cpu.sh), objects in a build
@@ -172,9 +175,14 @@ class CudaPlan:
         return f"not built: {self.reason}"
 
 
+def cuda_sources() -> list[str]:
+    """csrc/cuda/*.cu and *.cpp, relative to the root."""
+    return sorted(rel(p) for ext in ("cu", "cpp") for p in glob.glob(os.path.join(CSRC, "cuda", f"*.{ext}")))
+
+
 def cuda_plan() -> CudaPlan:
     cuda, reason = find_cuda()
-    sources = sorted(rel(p) for ext in ("cu", "cpp") for p in glob.glob(os.path.join(CSRC, "cuda", f"*.{ext}")))
+    sources = cuda_sources()
     if cuda and not sources:
         cuda, reason = None, "no sources in csrc/cuda/"
     if os.environ.get("MADA_BUILD_CUDA", "").lower() in ("1", "yes", "on", "true") and not cuda:
@@ -308,6 +316,24 @@ def cuda_jobs(tmp: str, includes: list[str], out: str, plan: CudaPlan) -> list[J
     return jobs + [Job(out, objs, link, "LINK", dep=False)]
 
 
+def cuda_on_cpu_wanted() -> bool:
+    return os.environ.get("MADA_BUILD_CUDA_ON_CPU", "").lower() in ("1", "yes", "on", "true")
+
+
+def cuda_on_cpu_jobs(tmp: str, includes: list[str], out: str, sources: list[str]) -> list[Job]:
+    """csrc/cuda/ compiled as C++: each block's threads run as host threads (cuda_on_cpu.h)."""
+    flags = ["-O2", "-std=c++20", "-fPIC", "-fvisibility=hidden", "-pthread", "-Wall", "-Wno-unknown-pragmas",
+             "-DMADA_CUDA_MODULE=_C_cuda_on_cpu"]
+    jobs, objs = [], []
+    for src in [os.path.join(ROOT, s) for s in sources]:
+        obj = os.path.join(tmp, f"cuda_on_cpu_{os.path.splitext(os.path.basename(src))[0]}.o")
+        argv = [CXX, *flags, *includes, "-MMD", "-MF", obj + ".d", "-x", "c++", "-c", src, "-o", obj]
+        jobs.append(Job(obj, [src], argv, "CXX[cuda_on_cpu]"))
+        objs.append(obj)
+    link = [CXX, "-shared", "-pthread", *objs, "-o", out]
+    return jobs + [Job(out, objs, link, "LINK", dep=False)]
+
+
 class BuildExt(build_ext):
     """Compiles every extension through :func:`run_jobs`; setup.py sets ``cuda`` (a :class:`CudaPlan`)."""
 
@@ -341,6 +367,8 @@ class BuildExt(build_ext):
             os.makedirs(os.path.dirname(out), exist_ok=True)
             if ext.name.endswith("_C_cpu"):
                 jobs += cpu_jobs(tmp, includes, out, self.cuda.status())
+            elif ext.name.endswith("_C_cuda_on_cpu"):
+                jobs += cuda_on_cpu_jobs(tmp, includes, out, ext.sources)
             else:
                 jobs += cuda_jobs(tmp, includes, out, self.cuda)
         run_jobs(jobs, tmp)

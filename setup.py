@@ -31,6 +31,9 @@ def main() -> None:
                              depends=headers)]
     if cuda.toolkit:
         ext_modules.append(Extension("mada_fused._C_cuda", sources=cuda.sources, depends=headers))
+    if build_support.cuda_on_cpu_wanted():
+        ext_modules.append(Extension("mada_fused._C_cuda_on_cpu", sources=build_support.cuda_sources(),
+                                     depends=headers))
     pkgs, package_dir = packages()
     setup(packages=pkgs, package_dir=package_dir, ext_modules=ext_modules,
           cmdclass={"build_ext": build_support.BuildExt})

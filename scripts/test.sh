@@ -13,3 +13,4 @@ bash .ci/sanitize_cpu.sh || exit 1
 if [ -f .ci/wheel_smoke.sh ]; then
   bash .ci/wheel_smoke.sh || exit 1
 fi
+bash .ci/cuda_on_cpu_sanitize.sh || exit 1

@@ -55,7 +55,12 @@ py::list plan_info(const py::bytes& packed) {
 
 }  // namespace
 
-PYBIND11_MODULE(_C_cuda, m) {
+// The same binding serves the CPU build of these sources (cuda_on_cpu.h), under its own name.
+#ifndef MADA_CUDA_MODULE
+#define MADA_CUDA_MODULE _C_cuda
+#endif
+
+PYBIND11_MODULE(MADA_CUDA_MODULE, m) {
   m.doc() = "mada_fused CUDA kernels (raw device pointers in, no libtorch)";
   m.def("run", &run, py::arg("call"), py::arg("alloc") = py::none(),
         "One MADA / dot / AdaMod pass over a bucket's active segments");

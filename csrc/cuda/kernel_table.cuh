@@ -10,7 +10,7 @@ namespace mada_cuda {
 
 template <typename P, class Op>
 void launch(const Args& a, int64_t blocks, void* stream) {
-  step_kernel<P, Op><<<dim3(unsigned(blocks)), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+  MADA_LAUNCH(dim3(unsigned(blocks)), kThreads, static_cast<cudaStream_t>(stream), step_kernel<P, Op>)(a);
 }
 
 template <typename P, std::size_t... V>

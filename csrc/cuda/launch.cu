@@ -20,7 +20,7 @@ __global__ void __launch_bounds__(kThreads)
   const double* row = slots + int64_t(blockIdx.x) * n;
   double v = 0.0;
   for (int64_t j = threadIdx.x; j < n; j += kThreads) v += row[j];
-  __shared__ double sh[kThreads / 32];
+  MADA_SHARED(double[kThreads / 32], sh);
   const double s = block_sum(v, sh);
   if (threadIdx.x == 0) out[blockIdx.x] += s;
 }
@@ -33,6 +33,28 @@ void check(cudaError_t e, const char* what) {
   }
 }
 
+// Makes the call's device current and puts the caller's back afterwards: the
+// runtime's current device is the thread's current context, which torch
+// shares, so leaving ours current would move torch's too.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (device == prev_) return;
+    check(cudaSetDevice(device), "cudaSetDevice");
+    changed_ = true;
+  }
+  ~DeviceGuard() {
+    if (changed_ && cudaSetDevice(prev_) != cudaSuccess) cudaGetLastError();  // no one to tell in a destructor
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+  bool changed_ = false;
+};
+
 }  // namespace
 
 void execute(const Request& r, Plan& plan, double* slots) {
@@ -42,8 +64,7 @@ void execute(const Request& r, Plan& plan, double* slots) {
                        : call.dtype == kBF16 ? table_bf16() : table_f16();
   const LaunchFn fn = call.op == kMadaStep ? t.mada[call.variant] : call.op == kMadaDot ? t.dot
                     : t.adamod[call.variant];
-  // Our static runtime keeps its own current device, apart from torch's.
-  check(cudaSetDevice(int(call.device)), "cudaSetDevice");
+  const DeviceGuard device(int(call.device));
   void* stream = reinterpret_cast<void*>(static_cast<uintptr_t>(call.stream));
   for (size_t i = 0; i < plan.launches.size(); ++i) {
     Args& a = plan.launches[i];
@@ -53,7 +74,7 @@ void execute(const Request& r, Plan& plan, double* slots) {
     check(cudaGetLastError(), "step kernel launch");
   }
   if (call.dot_out && r.n_learn > 0) {
-    reduce_slots<<<r.n_learn, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+    MADA_LAUNCH(r.n_learn, kThreads, static_cast<cudaStream_t>(stream), reduce_slots)(
         slots, plan.total_blocks, call.dot_out, r.c.found_inf);
     check(cudaGetLastError(), "reduction launch");
   }
@@ -74,10 +95,15 @@ bool device_ok(int device, std::string* why) {
     *why = "device " + std::to_string(device) + " does not exist";
     return false;
   }
-  if (e == cudaSuccess) e = cudaSetDevice(device);
-  // Fails with cudaErrorNoKernelImageForDevice when no built arch (or PTX) fits.
-  cudaFuncAttributes attr;
-  if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, reduce_slots);
+  int prev = 0;
+  if (e == cudaSuccess) e = cudaGetDevice(&prev);
+  if (e == cudaSuccess) {
+    e = cudaSetDevice(device);
+    // Fails with cudaErrorNoKernelImageForDevice when no built arch (or PTX) fits.
+    cudaFuncAttributes attr;
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, reduce_slots);
+    if (device != prev && cudaSetDevice(prev) != cudaSuccess) cudaGetLastError();  // as execute() does
+  }
   if (e != cudaSuccess) {
     cudaGetLastError();
     *why = cudaGetErrorString(e);

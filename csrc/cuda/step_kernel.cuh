@@ -4,12 +4,9 @@
 // sums. Included by kernel_table.cuh (the per-dtype kernel files) and launch.cu.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstring>
 
+#include "cuda/cuda_api.h"
 #include "cuda/launch.h"
 #include "mada_math.h"
 
@@ -215,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __g
   const S scale = c.grad_scale ? S(*c.grad_scale) : S(1);
   const bool dot = Op::kMayDot && c.dot;
   double acc[kNumCoef] = {};
-  __shared__ typename Op::Scalars sk;
+  MADA_SHARED(typename Op::Scalars, sk);
 
   const int64_t c0 = int64_t(blockIdx.x) * c.chunk, c1 = c0 + c.chunk;
   int lo = 0, hi = t.n - 1;  // last segment with vstart <= c0 (uniform over the block)
@@ -251,7 +248,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __g
   }
 
   if (dot) {
-    __shared__ double sh[kThreads / 32];
+    MADA_SHARED(double[kThreads / 32], sh);
 #pragma unroll
     for (int j = 0, r = 0; j < kNumCoef; ++j) {
       if (!((c.learn_mask >> j) & 1u)) continue;

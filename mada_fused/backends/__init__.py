@@ -14,8 +14,9 @@ import torch
 
 from .base import Backend
 
-NAMES: tuple[str, ...] = ("reference", "cpu", "cuda", "triton")
-# "auto" tries these in order and takes the first that loads and supports the bucket.
+NAMES: tuple[str, ...] = ("reference", "cpu", "cuda", "triton", "cuda_on_cpu")
+# "auto" tries these in order and takes the first that loads and supports the bucket
+# (never cuda_on_cpu: the CUDA kernels run on host threads, a test vehicle).
 _AUTO_ORDER: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
 ENV_VAR = "MADA_FUSED_BACKEND"
 

@@ -1,0 +1,116 @@
+"""The CUDA backend's planner, launcher and kernels, run on the CPU.
+
+tests/native/build_driver.sh compiles csrc/cuda with the host C++ compiler
+through csrc/cuda/cuda_on_cpu.h (each block's threads are real threads) into
+tests/native/cuda_on_cpu_driver, which checks every buffer bit for bit against
+a per-element loop over mada_math.h: four dtypes, vector and scalar paths,
+chunks spanning segments, more than 600 segments, learn subsets, the dot
+reduction, found_inf, grad scale and the caller's current device. The same
+driver runs under the sanitizers in .ci/cuda_on_cpu_sanitize.sh.
+
+When the extension ``_C_cuda_on_cpu`` is built (MADA_BUILD_CUDA_ON_CPU=1),
+backend="cuda_on_cpu" (the Python cuda call path, CPU tensors) is also held
+to the reference with the GPU tests' cases and tolerances (test_cuda_backend).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+import mada_fused
+from mada_fused import backends
+
+from backend_cases import CASES, FULL  # tests/, on sys.path through conftest
+from test_cuda_backend import LAYOUTS, _run
+
+try:
+    from mada_fused import _C_cuda_on_cpu
+except ImportError:  # built only with MADA_BUILD_CUDA_ON_CPU=1
+    _C_cuda_on_cpu = None
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CXX = os.environ.get("CXX", "g++")
+CPU = torch.device("cpu")
+
+compiler = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"no C++ compiler ({CXX}) to build the driver")
+built = pytest.mark.skipif(_C_cuda_on_cpu is None, reason="_C_cuda_on_cpu not built (MADA_BUILD_CUDA_ON_CPU=1)")
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("cuda_on_cpu")
+    build = subprocess.run(["bash", str(ROOT / "tests/native/build_driver.sh"), str(out), "-O1"],
+                           capture_output=True, text=True, timeout=1200)
+    assert build.returncode == 0, build.stdout + build.stderr
+    return out / "cuda_on_cpu_driver"
+
+
+@compiler
+def test_kernels_match_the_element_loop(driver: pathlib.Path) -> None:
+    run = subprocess.run([str(driver)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and "all checks passed" in run.stdout, run.stdout + run.stderr
+
+
+@compiler
+def test_conversions_match_torch(driver: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31, (1 << 18,), dtype=torch.int64, generator=g)
+    # Exact ties and their neighbours for both formats, over the whole exponent
+    # range (fp16's subnormals included): the bits below each format's last
+    # mantissa bit set to half an ulp, and to one less and one more than that.
+    n = 1 << 14
+    sign_mant = torch.randint(0, 2**23, (n,), dtype=torch.int64, generator=g) | (
+        torch.randint(0, 2, (n,), dtype=torch.int64, generator=g) << 31)
+    for low, exps in ((16, (1, 255)), (13, (98, 144))):  # fp16: its subnormals up to its overflow
+        base = sign_mant | (torch.randint(*exps, (n,), dtype=torch.int64, generator=g) << 23)
+        for d in (-1, 0, 1):
+            bits = torch.cat([bits, (base >> low << low) | ((1 << (low - 1)) + d)])
+    x = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+    x = torch.cat([x, torch.tensor([65504.0, 65519.0, 65520.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26, -0.0,
+                                    float("inf"), float("-inf")])])
+    src, dst = tmp_path / "x.f32", tmp_path / "y.u16"
+    x.numpy().tofile(src)
+    run = subprocess.run([str(driver), "--convert", str(src), str(dst)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    got = torch.from_numpy(np.fromfile(dst, dtype=np.int16)).view(2, -1)
+    for row, dtype in zip(got, (torch.bfloat16, torch.float16)):
+        want = x.to(dtype)
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(row.view(dtype)), nan), dtype
+        assert torch.equal(row[~nan], want.view(torch.int16)[~nan]), dtype
+
+
+@built
+def test_backend_is_explicit_only():
+    assert backends.load("cuda_on_cpu").supports(CPU, torch.float32)
+    assert not backends.load("cuda_on_cpu").supports(torch.device("cuda"), torch.float32)
+    assert backends.resolve("auto", CPU, torch.float32).name != "cuda_on_cpu"
+
+
+@built
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_backend_matches_reference(case, layout):
+    cls, kw = CASES[case]
+    _run(cls, kw, device=CPU, shapes=LAYOUTS[layout], backend="cuda_on_cpu")
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("case", ["full_mod", "full_exact_detach_max", "diffmod"])
+def test_backend_dtypes_amp_missing_grad(dtype, case):
+    cls, kw = CASES[case]
+    _run(cls, kw, dtype=dtype, device=CPU, shapes=LAYOUTS["aligned"], amp=True, drop=2, backend="cuda_on_cpu")
+
+
+@built
+def test_backend_many_segments():
+    """650 tensors: two launches, hyper-gradient slots across both."""
+    _run(mada_fused.MADA, dict(FULL, mod_beta=0.9), device=CPU, shapes=[(3,)] * 650 + [(5000,)], steps=3,
+         backend="cuda_on_cpu")
