@@ -100,7 +100,8 @@ EOF
 # and the check that both built extensions speak the call interface of the Python mirror.
 step "CPU-backend, CUDA-extension and call-interface tests against the installed wheel"
 mkdir -p "$WORK/tests"
-cp "$ROOT"/tests/conftest.py "$ROOT"/tests/spec_model.py "$ROOT"/tests/backend_cases.py "$ROOT"/tests/test_cpu_backend.py \
+cp "$ROOT"/tests/conftest.py "$ROOT"/tests/spec_model.py "$ROOT"/tests/conformance_cases.py "$ROOT"/tests/test_conformance.py \
+   "$ROOT"/tests/test_cpu_backend.py \
    "$ROOT"/tests/test_cuda_backend.py "$ROOT"/tests/test_abi.py "$WORK/tests/"
 "$VPY" -m pytest -q -p no:cacheprovider "$WORK/tests/test_cpu_backend.py" "$WORK/tests/test_cuda_backend.py" \
     "$WORK/tests/test_abi.py"

@@ -15,5 +15,7 @@ python -m pip install -q "torch==2.13.0"
 # The CUDA extension is compiled whenever nvcc exists; one arch keeps this fast.
 # CI compiles it once, in the wheel job (.ci/wheel_smoke.sh), and tests it there.
 if [ "${CI:-}" = "true" ]; then export MADA_BUILD_CUDA=${MADA_BUILD_CUDA:-0}; fi
+# The CUDA sources built by the host compiler (backend="cuda_on_cpu"): how CI tests the CUDA kernels.
+export MADA_BUILD_CUDA_ON_CPU=${MADA_BUILD_CUDA_ON_CPU:-1}
 MADA_CUDA_ARCHS=${MADA_CUDA_ARCHS:-90} python -m pip install -q -e ".[test,triton,bench]"
 python -m mada_fused.info

@@ -47,22 +47,36 @@ def mada_init_state(theta: torch.Tensor) -> dict:
     return {"step": 0, **{k: z.clone() for k in MADA_MOMENTS if k != "g_prev"}, "g_prev": None}
 
 
+def held(x, dtype=None):
+    """x as an implementation in ``dtype`` holds it: the nearest ``dtype`` number, as a float64
+    tensor whose forward-mode tangent is x's (None: x itself)."""
+    x = _as_t(x)
+    if dtype is None:
+        return x
+    return x + (x.detach().to(dtype).to(torch.float64) - x.detach())
+
+
 def mada_step(theta, g, state, k, *, lr, weight_decay=0.0, eps=1e-8, mod_beta=0.0,
-              lion_betas=(0.95, 0.98), vbar="full", maximize=False):
+              lion_betas=(0.95, 0.98), vbar="full", maximize=False, const_dtype=None):
     """docs/spec.md section 1, one step.
 
     theta, g: float64 tensors (constants).  state: dict from ``mada_init_state`` or a
     previous call (treated as constants: one-step truncation).  k: dict name -> 0-dim
     tensor (may require grad / carry forward-mode tangents).
+    ``const_dtype``: evaluate with the constants an implementation in that dtype holds
+    (coefficients, betas, lr, eps and the decay factor rounded to it), the powers beta^t
+    still from the float64 coefficients.
     Returns (theta_new, new_state, u, aux) where aux holds eta, s for clip checks.
     """
     t = state["step"] + 1
     g = g.detach().to(torch.float64)
     if maximize:
         g = -g
-    beta1, beta2, beta3 = _as_t(k["beta1"]), _as_t(k["beta2"]), _as_t(k["beta3"])
-    rho, c, gamma = _as_t(k["rho"]), _as_t(k["c"]), _as_t(k["gamma"])
-    lb1, lb2 = lion_betas
+    pw1, pw2 = _as_t(k["beta1"]), _as_t(k["beta2"])  # for the powers only
+    beta1, beta2, beta3, rho, c, gamma = (held(k[n], const_dtype) for n in CANON)
+    lb1, lb2 = (held(b, const_dtype) for b in lion_betas)
+    eps, lr_e, mod_beta = held(eps, const_dtype), held(lr, const_dtype), held(mod_beta, const_dtype)
+    decay = held(1 - lr * weight_decay, const_dtype)
     m_, v_, n_, l_, vb_, s_ = (state[x].detach() for x in ("m", "v", "n", "l", "vb", "s"))
     g_prev = g if state["g_prev"] is None else state["g_prev"].detach()
 
@@ -77,22 +91,22 @@ def mada_step(theta, g, state, k, *, lr, weight_decay=0.0, eps=1e-8, mod_beta=0.
     uL = lb1 * l_ + (1 - lb1) * g
     l = lb2 * l_ + (1 - lb2) * g
     vb = ((t - 1) * vb_ + v) / t
-    B1 = 1 - beta1 ** t
-    B2 = 1 - beta2 ** t
+    B1 = 1 - pw1 ** t
+    B2 = 1 - pw2 ** t
     vb_used = vb.detach() if vbar == "detach" else vb
     N = rho * v + (1 - rho) * vb_used
     vh = N / B2
     A = m / B1 + beta3 * n
     D = torch.sqrt(vh) + eps
-    eta = lr / D
+    eta = lr_e / D
     if mod_beta > 0:
         s = mod_beta * s_ + (1 - mod_beta) * eta
         etah = torch.where(eta <= s, eta, s)
     else:
         s = s_
         etah = eta
-    u = gamma * etah * A + (1 - gamma) * lr * torch.sign(uL).detach()
-    theta_new = theta.detach().to(torch.float64) * (1 - lr * weight_decay) - u
+    u = gamma * etah * A + (1 - gamma) * lr_e * torch.sign(uL).detach()
+    theta_new = theta.detach().to(torch.float64) * decay - u
     new_state = {"step": t, "m": m, "v": v, "n": n, "l": l, "vb": vb, "s": s, "g_prev": g.clone()}
     return theta_new, new_state, u, {"eta": eta, "s": s}
 
@@ -128,8 +142,9 @@ def project(name: str, value: float, bounds: dict) -> float:
 # --------------------------------------------------------------------------- #
 
 def adamod_step(theta, g, state, *, lr, betas=(0.9, 0.999), beta3=0.999, eps=1e-8, weight_decay=0.0,
-                diff_friction=False):
-    """docs/spec.md section 3 (AdaMod as released), plus section 4's diffGrad friction when asked."""
+                diff_friction=False, const_dtype=None):
+    """docs/spec.md section 3 (AdaMod as released), plus section 4's diffGrad friction when asked.
+    ``const_dtype``: as in :func:`mada_step` (the step size lr sqrt(B2) / B1 is one constant)."""
     b1, b2 = betas
     t = state.get("step", 0) + 1
     g = g.to(torch.float64)
@@ -137,10 +152,12 @@ def adamod_step(theta, g, state, *, lr, betas=(0.9, 0.999), beta3=0.999, eps=1e-
     m_ = state.get("m", z)
     v_ = state.get("v", z)
     s_ = state.get("s", z)
+    step_size = held(lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t), const_dtype)
+    b1, b2, beta3, eps = (held(x, const_dtype) for x in (b1, b2, beta3, eps))
     m = b1 * m_ + (1 - b1) * g
     v = b2 * v_ + (1 - b2) * g * g
-    eta = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) / (torch.sqrt(v) + eps)
-    theta = theta - lr * weight_decay * theta
+    eta = step_size / (torch.sqrt(v) + eps)
+    theta = theta * held(1 - lr * weight_decay, const_dtype)
     s = beta3 * s_ + (1 - beta3) * eta
     step_m = m
     if diff_friction:
@@ -293,3 +310,24 @@ class MadaSim:
             kd = {n: float(self.last["k"][j]) for j, n in enumerate(CANON)}
             cache[i] = mada_tangents(th, g, st, kd, lr=self.lrs[i], weight_decay=self.wds[i], **self.kw)
         return torch.stack([cache[i][CANON.index(n)] for n in names])
+
+
+def hyper_settings(kwargs: dict) -> dict:
+    """MADA's hyper-gradient descent settings (SPEC section 2) from its constructor arguments."""
+    bounds = kwargs.get("bounds")
+    box = dict(PAPER_BOUNDS if bounds == "paper" else DEFAULT_BOUNDS)
+    if isinstance(bounds, dict):
+        box.update(bounds)
+    clip = kwargs.get("hyper_clip", 10.0)
+    return dict(rates={**DEFAULT_HYPER_LR, **(kwargs.get("hyper_lr") or {})}, bounds=box,
+                clip=math.inf if clip is None else clip, warmup=kwargs.get("hyper_warmup", 50))
+
+
+def hyper_update(coeffs: dict, h: dict, settings: dict) -> dict:
+    """SPEC section 2's hyper-update: clipped SGD on the learned coefficients (the keys of h),
+    projected to their boxes."""
+    out = dict(coeffs)
+    clip = settings["clip"]
+    for n, hn in h.items():
+        out[n] = project(n, coeffs[n] - settings["rates"][n] * min(max(hn, -clip), clip), settings["bounds"])
+    return out

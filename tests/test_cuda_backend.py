@@ -1,24 +1,11 @@
-"""backend="cuda" (csrc/cuda/, mada_fused/backends/cuda.py) against backend="reference".
+"""What is specific to backend="cuda" (csrc/cuda/, mada_fused/backends/cuda.py): the build,
+launch planning, many segments and misaligned params, GradScaler, graph capture, determinism,
+checkpoint exchange, 64-bit indexing. Its numbers, on every case and dtype, are checked in
+test_conformance.py (tolerances: conformance_cases.TARGETS).
 
-Without a GPU the extension must still build and import (it makes no CUDA call at
-import), and its host-side planning (chunks, launches, alignment, argument checks)
-is tested here; every GPU test skips with its reason.
-
-Tolerances (fp32). The kernels evaluate csrc/mada_math.h, which multiplies by
-reciprocals of the bias corrections where the reference divides, and nvcc may
-contract a*b+c into one FMA; so any op may round one ulp apart. Values: 8 ulp per step
-of the bucket's scale of that quantity (4.8e-7 relative, inside issue #4's 1e-6).
-Tangent rows: dvh/dbeta2 = w(v'-G)/B2 + t beta2^(t-1) N/B2^2 is the difference
-of two terms ~1/B2 times larger than itself (B2 = 1 - beta2^t, down to 1e-4 at
-t = 1 with beta2 at its 0.9999 bound), and at t = 1 the tangents of beta1, beta2
-and gamma are exactly 0 in exact arithmetic (bias correction makes the first
-step independent of the betas), i.e. rounding noise on both sides: rows to 2^-8
-of (row scale + lr), which still exposes a wrong element, row or coefficient.
-The hyper-gradient is held to the backend's own tangents instead (see _run).
-bf16/fp16 params: both sides round the same fp32 value once per step; a
-few-ulp fp32 difference can land on the other side of a rounding boundary and
-the next step starts from there, so one param ulp per step (2^-7 relative for
-bf16's 8 significant bits, 2^-10 for fp16); their fp32 state is held to fp32.
+Without a GPU the extension must still build and import (it makes no CUDA call at import),
+and its host-side planning (chunks, launches, alignment, argument checks) is tested here;
+every GPU test skips with its reason.
 """
 from __future__ import annotations
 
@@ -31,7 +18,8 @@ import mada_fused
 from mada_fused import backends
 from mada_fused.backends import abi
 
-from backend_cases import ALL, CASES, FULL, random_grads  # tests/, on sys.path through conftest
+from conformance_cases import ALL, CASES, FULL, random_grads  # tests/, on sys.path through conftest
+from test_conformance import check  # likewise
 
 try:
     from mada_fused import _C_cuda
@@ -42,20 +30,13 @@ built = pytest.mark.skipif(_C_cuda is None, reason="CUDA extension not built (no
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or _C_cuda is None,
                          reason="no CUDA device" if not torch.cuda.is_available() else "CUDA extension not built")
 
-# Long cross-backend runs learn slowly: h of beta2 is ill-conditioned (module docstring) and
-# coefficients feed it back into everything; a slow rate keeps that below the tolerances.
+# Long cross-backend runs learn slowly: h of beta2 is ill-conditioned and coefficients feed
+# it back into everything; a slow rate keeps that below the tolerances.
 SLOW = dict(FULL, mod_beta=0.9, hyper_lr={n: 1e-3 for n in ALL})
-# Several 2K-element chunks with segments spanning chunk ends, tails, lone tiny tensors,
-# and offsets that break 16-byte alignment (scalar path) or keep it (vector path).
-LAYOUTS = {
-    "odd": [(5000,), (7,), (37, 129), (1,), (3001,)],
-    "aligned": [(4096,), (96, 80), (8,), (2048,)],
-}
-LR_MAX = 1e-2  # the largest group lr of every case
-TAN_TOL = 2.0**-8  # tangent rows, relative to row scale + lr (module docstring)
+# Several 2K-element chunks with segments spanning chunk ends, tails, lone tiny tensors.
+SHAPES = [(5000,), (7,), (37, 129), (1,), (3001,)]
 DEV = torch.device("cuda")
 F32 = torch.float32
-
 
 
 def _make(cls, kw, base, device, backend):
@@ -70,80 +51,6 @@ def _close(a, b, what, tol_rel, floor=0.0):
     tol = tol_rel * (b.abs().max().item() + floor) if b.numel() else 0.0
     err = (a - b).abs().max().item() if a.numel() else 0.0
     assert err <= tol, f"{what}: max abs diff {err:.3g} > {tol:.3g}"
-
-
-def _dot_of(opt, ps, scale, sign):
-    """(h, sum|g*T|) from the optimizer's own tangents: what the next step must report."""
-    h = bound = 0
-    for p in ps:
-        st = opt.state.get(p, {})
-        if p.grad is not None and "tangents" in st:
-            g = (p.grad.to(st["tangents"].dtype) / scale * sign).flatten().double()  # the kernel's g
-            prod = g * st["tangents"].flatten(1).double()  # exact products, as the kernel takes them
-            h, bound = h - prod.sum(1), bound + prod.abs().sum(1)
-    return h, bound
-
-
-def _run(cls, kw, dtype=F32, device=None, shapes=LAYOUTS["odd"], steps=4, drop=None, amp=False,
-         backend="cuda"):
-    """Step `backend` and the reference on the same grads; compare after every step.
-
-    drop: index of a param that gets no grad at step 1 (keeps its own step count).
-    amp: grads scaled by 64 with grad_scale/found_inf set as GradScaler does; step 1 has found_inf.
-    MADA's hyper-gradient is checked against the backend's own tangents (the reduction is exact
-    up to fp64 summation order), coefficients by |dk| <= hyper_lr |dh| (clip and box are
-    1-Lipschitz); then the backend gets the reference's coefficients back, so every step compares
-    the kernels on identical inputs instead of amplifying the ill-conditioned h of beta2.
-    """
-    device = device or DEV
-    s_eps = torch.finfo(torch.float64 if dtype == torch.float64 else F32).eps
-    p_tol = torch.finfo(dtype).eps if dtype.itemsize == 2 else 8 * s_eps  # per step (eps: one ulp at 1)
-    base = [torch.randn(s, dtype=torch.float64).to(dtype) for s in shapes]
-    cp, copt = _make(cls, kw, base, device, backend)
-    rp, ropt = _make(cls, kw, base, device, "reference")
-    mada = isinstance(copt, mada_fused.MADA)
-    scale, sign = (64.0 if amp else 1.0), (-1.0 if kw.get("maximize") else 1.0)
-    prev_h = {}
-    for i, grads in enumerate(random_grads(shapes, steps, dtype, device, scale)):
-        skip = amp and i == 1
-        for ps, opt in ((cp, copt), (rp, ropt)):
-            for j, (p, g) in enumerate(zip(ps, grads)):
-                p.grad = None if (drop == j and i == 1) else g.clone()
-            if amp:  # what GradScaler hands an optimizer with _step_supports_amp_scaling
-                opt.grad_scale = torch.full((), scale, dtype=F32, device=device)
-                opt.found_inf = torch.full((), float(skip), dtype=F32, device=device)
-        want_h, bound = _dot_of(copt, cp, scale, sign) if mada else (0, 0)
-        before = [p.detach().clone() for p in cp]
-        copt.step()
-        ropt.step()
-        # Errors are ulps of the operands, whose scale is the bucket's: a lone element may cancel.
-        scale_of = {n: max(ropt.state[b][n].abs().max().item() for b in rp) for n in ropt.state[rp[0]]}
-        scale_of["param"] = max(b.detach().abs().max().item() for b in rp)
-        for j, (a, b) in enumerate(zip(cp, rp)):
-            if skip:
-                assert torch.equal(a.detach(), before[j]), "found_inf must leave params untouched"
-            _close(a, b, f"step {i} param {j}", (i + 1) * p_tol, floor=scale_of["param"])
-            for name, s in ropt.state[b].items():
-                if name == "tangents":  # rows differ in scale by orders of magnitude: one by one
-                    for r, (x, y) in enumerate(zip(copt.state[a][name], s)):
-                        _close(x, y, f"step {i} param {j} tangent row {r}", TAN_TOL, floor=LR_MAX)
-                else:
-                    _close(copt.state[a][name], s, f"step {i} param {j} state {name}", 8 * (i + 1) * s_eps,
-                           floor=scale_of[name])
-        if not mada:
-            continue
-        ch, rh = copt.hypergradients, ropt.hypergradients
-        assert ch.keys() == rh.keys()
-        for r, n in enumerate(ch):
-            want = prev_h.get(n, 0.0) if skip else want_h[r].item()  # a skipped step keeps h
-            assert abs(ch[n] - want) <= 1e-10 * bound[r].item(), f"step {i} h[{n}] = {ch[n]}, want {want}"
-        prev_h = ch
-        rate = max([0.1, 5e-4] + list((kw.get("hyper_lr") or {}).values()))
-        ck, rk = copt.coefficients, ropt.coefficients
-        for n, v in rk.items():
-            assert abs(ck[n] - v) <= rate * abs(ch.get(n, 0) - rh.get(n, 0)) + 1e-15, f"step {i} coefficient {n}"
-        copt._hyper.coef.copy_(ropt._hyper.coef)
-    return copt, cp
 
 
 def _fake_call(numels, variant=0, offsets=None, misalign=(), tan=0, mask=0, stride=None):
@@ -214,26 +121,10 @@ def test_supports_and_auto():
 
 
 @gpu
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference(case, layout):
-    cls, kw = CASES[case]
-    _run(cls, kw, shapes=LAYOUTS[layout])
-
-
-@gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("case", ["full_mod", "full_exact_detach_max", "diffmod"])
-def test_dtypes_amp_missing_grad(dtype, case):
-    cls, kw = CASES[case]
-    _run(cls, kw, dtype=dtype, shapes=LAYOUTS["aligned"], amp=True, drop=2)
-
-
-@gpu
 def test_many_segments_and_misaligned_params():
     """More tensors than one launch holds (hyper-gradient slots span launches), and a param
     that is a view at an odd address (the scalar path)."""
-    _run(mada_fused.MADA, dict(FULL, mod_beta=0.9), shapes=[(3,)] * 650 + [(5000,)], steps=3)
+    check("cuda", CASES["full_mod"], F32, DEV, shapes=[(3,)] * 650 + [(5000,)])
     base = torch.randn(4099, dtype=F32, device=DEV)
     pc, pr = torch.nn.Parameter(base.clone()[1:]), torch.nn.Parameter(base.clone()[1:])
     assert pc.data_ptr() % 16 != 0
@@ -250,8 +141,8 @@ def test_gradscaler_found_inf_changes_nothing():
     """torch.amp.GradScaler hands us grad_scale/found_inf (we set _step_supports_amp_scaling):
     a step with an inf grad leaves params, state, step counts and coefficients as they were."""
     assert mada_fused.MADA._step_supports_amp_scaling
-    base = [torch.randn(s, dtype=F32) for s in LAYOUTS["odd"]]
-    seq = random_grads(LAYOUTS["odd"], 4, F32, DEV)
+    base = [torch.randn(s, dtype=F32) for s in SHAPES]
+    seq = random_grads(SHAPES, 4, F32, DEV)
     runs = {}
     for backend in ("cuda", "reference"):
         ps, opt = _make(mada_fused.MADA, SLOW, base, DEV, backend)
@@ -283,7 +174,7 @@ def test_cuda_graph_capture_and_replay():
     """torch's capturable-optimizer pattern: static grads, warm-up on a side stream, capture one
     step, replay. Replays compute exactly what eager steps compute, bit for bit, including a
     tensor lr changed between replays (scalars never leave the device)."""
-    shapes = LAYOUTS["odd"]
+    shapes = SHAPES
     base = [torch.randn(s, dtype=F32, device="cuda") for s in shapes]
     seq = random_grads(shapes, 6, F32, "cuda")
     lrs = [1e-2, 1e-2, 5e-3, 5e-3, 2e-3, 2e-3]
@@ -362,7 +253,7 @@ def test_checkpoint_exchange(other):
     """A CUDA checkpoint resumes on the CPU backends and back, and all continue alike."""
     if other == "cpu" and "cpu" not in backends.available():
         pytest.skip("the C++ CPU extension is not built")
-    shapes, kw = LAYOUTS["odd"], SLOW
+    shapes, kw = SHAPES, SLOW
     base = [torch.randn(s, dtype=F32) for s in shapes]
     seq = random_grads(shapes, 6, F32, "cpu")
 

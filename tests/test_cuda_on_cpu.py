@@ -9,8 +9,9 @@ reduction, found_inf, grad scale and the caller's current device. The same
 driver runs under the sanitizers in .ci/cuda_on_cpu_sanitize.sh.
 
 When the extension ``_C_cuda_on_cpu`` is built (MADA_BUILD_CUDA_ON_CPU=1),
-backend="cuda_on_cpu" (the Python cuda call path, CPU tensors) is also held
-to the reference with the GPU tests' cases and tolerances (test_cuda_backend).
+backend="cuda_on_cpu" (the Python cuda call path, CPU tensors) runs every case
+of the conformance suite (test_conformance.py, with the CUDA layouts of
+conformance_cases.TARGETS); here only what is specific to it.
 """
 from __future__ import annotations
 
@@ -23,11 +24,10 @@ import numpy as np
 import pytest
 import torch
 
-import mada_fused
 from mada_fused import backends
 
-from backend_cases import CASES, FULL  # tests/, on sys.path through conftest
-from test_cuda_backend import LAYOUTS, _run
+from conformance_cases import CASES  # tests/, on sys.path through conftest
+from test_conformance import check  # likewise
 
 try:
     from mada_fused import _C_cuda_on_cpu
@@ -94,23 +94,6 @@ def test_backend_is_explicit_only():
 
 
 @built
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("case", list(CASES))
-def test_backend_matches_reference(case, layout):
-    cls, kw = CASES[case]
-    _run(cls, kw, device=CPU, shapes=LAYOUTS[layout], backend="cuda_on_cpu")
-
-
-@built
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("case", ["full_mod", "full_exact_detach_max", "diffmod"])
-def test_backend_dtypes_amp_missing_grad(dtype, case):
-    cls, kw = CASES[case]
-    _run(cls, kw, dtype=dtype, device=CPU, shapes=LAYOUTS["aligned"], amp=True, drop=2, backend="cuda_on_cpu")
-
-
-@built
 def test_backend_many_segments():
     """650 tensors: two launches, hyper-gradient slots across both."""
-    _run(mada_fused.MADA, dict(FULL, mod_beta=0.9), device=CPU, shapes=[(3,)] * 650 + [(5000,)], steps=3,
-         backend="cuda_on_cpu")
+    check("cuda_on_cpu", CASES["full_mod"], torch.float32, CPU, shapes=[(3,)] * 650 + [(5000,)])

@@ -19,7 +19,7 @@ import torch
 from mada_fused import MADA, AVGrad, AdaMod, DiffMod
 from mada_fused import backends as registry
 
-from backend_cases import ALL, FULL  # noqa: E402  (tests/, on sys.path through conftest)
+from conformance_cases import ALL, FULL  # noqa: E402  (tests/, on sys.path through conftest)
 
 HUGE = (1e20, -1e20, 3e38, -3e38, 2e19)
 

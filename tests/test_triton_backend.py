@@ -1,33 +1,10 @@
-"""backend="triton" against backend="reference": params, state, coefficients and hyper-gradients.
+"""What is specific to backend="triton": the interpreter switch, determinism, the launch-layout
+cache, the native compile, graph capture. Its numbers, on every case and dtype,
+are checked in test_conformance.py (under the interpreter on CPU tensors without a GPU).
 
-Without a GPU the kernels run under Triton's interpreter on CPU tensors. The
-backend reads TRITON_INTERPRET per call and keeps its interpreted kernels
-apart from its compiled ones, so the fixture below switches the interpreter on
-for these tests only: other test files (and backend="auto") never see it,
-whatever the import order. Sizes are small (the interpreter costs ~0.1 s per
-block) but reach several tensors, two groups, multi-chunk tables, full blocks
-and masked tails. On a GPU the same cases run compiled at realistic sizes,
-plus CUDA-graph capture.
-
-Tolerances, in eps = torch.finfo(dtype).eps (2^-23 for fp32 state). Each step
-starts from identical inputs (the Triton optimizer is synced to the reference's
-state after every step), so only one step's rounding is compared. Both
-backends evaluate csrc/mada_math.h op for op without FMA, but round
-differently: the header (and this kernel) multiply by reciprocals of the bias
-corrections taken in fp64, the reference divides; torch's CPU fp32 sqrt is not
-always correctly rounded (sqrt(1.2908058) is 1 ulp low); beta^t is
-exp2(t*log2(beta)) here and pow there; the dot takes exact fp64 products here.
-- params and moments: 2 eps of the tensor's largest value (a low-precision
-  param may round to the other neighbour: 1 ulp <= eps of the largest);
-- tangents: within 4x the reference's own error against the exact (float64,
-  independent tests/spec_model.py) value, plus 4 eps of it. A fixed tolerance
-  cannot work here: rows are differences of terms that cancel (at t = 1 the
-  beta1 and beta2 rows are exactly 0 and gamma's is etah*A - lr ~ 1e-8 from
-  terms of 1e-2), so rounding is amplified by 1/(1-beta2)-sized factors;
-- hyper-gradients: both dot the same stored tangents, so they differ by the
-  rounding of the sums only: 8 eps of sum |g*T|; coefficients: hyper_lr times that.
-Mutating any term of the kernels (tried: the Lion beta, found_inf, the beta2
-power, the friction sign) fails these by orders of magnitude.
+The backend reads TRITON_INTERPRET per call and keeps its interpreted kernels apart from its
+compiled ones, so the fixture below switches the interpreter on for these tests only: other
+test files (and backend="auto") never see it, whatever the import order.
 """
 from __future__ import annotations
 
@@ -43,11 +20,10 @@ triton = pytest.importorskip("triton", reason="Triton is optional: pip install t
 import mada_fused  # noqa: E402
 from mada_fused import backends  # noqa: E402
 
-import spec_model  # noqa: E402  (tests/, on sys.path through conftest)
-from backend_cases import ALL, CASES, FULL, random_grads  # noqa: E402  (likewise)
+from conformance_cases import CASES, FULL, random_grads  # noqa: E402  (tests/, on sys.path through conftest)
+from test_conformance import check  # noqa: E402  (likewise)
 
 CUDA = torch.cuda.is_available()
-SHAPES = [(1100,), (37,), (9, 13)]  # 2 chunks (2 full blocks + a tail), a lone tail, a 2-D tensor
 
 
 @pytest.fixture
@@ -56,130 +32,20 @@ def interpret(monkeypatch):
     monkeypatch.delenv("MADA_TRITON_CONFIG", raising=False)
 
 
-GROUP_LR_WD = [(None, 0.0), (3e-3, 0.1)]  # (lr or the default, weight decay) of the two groups
-
-
-def _pair(cls, kw, dtype, device, shapes):
-    base = [torch.randn(s, dtype=torch.float64).to(dtype) for s in shapes]
-    out = []
-    for backend in ("triton", "reference"):
-        ps = [b.clone().to(device).requires_grad_() for b in base]
-        # Two groups: per-group lr and weight decay reach the kernel through the table.
-        (_, wd0), (lr1, wd1) = GROUP_LR_WD
-        groups = [{"params": ps[:-1], "weight_decay": wd0}, {"params": ps[-1:], "lr": lr1, "weight_decay": wd1}]
-        out.append((ps, cls(groups, backend=backend, **kw)))
-    return out
-
-
-def _oracle_tangents(kw, theta, g, st, coef, group):
-    """du/dk in float64 from the same (fp32) pre-step state: the independent model of docs/spec.md."""
-    z = torch.zeros_like(theta)
-    state = {n: st[n].double() if n in st else z for n in ("m", "v", "n", "l", "vb", "s")}
-    step = int(st["step"]) if st else 0
-    state.update(step=step, g_prev=st["g_prev"].double() if step and "g_prev" in st else None)
-    lr, wd = GROUP_LR_WD[group]
-    names = [n for n in ALL if n in kw["learn"]]
-    return spec_model.mada_tangents(theta, g, state, coef, names=names, lr=kw["lr"] if lr is None else lr,
-                                    weight_decay=wd, mod_beta=kw.get("mod_beta", 0.0), vbar=kw.get("vbar", "full"),
-                                    maximize=kw.get("maximize", False))
-
-
-def _close(a, b, what, tol_rel):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    tol = tol_rel * b.abs().max().item() if b.numel() else 0.0
-    err = (a - b).abs().max().item() if a.numel() else 0.0
-    assert err <= tol, f"{what}: max abs diff {err:.3g} > {tol:.3g}"
-
-
-def _run(cls, kw, dtype=torch.float32, device="cpu", shapes=SHAPES, steps=3, drop=None, amp=False):
-    """Step both backends on the same grads and compare (tolerances: module docstring). After each
-    step the Triton optimizer is synced to the reference's state, so every step is checked from
-    identical inputs and rounding differences do not compound through the hyper-updates.
-
-    ``drop``: that parameter has no grad at step 2, so its step count falls behind the others'.
-    ``amp``: grads are scaled and GradScaler's found_inf is set at step 1.
-    """
-    p_eps = torch.finfo(dtype).eps
-    s_eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-    mada = issubclass(cls, mada_fused.MADA) and bool(kw.get("learn", ALL))
-    (tp, topt), (rp, ropt) = _pair(cls, kw, dtype, device, shapes)
-    scale = 64.0 if amp else 1.0  # fp16 grads times the scale must stay finite
-    for i, grads in enumerate(random_grads(shapes, steps, dtype, device, scale=scale)):
-        skip = amp and i == 1
-        for ps, opt in ((tp, topt), (rp, ropt)):
-            for j, (p, g) in enumerate(zip(ps, grads)):
-                p.grad = None if (i == 2 and j == drop) else g.clone()
-            if amp:  # what GradScaler (torch 2.x) hands a fused optimizer: 0-d tensors
-                opt.grad_scale = torch.full((), scale, dtype=torch.float32, device=device)
-                opt.found_inf = torch.full((), float(skip), dtype=torch.float32, device=device)
-        live = [j for j, p in enumerate(rp) if p.grad is not None and not skip]
-        gs = {j: rp[j].grad.double().cpu() / scale for j in live}
-        pre = {j: (rp[j].detach().double().cpu().clone(),  # copies: the step updates the state in place
-                   {n: t.detach().cpu().clone() for n, t in ropt.state.get(rp[j], {}).items()}) for j in live}
-        # Both read the same stored tangents: h differs only by the rounding of the sums.
-        sums = [pre[j][1]["tangents"].double().abs().flatten(1) @ gs[j].abs().flatten()
-                for j in live if "tangents" in pre[j][1]]
-        h_tol = 8 * s_eps * torch.stack(sums).sum(0) if sums else torch.zeros(6)
-        k_before = ropt.coefficients if mada else None
-        before = [p.detach().clone() for p in tp]
-        topt.step()
-        ropt.step()
-        for j, (a, b) in enumerate(zip(tp, rp)):
-            if skip:
-                assert torch.equal(a.detach(), before[j]), "found_inf must leave params untouched"
-            _close(a, b, f"step {i} param {j}", 2 * p_eps)
-            for name, s in ropt.state[b].items():
-                if name != "tangents":
-                    _close(topt.state[a][name], s, f"step {i} param {j} state {name}", 2 * s_eps)
-                elif j in live:
-                    coef = ropt.coefficients if kw.get("hyper_order") == "exact" else k_before  # what the step used
-                    exact = _oracle_tangents(kw, pre[j][0], gs[j], pre[j][1], coef, 0 if j < len(rp) - 1 else 1)
-                    for r, (x, y, z) in enumerate(zip(topt.state[a][name], s, exact)):
-                        # As close to the exact value as the reference is (see the module docstring).
-                        err, ref_err = ((t.double().cpu() - z).abs().max().item() for t in (x, y))
-                        tol = 4 * ref_err + 4 * s_eps * z.abs().max().item()
-                        assert err <= tol, f"step {i} param {j} tangent row {r}: error {err:.3g} > {tol:.3g}"
-                else:  # no grad, or a skipped step: the tangents stay as they were
-                    assert torch.equal(topt.state[a][name], s), f"step {i} param {j}: tangents changed"
-        if isinstance(ropt, mada_fused.MADA):
-            th, rh = topt.hypergradients, ropt.hypergradients
-            assert th.keys() == rh.keys()
-            for r, n in enumerate(th):
-                assert abs(th[n] - rh[n]) <= h_tol[r].item(), f"step {i} h[{n}]: {th[n]} vs {rh[n]}"
-            for n, v in ropt.coefficients.items():  # hyper_lr <= 0.1 times the h difference
-                assert abs(topt.coefficients[n] - v) <= 0.1 * h_tol.max().item() + 4 * s_eps, f"step {i} {n}"
-        topt.load_state_dict(ropt.state_dict())
-        with torch.no_grad():
-            for a, b in zip(tp, rp):
-                a.copy_(b)
-    return topt, tp
-
-
 # -- interpreter (CPU) --------------------------------------------------------------------------
-@pytest.mark.parametrize("case", list(CASES))
-def test_interpreter_matches_reference(interpret, case):
-    cls, kw = CASES[case]
-    _run(cls, kw)
-
-
-def test_interpreter_missing_grad_and_amp(interpret):
-    """A parameter without a grad keeps its own step count; a found_inf step changes nothing."""
-    _run(mada_fused.MADA, dict(FULL, mod_beta=0.9), drop=1, amp=True, steps=4)
-    _run(mada_fused.DiffMod, dict(lr=1e-2), drop=0, amp=True, steps=4)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-def test_interpreter_dtypes(interpret, dtype):
-    """bf16 params round once per step from fp32 state; fp64 params keep fp64 state (the oracle's dtype)."""
-    _run(mada_fused.MADA, dict(FULL, mod_beta=0.9), dtype=dtype)
-
-
 def test_interpreter_deterministic(interpret):
     """Same inputs, same bits: the reduction order is fixed by the layout, not by timing."""
+    shapes = [(1100,), (37,), (9, 13)]  # 2 chunks (2 full blocks + a tail), a lone tail, a 2-D tensor
+    base = [torch.randn(s) for s in shapes]
+    seq = random_grads(shapes, 2, torch.float32, "cpu")
     runs = []
     for _ in range(2):
-        torch.manual_seed(7)
-        opt, ps = _run(mada_fused.MADA, FULL, steps=2)
+        ps = [b.clone().requires_grad_() for b in base]
+        opt = mada_fused.MADA(ps, backend="triton", **FULL)
+        for grads in seq:
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
         runs.append((opt.hypergradients, [p.detach().clone() for p in ps]))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
@@ -249,9 +115,8 @@ def test_compiles_for_hopper_vectorised(interpret, monkeypatch, case):
             return lambda *args, **meta: seen.append((args, meta))
 
     monkeypatch.setattr(launch, "kernels", lambda interpret: type("K", (), {"fused_step": Capture()}))
-    cls, kw = CASES[case]
     ps = [torch.randn(s, dtype=torch.float32, requires_grad=True) for s in [(1024,), (64,), (32, 4)]]
-    opt = cls(ps, backend="triton", **kw)
+    opt = CASES[case].cls(ps, backend="triton", **CASES[case].kwargs)
     opt.grad_scale, opt.found_inf = torch.ones((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)
     for _ in range(2):  # the second MADA step reads tangents too
         for p in ps:
@@ -275,10 +140,8 @@ def test_compiles_for_hopper_vectorised(interpret, monkeypatch, case):
 
 
 # -- native (GPU) -------------------------------------------------------------------------------
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the interpreter tests above cover the math)")
-# Odd sizes take the unaligned path (scalar accesses); whole 16-byte vectors everywhere take the fast one.
-LAYOUTS = {"odd": [(1 << 20,), (4097,), (123, 77), (1,)], "aligned": [(1 << 20,), (4096,), (96, 80), (8,)]}
-BIG = LAYOUTS["odd"]
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the interpreter covers the math)")
+BIG = [(1 << 20,), (4097,), (123, 77), (1,)]
 
 
 @pytest.fixture
@@ -286,21 +149,6 @@ def pinned(monkeypatch):
     # One config: keeps the GPU tests from compiling every candidate for every variant.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("MADA_TRITON_CONFIG", "1024,8")
-
-
-@gpu
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("case", list(CASES))
-def test_gpu_matches_reference(pinned, case, layout):
-    cls, kw = CASES[case]
-    _run(cls, kw, device="cuda", shapes=LAYOUTS[layout], steps=4)
-
-
-@gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-def test_gpu_dtypes_amp(pinned, dtype):
-    _run(mada_fused.MADA, dict(FULL, mod_beta=0.9), dtype=dtype, device="cuda", shapes=LAYOUTS["aligned"],
-         amp=True, drop=2, steps=4)
 
 
 @gpu

@@ -13,7 +13,7 @@ triton = pytest.importorskip("triton", reason="Triton is optional: pip install t
 import mada_fused  # noqa: E402
 from mada_fused.triton_kernels import launch  # noqa: E402
 
-from backend_cases import ALL  # noqa: E402  (tests/, on sys.path through conftest)
+from conformance_cases import ALL  # noqa: E402  (tests/, on sys.path through conftest)
 
 
 @pytest.fixture
