@@ -127,7 +127,7 @@ def time_fn(fn: Callable[[], object], device: str, warmup: int, min_reps: int, m
             budget_s: float) -> list[float]:
     """Seconds per call: CUDA events on GPU, perf_counter on CPU; rep count fitted to budget_s."""
     t0 = time.perf_counter()
-    fn()  # the first call allocates state and (GPU) compiles/autotunes
+    fn()  # the first call allocates state and (GPU) compiles the kernels
     sync(device)
     first = time.perf_counter() - t0
     if first > SLOW_S:  # multi-second steps (the reference at 64M): fewer, still-median-able samples

@@ -58,6 +58,14 @@ def run(opt, params, steps=2) -> None:
         opt.step()
 
 
+def started(kind: str, be: str):
+    """Params and an optimizer of ``kind`` that has taken two steps (it holds state)."""
+    params = make()
+    opt = KINDS[kind](params, be)
+    run(opt, params)
+    return params, opt
+
+
 def snapshot(opt, params):
     extra = (dict(opt.coefficients), dict(opt.hypergradients)) if isinstance(opt, MADA) else None
     return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict()), extra
@@ -181,9 +189,7 @@ def probe_meta_param_refused(be: str) -> None:
 @probe
 def probe_shape_change_refused(be: str) -> None:
     for kind in KINDS:
-        params = make()
-        opt = KINDS[kind](params, be)
-        run(opt, params)
+        params, opt = started(kind, be)
         old = params[0].data
         for new_shape in [(5, 3), (3, 3), (3, 4), (12,)]:  # larger, smaller, same numel twice
             params[0].data = torch.randn(new_shape)
@@ -235,9 +241,7 @@ def probe_nan_grad_element_keeps_coefficients_finite(be: str) -> None:
 @probe
 def probe_bad_param_group_rolled_back(be: str) -> None:
     for kind in KINDS:
-        params = make()
-        opt = KINDS[kind](params, be)
-        run(opt, params)
+        params, opt = started(kind, be)
         x = torch.randn(3, requires_grad=True)
         bad_groups = [
             dict(params=[torch.randn(3, requires_grad=True)], lr=-1.0),
@@ -292,9 +296,7 @@ def _index_cache_bounded(be: str, size: int) -> None:
 @probe
 def probe_errors_change_nothing(be: str) -> None:
     for kind in KINDS:
-        params = make()
-        opt = KINDS[kind](params, be)
-        run(opt, params)
+        params, opt = started(kind, be)
         grads(params)
         opt.param_groups[0]["lr"] = torch.tensor(1e-2, device="meta")
         raises_and_changes_nothing(opt, params, opt.step)
@@ -325,9 +327,7 @@ class _CopyFails(torch.Tensor):
 @probe
 def probe_load_state_dict_atomic(be: str) -> None:
     for kind in KINDS:
-        params = make()
-        opt = KINDS[kind](params, be)
-        run(opt, params)
+        params, opt = started(kind, be)
         sd = copy.deepcopy(opt.state_dict())
         run(opt, params)
         sd["state"][2]["m"] = sd["state"][2]["m"].as_subclass(_CopyFails)
@@ -366,9 +366,7 @@ def _corruptions(kind: str):
 @probe
 def probe_corrupt_checkpoints_refused(be: str) -> None:
     for kind in KINDS:
-        params = make()
-        opt = KINDS[kind](params, be)
-        run(opt, params)
+        params, opt = started(kind, be)
         for name, corrupt in _corruptions(kind).items():
             sd = copy.deepcopy(opt.state_dict())
             corrupt(sd)
