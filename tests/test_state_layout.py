@@ -2,9 +2,10 @@
 
 The CUDA planner (csrc/cuda/plan.cpp) and the Triton launcher give a segment 16-byte
 vector accesses only when every stream it touches starts on a 16-byte boundary, and the
-tangent rows only when their stride is a multiple of 16 bytes. A GPT-2-shaped parameter
-list is odd-sized almost everywhere (a 50,257-row embedding, 3-element biases), so with
-dense offsets every parameter after the first odd one fell to the scalar path, silently.
+tangent rows only when their stride is a multiple of 16 bytes. In a GPT-2-shaped parameter
+list of odd sizes (an odd width, a 50,257-element bias, 3-element biases), dense offsets
+put most parameters after the first odd one on the scalar path, silently, and on a GPU an
+odd bucket length (the tangent-row stride) put all of them there.
 Here the planner's own report (``plan_info`` of the CPU build of csrc/cuda) and the Triton
 chunk table say which path each segment takes, on both bucket layouts (host: buffers
 placed apart in pages; device: plain allocations, row stride = bucket length), and the
@@ -37,8 +38,9 @@ built = pytest.mark.skipif(_C_cuda_on_cpu is None, reason="_C_cuda_on_cpu not bu
 
 
 def gpt2(d: int = 7, vocab: int = 1003, ctx: int = 33, ff: int = 29) -> list[tuple[int, ...]]:
-    """One GPT-2 block with its embeddings and final norm, scaled down (width 7 for 768, a
-    1003-token vocabulary for 50,257) with GPT-2's odd sizes kept: nearly every numel is odd."""
+    """GPT-2's tensor list (embeddings, one block, final norm) scaled down to width 7, a
+    1003-token vocabulary, context 33 and MLP width 29, plus a 3-element bias: every numel
+    is odd, as in a model of odd width or with a vocabulary-sized (50,257) bias."""
     block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, ff), (ff,), (ff, d), (d,)]
     return [(vocab, d), (ctx, d), *block, (d,), (d,), (3,)]
 
