@@ -32,9 +32,26 @@ _PAGE = 4096
 _SLOT = 256
 _FIRST_SLOT = 2
 
+# Every parameter's state starts on a 16-byte boundary, and a bucket's length (so a
+# device tangent row's stride, which is that length) is a whole number of 16 bytes: the
+# CUDA planner (csrc/cuda/plan.cpp) and the Triton launcher give a segment vector
+# accesses only when every stream it touches starts 16-byte aligned, and with dense
+# offsets one odd-sized parameter (a 50,257-row embedding, a 3-element bias) put every
+# later one on the scalar path. One rule for every bucket, host ones too, so the CUDA
+# code run on the CPU (cuda_on_cpu) sees CUDA's layout: it costs at most 15 bytes per
+# parameter. The pad elements stay zero (kernels step each segment's true numel) and
+# per-parameter views keep them out of state_dict, whose format does not change.
+ALIGN = 16
+
 # Patterns of missing grads whose step-count index stays on the device. Layer
 # drop or MoE routing can make every step's pattern new: least recently used go.
 INDEX_CACHE_SIZE = 64
+
+
+def host_layout(device: torch.device) -> bool:
+    """Whether a bucket on ``device`` places its buffers apart in pages (a CPU cache
+    effect, above); GPU buffers stay plain allocations (unmeasured there)."""
+    return device.type == "cpu"
 
 
 def _placed(numel: int, slot: int, opts: dict) -> torch.Tensor:
@@ -57,9 +74,11 @@ class Bucket:
     """State of all parameters of one device and dtype that joined together.
 
     ``buffers[name]`` is a 1-D buffer of ``numel`` elements; parameter ``i``
-    owns elements ``offsets[i] : offsets[i] + params[i].numel()``. Tangents
-    are one ``(num_learned, numel)`` buffer whose rows are contiguous (on the
-    host they are padded apart: its row stride is ``tangents.stride(0)``).
+    owns elements ``offsets[i] : offsets[i] + params[i].numel()``, each offset
+    and ``numel`` a multiple of 16 bytes (the elements between are zero
+    padding, see ALIGN). Tangents are one ``(num_learned, numel)`` buffer
+    whose rows are contiguous (on the host they are padded further apart: its
+    row stride is ``tangents.stride(0)``).
     ``steps[i]`` counts parameter ``i``'s successful steps. ``built_for[i]``
     is the (dtype, device, shape) parameter ``i`` had when its state was made:
     the optimizer checks every step that it still has them.
@@ -80,13 +99,14 @@ class Bucket:
         # A DTensor parameter (FSDP2) keeps state for its local shard only.
         self.shapes = [local_shape(p) for p in self.params]
         self.offsets: list[int] = []
+        vec = ALIGN // self.state_dtype.itemsize
         total = 0
         for shape in self.shapes:
             self.offsets.append(total)
-            total += shape.numel()
+            total = -(-(total + shape.numel()) // vec) * vec
         self.numel = total
         opts = dict(device=self.device, dtype=self.state_dtype)
-        host = self.device.type == "cpu"  # a CPU cache effect; GPU buffers stay plain (unmeasured there)
+        host = host_layout(self.device)
         self.buffers = {
             name: _placed(total, _FIRST_SLOT + k, opts) if host else torch.zeros(total, **opts)
             for k, name in enumerate(state_names)
