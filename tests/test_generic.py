@@ -62,7 +62,8 @@ class Model:
                 continue
             th, st, lr, wd, g = self.theta[i], self.state[i], lrs[i], wds[i], g.to(torch.float64)
             if self.name == "MADA":
-                k = {n: torch.tensor(float(v), dtype=torch.float64) for n, v in zip(sm.CANON, (*BETAS, *(cfg[n] for n in sm.CANON[2:])))}
+                values = (*BETAS, *(cfg[n] for n in sm.CANON[2:]))
+                k = {n: torch.tensor(float(v), dtype=torch.float64) for n, v in zip(sm.CANON, values)}
                 th, st = sm.mada_step(th, g, st, k, lr=lr, weight_decay=wd, mod_beta=cfg["mod_beta"])[:2]
             elif self.name == "AdaMod":
                 th, st = sm.adamod_step(th, g, st, lr=lr, betas=BETAS, beta3=0.9, weight_decay=wd)
@@ -101,7 +102,8 @@ SCHEDULERS = {
     "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=80),
     "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 0.98 ** e),
     # the loss must fall 5 % a step, or the LR comes down
-    "ReduceLROnPlateau": lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=0, threshold=0.05, factor=0.8),
+    "ReduceLROnPlateau": lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=0, threshold=0.05,
+                                                                              factor=0.8),
 }
 STEPS = 40
 LR = (0.2, 0.3)
@@ -123,7 +125,8 @@ class LeastSquares:
 
 # A scheduler only rewrites the groups' lr, which every backend reads the same way: the slow
 # cuda_on_cpu backend (host threads per block) runs without one.
-@pytest.mark.parametrize("backend,sched", [(b, s) for b in BACKENDS for s in SCHEDULERS if b != "cuda_on_cpu" or s is None],
+@pytest.mark.parametrize("backend,sched",
+                         [(b, s) for b in BACKENDS for s in SCHEDULERS if b != "cuda_on_cpu" or s is None],
                          indirect=["backend"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_loss_decreases_as_the_spec_says(name, backend, sched):
@@ -364,7 +367,7 @@ def test_zero_grad_both_ways(name, backend):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_frozen_and_gradless_params_are_untouched(name, backend):
-    live = [torch.randn(3, 4, dtype=torch.float64, requires_grad=True), torch.randn(5, dtype=torch.float64, requires_grad=True)]
+    live = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(3, 4), (5,)]]
     frozen = torch.randn(4, 2, dtype=torch.float64)  # requires_grad=False
     gradless = torch.randn(3, dtype=torch.float64, requires_grad=True)
     opt = build(name, [dict(params=[live[0], frozen], lr=1e-2), dict(params=[gradless, live[1]], lr=3e-2)], backend)
