@@ -19,8 +19,10 @@ number of steps taken; the next step is ``t = step + 1``), so Adam's bias
 corrections ``1 - beta^t`` continue where they were. MADA at Adam's corner
 (``beta3=0, rho=1, c=1, gamma=1, mod_beta=0, learn=()``, docs/spec.md section
 1.3) is AdamW, so a run switched to it, or from it, continues as the same
-AdamW run would, to rounding. Per parameter group, ``lr`` and
-``weight_decay`` carry over both ways.
+AdamW run would, to rounding. AVGrad, AdaMod and DiffMod read the same
+``m``, ``v`` and bias corrections, each in its own update (AdaMod folds the
+corrections into its step size, with ``eps`` outside: docs/spec.md section 3).
+Per parameter group, ``lr`` and ``weight_decay`` carry over both ways.
 
 What Adam does not have, and so starts fresh in the mada-fused optimizer:
 
