@@ -7,6 +7,7 @@ next step.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -67,18 +68,20 @@ def check(opt: FusedOptimizer, sd: Mapping[str, Any], params: list[torch.Tensor]
             p = params[i]
             if (p.device, p.dtype) != (first.device, first.dtype):
                 raise bad("a saved bucket mixes devices or dtypes in this optimizer")
-            _param_state(opt, state[i], p, i)
+            state[i] = _param_state(opt, state[i], p, i)
     opt._check_extra_state(extra)
     return layout, state
 
 
-def _param_state(opt: FusedOptimizer, st: Any, p: torch.Tensor, i: int) -> None:
+def _param_state(opt: FusedOptimizer, st: Any, p: torch.Tensor, i: int) -> Mapping[str, Any]:
+    """Parameter ``i``'s saved state, checked, with ``step`` as a tensor."""
     expected = {"step": ()} | {n: tuple(p.shape) for n in opt._state_names()}
     if opt._num_tangents():
         expected["tangents"] = (opt._num_tangents(), *p.shape)
     if not isinstance(st, Mapping) or set(st) != set(expected):
         got = sorted(st) if isinstance(st, Mapping) else type(st).__name__
         raise ValueError(f"state of parameter {i} has entries {got}, expected {sorted(expected)}")
+    st = {**st, "step": _step_tensor(st["step"], i)}
     for name, shape in expected.items():
         t = st[name]
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
@@ -88,6 +91,26 @@ def _param_state(opt: FusedOptimizer, st: Any, p: torch.Tensor, i: int) -> None:
         if name != "step" and tuple(local_shape(t)) != local:
             raise ValueError(f"state[{i}][{name!r}] is not sharded like its parameter ({local} here)")
         _values(name, local_tensor(t), i)
+    return st
+
+
+def _step_tensor(step: Any, i: int) -> Any:
+    """A saved step count as the float tensor the buckets hold.
+
+    torch.optim kept ``step`` as a Python number before torch 1.12, and some
+    hand-written checkpoints still do; a whole number is the same count either
+    way, and so is an integer tensor. Whether the value is a valid count is
+    :func:`_values`'s check.
+    """
+    if isinstance(step, torch.Tensor):
+        integer = not (step.is_floating_point() or step.is_complex() or step.dtype == torch.bool)
+        return step.to(torch.float64) if integer else step  # a bool or complex one is refused later
+    if isinstance(step, bool) or not isinstance(step, numbers.Real):
+        raise ValueError(f"state[{i}]['step'] must be a number or a 0-dim tensor, got {type(step).__name__}")
+    try:
+        return torch.tensor(float(step), dtype=torch.float64)
+    except OverflowError:  # an int beyond float64's range
+        raise ValueError(f"state[{i}]['step'] = {step} is too large to be a step count") from None
 
 
 def _values(name: str, t: torch.Tensor, i: int) -> None:
