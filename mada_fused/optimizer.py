@@ -47,6 +47,11 @@ def _by_key(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return list(groups.values())
 
 
+def _add_own_state(optimizer: FusedOptimizer, sd: dict[str, Any]) -> None:
+    # A module-level function, not a bound method: the hook dict is pickled with the optimizer.
+    sd["mada"] = optimizer._own_state()
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class. Subclasses define the state they allocate and :meth:`_run`."""
 
@@ -66,6 +71,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._scalars: dict[torch.device, tuple] = {}
         self._backend_for: dict[tuple[torch.device, torch.dtype], Backend] = {}
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        # First of the state_dict post hooks, so a user's hook sees the whole state_dict.
+        self.register_state_dict_post_hook(_add_own_state, prepend=True)
 
     # -- what subclasses provide ---------------------------------------------
     def _state_names(self) -> tuple[str, ...]:
@@ -356,15 +363,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _param_list(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
+    def _own_state(self) -> dict[str, Any]:
+        """What ``state_dict()["mada"]`` holds: the config, the bucket layout, subclass state."""
         index = {p: i for i, p in enumerate(self._param_list())}
-        sd["mada"] = {
+        return {
             "config": self._config(),
             "buckets": [[index[p] for p in b.params] for b in self._buckets],
             **self._extra_state(),
         }
-        return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
