@@ -130,9 +130,9 @@ def arch_names(archs: list[tuple[str, bool]]) -> list[str]:
 
 # Kernel parameters over 4 KB (the segment table travels by value, csrc/cuda/launch.h) need CUDA 12.1.
 MIN_CUDA = (12, 1)
-# Oldest SASS target each toolkit major version still compiles, for an nvcc that cannot list its
-# targets (--list-gpu-code came with CUDA 11.0): CUDA 12 dropped sm_35/sm_37, CUDA 13 Maxwell,
-# Pascal and Volta (sm_50 to sm_72).
+# Oldest SASS target each toolkit major version still compiles, for when nvcc's own list
+# (--list-gpu-code) cannot be read: CUDA 12 dropped sm_35/sm_37, CUDA 13 Maxwell, Pascal and
+# Volta (sm_50 to sm_72).
 OLDEST_ARCH = {11: 35, 12: 50, 13: 75}
 
 
