@@ -16,10 +16,16 @@ it is refused.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .mada import MADA
 from .optimizer import FusedOptimizer
+
+# Optimizer -> its hooks; kept here, not on the optimizer, which deepcopy and
+# pickle copy whole.
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class GradRelease:
@@ -33,16 +39,21 @@ class GradRelease:
                 "grad_release needs MADA(hyper_order='lagged'): with 'exact' the coefficients move "
                 "before any parameter steps, which needs every gradient of the iteration first"
             )
-        if getattr(opt, "_grad_release", None) is not None:
+        if opt in _ACTIVE:
             raise RuntimeError("this optimizer's gradients are already released; remove() the first hooks")
         params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            # Autograd runs one thread per device: hooks of two devices could step at
+            # once, and a step steps every parameter that holds a gradient.
+            raise ValueError(f"grad_release needs all parameters on one device, got {sorted(map(str, devices))}")
         if any(p.grad is not None for p in params):
             raise RuntimeError("grad_release: some parameters still hold gradients; step or zero_grad() first")
         self._opt = opt
         self._params = params
         self._task: int | None = None  # the backward pass whose iteration is open
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
-        opt._grad_release = self
+        _ACTIVE[opt] = self
 
     # Inside a compiled training step the backward pass (and with it this hook)
     # may run under dynamo's frame hook; the step must not be traced (see step()).
@@ -80,7 +91,7 @@ class GradRelease:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._opt._grad_release = None
+        _ACTIVE.pop(self._opt, None)
 
     def __enter__(self) -> "GradRelease":
         return self
@@ -96,7 +107,8 @@ def grad_release(opt: FusedOptimizer) -> GradRelease:
     ``loss.backward()`` alone (no ``step()``, no ``zero_grad()``). Use as a context
     manager or call ``remove()`` on the result. Not supported: gradient clipping by a
     global norm, GradScaler (``found_inf`` is known only after the whole backward
-    pass), gradient accumulation over micro-batches (each backward steps), closures,
-    and MADA's ``hyper_order="exact"`` (refused).
+    pass), gradient accumulation over micro-batches (each backward steps), DDP and
+    FSDP2 (the hook sees a rank's gradient before it is reduced), closures, and
+    MADA's ``hyper_order="exact"`` (refused).
     """
     return GradRelease(opt)

@@ -93,6 +93,9 @@ def test_refusals():
     with pytest.raises(RuntimeError, match="still hold gradients"):
         grad_release(opt)
     opt.zero_grad()
+    on_meta = torch.nn.Linear(3, 2, device="meta")
+    with pytest.raises(ValueError, match="on one device"):
+        grad_release(AdaMod([*model.parameters(), *on_meta.parameters()], backend="reference"))
     release = grad_release(opt)
     with pytest.raises(RuntimeError, match="already released"):
         grad_release(opt)
@@ -111,3 +114,21 @@ def test_remove_gives_back_ordinary_stepping():
     opt.step()
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert float(opt.state_dict()["mada"]["hyper"]["steps"]) == 2
+
+
+def test_released_steps_inside_a_compiled_backward_equal_eager():
+    """The hook runs outside dynamo's trace (as step() does), also when the
+    backward pass runs from a compiled function."""
+    out = []
+    for compiled in (False, True):
+        model, opt = setup("MADA", "cpu")
+        train = lambda batch: loss_of(model, batch).backward()  # noqa: E731
+        if compiled:
+            torch._dynamo.reset()
+            train = torch.compile(train, backend="aot_eager")
+        with grad_release(opt):
+            for batch in batches():
+                train(batch)
+        out.append(everything(opt))
+    for g, w in zip(*out, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
