@@ -68,8 +68,13 @@ def test_released_steps_equal_whole_steps(name, backend):
     if name == "MADA":  # the coefficients did move, counted once per iteration
         assert float(got[-1]) == ITERATIONS
         assert not torch.equal(got[-3], everything(setup(name, backend)[1])[-3])
+    # The reference adds the partial sums of g * du/dk per parameter in bucket order
+    # either way: bitwise. The cpu backend sums in fixed chunks of the call's
+    # elements, so one parameter per call groups the float64 sum differently
+    # (its last bits; these tiny layers happen to sum exactly).
+    tol = {"rtol": 0, "atol": 0} if backend == "reference" else {}
     for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
+        torch.testing.assert_close(g, w, **tol)
 
 
 def test_exact_hyper_order_is_refused_and_nothing_is_hooked():
