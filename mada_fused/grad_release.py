@@ -3,7 +3,8 @@
 ``grad_release(opt)`` hooks every parameter of ``opt`` with
 ``Tensor.register_post_accumulate_grad_hook``. During ``loss.backward()`` the
 hook steps that one parameter and frees its gradient (``p.grad = None``), so
-at most one parameter's gradient is alive at a time instead of all of them.
+no ``.grad`` outlives its parameter's step and the model's gradients never
+all exist at once.
 
 MADA's coefficients are shared by every parameter and move once per
 iteration. Its lagged hyper order (docs/spec.md section 2.4) already reads
@@ -64,7 +65,8 @@ class GradRelease:
             self.end_iteration()  # one left open by a backward pass that raised
             self._task = task
             # State for all at once, as a whole step makes it: one bucket per
-            # (device, dtype), not one per parameter.
+            # (device, dtype), not one per parameter (a parameter that never
+            # gets a gradient gets zero state too, which a whole step would not make).
             missing = [p for p in self._params if id(p) not in self._opt._home]
             if missing:
                 self._opt._allocate(missing)
