@@ -172,6 +172,9 @@ class MADA(FusedOptimizer):
         self._hyper = HyperState(hyper, values, device)
         self._has_tangents = False  # host-side: no tangents before the first step
         self._h_valid = False  # host-side: a hyper-gradient has been computed
+        # While grad_release steps an iteration parameter by parameter: each
+        # step's ((bucket, first index), partial sums), until the iteration ends.
+        self._released: list | None = None
 
     # -- public read-outs (these sync the host; step() never does) -------------
     @property
@@ -237,6 +240,11 @@ class MADA(FusedOptimizer):
 
     def _run(self, work: list[Work], ok: dict[torch.device, torch.Tensor | None]) -> None:
         hyper, cfg = self._hyper, self._kcfg
+        if self._released is not None:  # one parameter of a released iteration: k moves at its end
+            # Keep where the sums come from, not the work: it holds the grads.
+            where = (work[0].bucket, work[0].seg.param_index[0]) if work else None
+            self._released.append((where, self._pass(work)))
+            return
         ok_any = next(iter(ok.values()))
         ok_home = None if ok_any is None else ok_any.to(hyper.device)
         hyper.count_step(ok_home)
@@ -250,14 +258,45 @@ class MADA(FusedOptimizer):
             for sc in {id(w.scalars): w.scalars for w in work}.values():
                 if sc.coef is not hyper.coef:  # a copy on another device
                     sc.coef.copy_(hyper.coef)
-        lagged = want_dot and not self._exact
-        dots = self._dots(work) if lagged else {}
+        self._finish(self._pass(work), ok_home)
+
+    def _pass(self, work: list[Work]) -> dict[torch.device, torch.Tensor] | None:
+        """The step's one pass over memory; with the lagged order it also sums
+        ``g * du/dk`` (returned, per device) while it reads the old tangents."""
+        lagged = bool(self._kcfg.learn) and self._has_tangents and not self._exact
+        dots = self._dots(work) if lagged else None
         for w in work:
-            w.backend.mada_step(w.bucket, w.seg, w.scalars, cfg, dots.get(w.bucket.device))
-        if lagged:  # k moves after the pass that read it
-            hyper.update(self._reduce(dots), ok_home)
-        self._has_tangents = self._has_tangents or bool(cfg.learn)
+            w.backend.mada_step(w.bucket, w.seg, w.scalars, self._kcfg, None if dots is None else dots[w.bucket.device])
+        return dots
+
+    def _finish(self, dots: dict[torch.device, torch.Tensor] | None, ok_home: torch.Tensor | None) -> None:
+        """After the pass: the lagged hyper-update (k moves after the pass that read it)."""
+        if dots is not None:
+            self._hyper.update(self._reduce(dots), ok_home)
+        want_dot = bool(self._kcfg.learn) and self._has_tangents
+        self._has_tangents = self._has_tangents or bool(self._kcfg.learn)
         self._h_valid = self._h_valid or want_dot
+
+    # -- gradient release (grad_release.py): one iteration, stepped per parameter --
+    def _open_release(self) -> None:
+        self._released = []
+
+    def _close_release(self) -> None:
+        """Move k once for the iteration: the per-parameter partial sums added per
+        device in bucket order, the order one whole step adds them in."""
+        parts, self._released = self._released, None
+        if not parts:
+            return
+        self._hyper.count_step(None)
+        dots = None
+        if parts[0][1] is not None:  # sums were taken (not in the first iteration)
+            rank = {id(b): i for i, b in enumerate(self._buckets)}
+            dots = {}
+            for _, part in sorted(((w, d) for w, d in parts if w is not None),
+                                  key=lambda wd: (rank.get(id(wd[0][0]), len(rank)), wd[0][1])):
+                for device, d in part.items():
+                    dots[device] = d if device not in dots else dots[device] + d
+        self._finish(dots, None)
 
     def _dots(self, work: list[Work]) -> dict[torch.device, torch.Tensor]:
         """Zeroed per-device accumulators that backends add their partial sums into."""

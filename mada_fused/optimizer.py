@@ -130,12 +130,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._home = _home_of(self._buckets)
 
-    @torch.no_grad()
+    # torch.compile does not trace the step: a compiled caller breaks its graph
+    # once, at this call, and the step (closure included; compile the closure
+    # itself to have it compiled) runs as it runs uncompiled. Traced, the step
+    # broke the graph 8 or 9 times inside and guarded on every float lr. A graph
+    # cannot hold it either: the native backends write the state buffers they
+    # hold by address, while a graph mutates functionalized copies.
+    @torch.compiler.disable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._eager_step()
+        return loss
+
+    @torch.no_grad()
+    def _eager_step(self) -> None:
         # GradScaler hands its scale and found_inf over as attributes and removes
         # them once step() returns. After a step that raised they would stay and
         # skip (or rescale) every later step, so such a step removes them itself.
@@ -147,7 +158,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             self.__dict__.pop("grad_scale", None)
             self.__dict__.pop("found_inf", None)
             raise
-        return loss
 
     def _step(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
         for i, group in enumerate(self.param_groups):
