@@ -351,8 +351,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         work: list[Work] = []
         staged = []
         counts = []
+        distinct: dict[Hashable, int] = {}  # hashed once per group, not per parameter
+        slot_of_group = [distinct.setdefault(c, len(distinct)) for c in configs]
+        config_of_slot = list(distinct)
         for bucket in self._buckets:
-            segs: dict[Hashable, Segments] = {}  # in order of first appearance
+            segs: dict[int, Segments] = {}  # by config slot, in order of first appearance
             stepped = []
             for i, p in enumerate(bucket.params):
                 entry = active.get(id(p))
@@ -365,9 +368,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 n = data.numel()
                 if not n:  # nothing for a backend to do, but its step still counts
                     continue
-                seg = segs.get(configs[gi])
+                seg = segs.get(slot_of_group[gi])
                 if seg is None:
-                    seg = segs[configs[gi]] = Segments([], [], [], [], [], [])
+                    seg = segs[slot_of_group[gi]] = Segments([], [], [], [], [], [])
                 seg.params.append(data)
                 seg.grads.append(grad.contiguous())
                 seg.offsets.append(bucket.offsets[i])
@@ -378,7 +381,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             counts.append((bucket, self._step_index(bucket, stepped, capturing)))
             backend = self._backend_for[bucket.device, bucket.dtype]
-            for config, seg in segs.items():
+            for slot, seg in segs.items():
+                config = config_of_slot[slot]
                 sc = self._work_scalars(scalars[bucket.device], config, capturing)
                 work.append(Work(backend, bucket, seg, sc, config))
         return work, staged, counts
