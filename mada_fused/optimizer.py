@@ -43,8 +43,8 @@ def _home_of(buckets: list[Bucket]) -> dict[int, tuple[Bucket, int, tuple]]:
 
 
 def _frozen(value: Any) -> Hashable:
-    """A group option's value as a cache key: lists as tuples, and the type kept
-    (True == 1 and 1 == 1.0 as keys, but maximize=1 is an error)."""
+    """A group option's value as a cache key: lists as tuples, each value with
+    its type (as plain keys True, 1 and 1.0 are one, but maximize=1 is an error)."""
     if isinstance(value, (tuple, list)):
         return tuple(map(_frozen, value))
     return (type(value), value)
