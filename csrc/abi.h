@@ -15,7 +15,7 @@
 namespace mada_abi {
 
 // Bumped whenever a layout or a code below changes meaning.
-constexpr int kVersion = 1;
+constexpr int kVersion = 2;  // 2: maximize applies to kAdamodStep too
 
 // Parameter (and gradient) dtypes. State and arithmetic are float64 for kF64
 // parameters and float32 for the others.
