@@ -84,8 +84,8 @@ def adamw_switches(request: str, *, fused: Any, foreach: Any, capturable: Any, d
                    amsgrad: Any) -> tuple[str, bool]:
     """torch.optim.AdamW's implementation switches, with their meaning here.
 
-    ``request`` is the checked backend request (backends.check_name). Returns
-    the request to use and whether only a fused backend may step.
+    ``request`` is the ``backend`` argument. Returns the backend request to use
+    (for backends.check_name) and whether only a fused backend may step.
 
     - ``fused=True``: a fused kernel (cpu, cuda, triton, cuda_on_cpu) must step
       every parameter, else a ValueError; ``fused=False``: the unfused

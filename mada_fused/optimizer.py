@@ -81,7 +81,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         torch.optim.AdamW's fused, foreach, capturable, differentiable, amsgrad."""
         _checks.learning_rate("lr", defaults["lr"], read_tensor=True)
         _checks.non_negative("weight_decay", defaults["weight_decay"])
-        self._backend_request, self._fused_only = _checks.adamw_switches(backends.check_name(backend), **switches)
+        request, self._fused_only = _checks.adamw_switches(backend, **switches)
+        self._backend_request = backends.check_name(request)
+        if self._fused_only and self._backend_request == "reference":  # from the environment
+            raise ValueError(f"fused=True, but {backends.ENV_VAR}=reference asks for the unfused backend")
         # Checked group configurations, by their option values (_configs).
         self._config_cache: OrderedDict[tuple, Hashable] = OrderedDict()
         self._group_config(defaults)

@@ -335,6 +335,18 @@ def test_adamw_switches(cls):
     assert {b.name for b in opt._backend_for.values()} == {"reference"}
 
 
+def test_fused_switch_wins_over_the_environment(monkeypatch):
+    params = _params()
+    monkeypatch.setenv(registry.ENV_VAR, "reference")
+    with pytest.raises(ValueError, match="fused=True"):
+        AdaMod(params, fused=True)
+    if "cpu" in registry.available():
+        monkeypatch.setenv(registry.ENV_VAR, "cpu")
+        opt = AdaMod(params, fused=False)  # an explicit fused=False is the unfused implementation
+        sm.run_steps(opt, params, _grads(params, 1))
+        assert {b.name for b in opt._backend_for.values()} == {"reference"}
+
+
 @pytest.mark.parametrize("cls", [AdaMod, MADA], ids=lambda c: c.__name__)
 def test_fused_true_demands_a_fused_backend(cls, no_backend_env):
     params = _params()
