@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from . import _checks
-from .backends.base import MadaKernelConfig
+from .backends.base import DeviceScalars, MadaKernelConfig
 from .coefficients import COEFFICIENTS
 from .distributed import ShardSum
 from .hyper import HyperConfig, HyperState
@@ -247,7 +247,7 @@ class MADA(FusedOptimizer):
     def _group_config(self, group: Mapping[str, Any]) -> _GroupConfig:
         return _GroupConfig(replace(self._kcfg, eps=_checks.non_negative("eps", group["eps"])))
 
-    def _work_scalars(self, scalars, config: _GroupConfig, capturing: bool):
+    def _work_scalars(self, scalars: DeviceScalars, config: _GroupConfig, capturing: bool) -> DeviceScalars:
         """AVGrad's groups with betas of their own read coefficients of their own:
         one constant tensor per (device, betas), made once (nothing is learned)."""
         if config.betas is None:
