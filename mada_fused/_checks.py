@@ -68,6 +68,21 @@ def learning_rate(name: str, value: Any, read_tensor: bool) -> None:
         non_negative(name, value)
 
 
+def host_pair(name: str, value: Any) -> Any:
+    """A constructor's ``betas`` with 1-element tensors read once as Python
+    floats, as torch.optim does; anything else is left for :func:`beta_pair`."""
+    if not isinstance(value, (tuple, list)):
+        return value
+    out = []
+    for i, x in enumerate(value):
+        if isinstance(x, torch.Tensor):
+            if x.numel() != 1:
+                raise ValueError(f"{name}[{i}] as a tensor must have 1 element, got shape {tuple(x.shape)}")
+            x = x.item()
+        out.append(x)
+    return tuple(out)
+
+
 def group_lr(group: dict, index: int, read_tensor: bool = False) -> None:
     """lr and weight_decay may be changed between steps by schedulers or users."""
     learning_rate(f"param_groups[{index}]['lr']", group["lr"], read_tensor)

@@ -60,7 +60,8 @@ class AdaMod(FusedOptimizer):
         fused: bool | None = None,
         amsgrad: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        defaults = dict(lr=lr, betas=_checks.host_pair("betas", betas), beta3=beta3, eps=eps,
+                        weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, backend, foreach=foreach, capturable=capturable,
                          differentiable=differentiable, fused=fused, amsgrad=amsgrad)
 
@@ -120,8 +121,8 @@ class DiffMod(AdaMod):
         fused: bool | None = None,
         amsgrad: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, len_memory=len_memory, eps=eps, weight_decay=weight_decay,
-                        maximize=maximize)
+        defaults = dict(lr=lr, betas=_checks.host_pair("betas", betas), len_memory=len_memory, eps=eps,
+                        weight_decay=weight_decay, maximize=maximize)
         FusedOptimizer.__init__(self, params, defaults, backend, foreach=foreach, capturable=capturable,
                                 differentiable=differentiable, fused=fused, amsgrad=amsgrad)
 

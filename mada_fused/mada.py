@@ -180,7 +180,7 @@ class MADA(FusedOptimizer):
         fused: bool | None = None,
         amsgrad: bool = False,
     ) -> None:
-        beta1, beta2 = _checks.beta_pair("betas", betas)
+        beta1, beta2 = _checks.beta_pair("betas", _checks.host_pair("betas", betas))
         values = {
             "beta1": beta1,
             "beta2": beta2,

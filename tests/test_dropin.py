@@ -126,6 +126,19 @@ def test_lr_tensor_of_two_elements_is_a_value_error(cls):
     sm.assert_unchanged(snap, opt, params[:1])
 
 
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+def test_tensor_betas_in_the_constructor(cls):
+    """As torch.optim: 1-element tensors, read once as floats; more elements are a ValueError."""
+    params = _params()
+    grads = _grads(params, 2)
+    twins = _clone(params)
+    b1, b2 = torch.tensor(0.8, dtype=torch.float64), torch.tensor([0.99], dtype=torch.float64)
+    got = _run(cls(params, betas=(b1, b2), backend="reference"), params, grads)
+    _equal(got, _run(cls(twins, betas=(0.8, 0.99), backend="reference"), twins, grads))
+    with pytest.raises(ValueError, match="1 element"):
+        cls(params, betas=(torch.tensor([0.8, 0.9]), 0.99), backend="reference")
+
+
 @pytest.mark.parametrize("bad", [torch.tensor(-1e-3), torch.tensor(float("nan")), torch.tensor(1, dtype=torch.int64)])
 def test_bad_tensor_lr_in_constructor(bad):
     with pytest.raises(ValueError):
