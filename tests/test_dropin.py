@@ -372,3 +372,20 @@ def test_fused_true_demands_a_fused_backend(cls, no_backend_env):
     assert {b.name for b in opt._backend_for.values()} == {"cpu"}
     with pytest.raises(ValueError, match="fused=False"):
         cls(params, backend="cpu", fused=False)
+
+
+def test_avgrad_new_group_betas_refused_under_capture():
+    """Per-group betas are a coefficient tensor made on first use (a host-to-device copy): a
+    CUDA graph capture may only replay ones made before it (the logic, forced on the CPU)."""
+    params = _params()
+    opt = AVGrad([dict(params=params[:1], betas=(0.8, 0.99)), dict(params=params[1:])], backend="reference")
+    sm.run_steps(opt, params, _grads(params, 1))
+    (scalars,) = [v for v in opt._device_scalars({params[0].device}, None, None)[0].values()]
+    seen = opt._configs(opt.param_groups)[0]
+    assert opt._work_scalars(scalars, seen, capturing=True).coef.tolist()[:2] == [0.8, 0.99]  # made before
+    opt.param_groups[0]["betas"] = (0.7, 0.99)
+    new = opt._configs(opt.param_groups)[0]
+    cached = list(opt._group_coef)
+    with pytest.raises(RuntimeError, match="capture"):
+        opt._work_scalars(scalars, new, capturing=True)
+    assert list(opt._group_coef) == cached
