@@ -15,7 +15,7 @@
 namespace mada_abi {
 
 // Bumped whenever a layout or a code below changes meaning.
-constexpr int kVersion = 1;
+constexpr int kVersion = 2;  // 2: maximize applies to kAdamodStep too
 
 // Parameter (and gradient) dtypes. State and arithmetic are float64 for kF64
 // parameters and float32 for the others.
@@ -84,7 +84,7 @@ struct Call {
   uint32_t variant;       // MadaBits for kMadaStep, AdamodBits for kAdamodStep, 0 for kMadaDot
   int32_t dtype;          // Dtype
   uint32_t learn_mask;    // learned coefficients (MADA passes), 0 otherwise
-  int32_t maximize;       // 1: the processed gradient is -grad (MADA)
+  int32_t maximize;       // 1: the processed gradient is -grad (every pass)
   int32_t vbar_detach;    // 1: d N / d v = rho, as in the authors' code (MADA)
   int64_t device;         // CUDA device index; the CPU ignores it
   int64_t state_numel;    // elements of each flat state buffer: every segment lies inside

@@ -8,7 +8,8 @@ the optimizer math (backends) and MADA's hyper-gradient descent (hyper.py).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,13 +22,15 @@ from .flat_state import INDEX_CACHE_SIZE, Bucket
 
 @dataclass(frozen=True)
 class Work:
-    """One backend call: a bucket's active segments, the backend that steps
-    them and the step's scalars on the bucket's device."""
+    """One backend call: a bucket's active segments of one group configuration,
+    the backend that steps them, the step's scalars on the bucket's device and
+    that configuration (the subclass's :meth:`FusedOptimizer._group_config`)."""
 
     backend: Backend
     bucket: Bucket
     seg: Segments
     scalars: DeviceScalars
+    config: Hashable
 
 
 def _capturing(devices: Iterable[torch.device]) -> bool:
@@ -37,6 +40,19 @@ def _capturing(devices: Iterable[torch.device]) -> bool:
 
 def _home_of(buckets: list[Bucket]) -> dict[int, tuple[Bucket, int, tuple]]:
     return {id(p): (b, i, b.built_for[i]) for b in buckets for i, p in enumerate(b.params)}
+
+
+def _frozen(value: Any) -> Hashable:
+    """A group option's value as a cache key: lists as tuples, each value with
+    its type (as plain keys True, 1 and 1.0 are one, but maximize=1 is an error)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(map(_frozen, value))
+    return (type(value), value)
+
+
+# Distinct group configurations whose checked kernel configuration is kept: a
+# scheduler cycling betas (OneCycleLR) makes a new one every step.
+CONFIG_CACHE_SIZE = 64
 
 
 def _by_key(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -57,12 +73,26 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # GradScaler then hands us grad_scale/found_inf instead of unscaling itself.
     _step_supports_amp_scaling = True
+    # The per-group values every optimizer reads from the device table, each step.
     _PER_GROUP = ("lr", "weight_decay")
+    # The other options a group may set (``defaults`` holds each): host constants
+    # of the kernel configuration, which :meth:`_group_config` builds.
+    _GROUP_OPTIONS: tuple[str, ...] = ()
+    # Why an option outside these is global (add_param_group's refusal says it).
+    _GLOBAL_WHY = ""
 
-    def __init__(self, params: Iterable, lr: float, weight_decay: float, backend: str) -> None:
-        _checks.non_negative("lr", lr)
-        _checks.non_negative("weight_decay", weight_decay)
-        self._backend_request = backends.check_name(backend)
+    def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str, **switches: Any) -> None:
+        """``defaults``: lr, weight_decay and the _GROUP_OPTIONS; ``switches``:
+        torch.optim.AdamW's fused, foreach, capturable, differentiable, amsgrad."""
+        _checks.learning_rate("lr", defaults["lr"], read_tensor=True)
+        _checks.non_negative("weight_decay", defaults["weight_decay"])
+        request, self._fused_only = _checks.adamw_switches(backend, **switches)
+        self._backend_request = backends.check_name(request)
+        if self._fused_only and self._backend_request == "reference":  # from the environment
+            raise ValueError(f"fused=True, but {backends.ENV_VAR}=reference asks for the unfused backend")
+        # Checked group configurations, by their option values (_configs).
+        self._config_cache: OrderedDict[tuple, Hashable] = OrderedDict()
+        self._group_config(defaults)
         self._buckets: list[Bucket] = []
         # id(p) -> (its bucket, its index there, the (dtype, device, shape) its
         # state was built for). Keyed by id: a Tensor's __hash__ is a Python
@@ -70,9 +100,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._home: dict[int, tuple[Bucket, int, tuple]] = {}
         self._scalars: dict[torch.device, tuple] = {}
         self._backend_for: dict[tuple[torch.device, torch.dtype], Backend] = {}
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        super().__init__(params, defaults)
         # First of the state_dict post hooks, so a user's hook sees the whole state_dict.
         self.register_state_dict_post_hook(_add_own_state, prepend=True)
+        if self._fused_only:  # fail here, not at the first step
+            for key in {(p.device, p.dtype) for p in self._param_list()}:
+                self._backend(*key)
 
     # -- what subclasses provide ---------------------------------------------
     def _state_names(self) -> tuple[str, ...]:
@@ -92,8 +125,18 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _run(self, work: list[Work], ok: dict[torch.device, torch.Tensor | None]) -> None:
         raise NotImplementedError
 
+    def _group_config(self, group: Mapping[str, Any]) -> Hashable:
+        """The kernel configuration of a group's _GROUP_OPTIONS values; raises
+        TypeError or ValueError for a bad value."""
+        raise NotImplementedError
+
+    def _work_scalars(self, scalars: DeviceScalars, config: Hashable, capturing: bool) -> DeviceScalars:
+        """The scalars a call of this configuration reads (MADA: per-group coefficients)."""
+        return scalars
+
     def _check_group(self, group: dict[str, Any], index: int) -> None:
         _checks.param_group(group, index)
+        self._configs([group], index)
 
     def _extra_state(self) -> dict[str, Any]:
         return {}
@@ -106,11 +149,11 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- torch.optim.Optimizer protocol ---------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        options = set(param_group) - _checks.GROUP_KEYS - set(self._PER_GROUP)
+        options = set(param_group) - _checks.GROUP_KEYS - set(self._PER_GROUP) - set(self._GROUP_OPTIONS)
         if options:
             raise ValueError(
-                f"{type(self).__name__} options {sorted(options)} are global, not per group; "
-                f"param groups may set only {self._PER_GROUP}"
+                f"{type(self).__name__} options {sorted(options)} are global, not per group{self._GLOBAL_WHY}; "
+                f"param groups may set only {self._PER_GROUP + self._GROUP_OPTIONS}"
             )
         super().add_param_group(param_group)  # torch's checks, then it appends the group
         try:
@@ -162,14 +205,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _step(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
         for i, group in enumerate(self.param_groups):
             _checks.group_lr(group, i)
+        configs = self._configs(self.param_groups)
         _checks.amp_scalars(grad_scale, found_inf)
         active, fresh, moved = self._gather()
         if not active:
             return
         keys = {(p.device, p.dtype) for p in fresh + moved} | {(b.device, b.dtype) for b in self._buckets}
         for key in keys:
-            if key not in self._backend_for:  # resolved once: every step would ask again
-                self._backend_for[key] = backends.resolve(self._backend_request, *key)
+            self._backend(*key)
         devices = {d for d, _ in keys}
         capturing = _capturing(devices)
         if capturing:
@@ -181,7 +224,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._move(moved)
         if fresh:
             self._allocate(fresh)
-        work, staged, counts = self._plan(active, scalars, capturing)
+        work, staged, counts = self._plan(active, scalars, configs, capturing)
         for bucket, index in counts:
             okd = ok[bucket.device]
             if index is None:
@@ -192,6 +235,38 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._run(work, ok)
         for param, tmp in staged:
             param.copy_(tmp)
+
+    def _backend(self, device: torch.device, dtype: torch.dtype) -> Backend:
+        """The backend of a (device, dtype) bucket, resolved once: every step would ask again."""
+        backend = self._backend_for.get((device, dtype))
+        if backend is None:
+            backend = backends.resolve(self._backend_request, device, dtype)
+            if self._fused_only and backend.name == "reference":
+                raise ValueError(f"fused=True, but no fused backend can step {dtype} parameters on {device} "
+                                 f"here (loaded: {backends.available()}); drop fused=True to use the reference one")
+            self._backend_for[device, dtype] = backend
+        return backend
+
+    def _configs(self, groups: list[Mapping[str, Any]], first: int = 0) -> list[Hashable]:
+        """Each group's kernel configuration, from its option values now (a
+        scheduler may change them between steps), checked; nothing changes."""
+        out = []
+        cache = self._config_cache
+        for i, group in enumerate(groups, first):
+            key = tuple(_frozen(group[name]) for name in self._GROUP_OPTIONS)
+            config = cache.get(key)
+            if config is None:
+                try:
+                    config = self._group_config(group)
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"param_groups[{i}]: {e}") from None
+                cache[key] = config
+                if len(cache) > CONFIG_CACHE_SIZE:
+                    cache.popitem(last=False)
+            else:
+                cache.move_to_end(key)
+            out.append(config)
+        return out
 
     def _gather(self) -> tuple[dict[int, tuple], list[torch.Tensor], list[torch.Tensor]]:
         """Every parameter with a grad, checked; nothing changes here.
@@ -288,14 +363,19 @@ class FusedOptimizer(torch.optim.Optimizer):
             buckets.append(entry)
         self._install(buckets)
 
-    def _plan(self, active: dict[int, tuple], scalars: dict, capturing: bool) -> tuple[list[Work], list, list]:
-        """The backend calls, the staged copies of non-contiguous parameters, and
-        per bucket the parameters whose step counts go up."""
+    def _plan(self, active: dict[int, tuple], scalars: dict, configs: list[Hashable],
+              capturing: bool) -> tuple[list[Work], list, list]:
+        """The backend calls (one per bucket and group configuration present in
+        it), the staged copies of non-contiguous parameters, and per bucket the
+        parameters whose step counts go up."""
         work: list[Work] = []
         staged = []
         counts = []
+        distinct: dict[Hashable, int] = {}  # hashed once per group, not per parameter
+        slot_of_group = [distinct.setdefault(c, len(distinct)) for c in configs]
+        config_of_slot = list(distinct)
         for bucket in self._buckets:
-            seg = Segments([], [], [], [], [], [])
+            segs: dict[int, Segments] = {}  # by config slot, in order of first appearance
             stepped = []
             for i, p in enumerate(bucket.params):
                 entry = active.get(id(p))
@@ -308,6 +388,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 n = data.numel()
                 if not n:  # nothing for a backend to do, but its step still counts
                     continue
+                seg = segs.get(slot_of_group[gi])
+                if seg is None:
+                    seg = segs[slot_of_group[gi]] = Segments([], [], [], [], [], [])
                 seg.params.append(data)
                 seg.grads.append(grad.contiguous())
                 seg.offsets.append(bucket.offsets[i])
@@ -317,8 +400,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not stepped:
                 continue
             counts.append((bucket, self._step_index(bucket, stepped, capturing)))
-            if seg.params:
-                work.append(Work(self._backend_for[bucket.device, bucket.dtype], bucket, seg, scalars[bucket.device]))
+            backend = self._backend_for[bucket.device, bucket.dtype]
+            for slot, seg in segs.items():
+                config = config_of_slot[slot]
+                sc = self._work_scalars(scalars[bucket.device], config, capturing)
+                work.append(Work(backend, bucket, seg, sc, config))
         return work, staged, counts
 
     @staticmethod
@@ -397,8 +483,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         # From here on nothing can fail half-way.
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             for key, value in saved.items():
-                if key != "params":
-                    group[key] = value
+                if key != "params":  # past a group's guard on options it shows but does not take
+                    dict.__setitem__(group, key, value)
         self.state.clear()
         self._install(buckets)
         self._load_extra_state(state_dict["mada"])

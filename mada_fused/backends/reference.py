@@ -273,7 +273,7 @@ class ReferenceBackend:
             _mada_slot(slot, scalars.coef, cfg, want_tangents=bool(cfg.learn))
 
     def adamod_step(self, bucket, seg, scalars, cfg: AdamodKernelConfig) -> None:
-        for slot in self._slots(bucket, seg, scalars, maximize=False):
+        for slot in self._slots(bucket, seg, scalars, cfg.maximize):
             theta, new = adamod_element(make_adamod_scalars(cfg, slot), slot.grad, slot.theta, slot.state, cfg.diff)
             for name, value in new.items():
                 slot.write(slot.state[name], value)
