@@ -41,6 +41,7 @@ class AdaMod(FusedOptimizer):
     """
 
     _GROUP_OPTIONS = ("betas", "beta3", "eps", "maximize")
+    _MEMORY = "beta3"  # the option that sets the clip's memory (DiffMod: len_memory)
     _DIFF = False  # DiffMod's friction term (and its state g_prev)
 
     def __init__(
@@ -60,8 +61,9 @@ class AdaMod(FusedOptimizer):
         fused: bool | None = None,
         amsgrad: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, betas=_checks.host_pair("betas", betas), beta3=beta3, eps=eps,
-                        weight_decay=weight_decay, maximize=maximize)
+        # DiffMod passes its len_memory as ``beta3``: the value of its _MEMORY option.
+        defaults = {"lr": lr, "betas": _checks.host_pair("betas", betas), self._MEMORY: beta3, "eps": eps,
+                    "weight_decay": weight_decay, "maximize": maximize}
         super().__init__(params, defaults, backend, foreach=foreach, capturable=capturable,
                          differentiable=differentiable, fused=fused, amsgrad=amsgrad)
 
@@ -102,6 +104,7 @@ class DiffMod(AdaMod):
     """
 
     _GROUP_OPTIONS = ("betas", "len_memory", "eps", "maximize")
+    _MEMORY = "len_memory"
     _DIFF = True
 
     def __init__(
@@ -121,10 +124,9 @@ class DiffMod(AdaMod):
         fused: bool | None = None,
         amsgrad: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, betas=_checks.host_pair("betas", betas), len_memory=len_memory, eps=eps,
-                        weight_decay=weight_decay, maximize=maximize)
-        FusedOptimizer.__init__(self, params, defaults, backend, foreach=foreach, capturable=capturable,
-                                differentiable=differentiable, fused=fused, amsgrad=amsgrad)
+        super().__init__(params, lr, betas, len_memory, eps, weight_decay, backend, maximize=maximize,
+                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+                         amsgrad=amsgrad)
 
     def _memory(self, group: Mapping[str, Any]) -> float:
         len_memory = _checks.real_number("len_memory", group["len_memory"])
