@@ -30,7 +30,8 @@ class AdaMod(FusedOptimizer):
 
     with :math:`m_0 = v_0 = s_0 = 0` (no bias correction of ``s``) and decoupled
     weight decay :math:`\lambda`. Defaults: lr 1e-3, betas (0.9, 0.999), beta3
-    0.999, eps 1e-8, weight_decay 0.
+    0.999, eps 1e-8, weight_decay 0. ``state_dtype`` and ``sr_seed`` as :class:`MADA`'s
+    (``torch.bfloat16`` stores the state in bf16 with stochastic rounding).
     """
 
     def __init__(
@@ -42,15 +43,18 @@ class AdaMod(FusedOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         backend: str = "auto",
+        state_dtype: torch.dtype = torch.float32,
+        sr_seed: int = 0,
         *,
         _diff: bool = False,
     ) -> None:
         # _diff: DiffMod's friction term (and its state g_prev); not public API.
         beta1, beta2 = _checks.beta_pair("betas", betas)
         self._kcfg = AdamodKernelConfig(
-            beta1, beta2, _checks.beta("beta3", beta3), _checks.non_negative("eps", eps), diff=_diff
+            beta1, beta2, _checks.beta("beta3", beta3), _checks.non_negative("eps", eps), diff=_diff,
+            sr_seed=_checks.sr_seed(sr_seed),
         )
-        super().__init__(params, lr, weight_decay, backend)
+        super().__init__(params, lr, weight_decay, backend, state_dtype)
 
     def _state_names(self) -> tuple[str, ...]:
         return ("m", "v", "s") + (("g_prev",) if self._kcfg.diff else ())
@@ -87,8 +91,11 @@ class DiffMod(AdaMod):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         backend: str = "auto",
+        state_dtype: torch.dtype = torch.float32,
+        sr_seed: int = 0,
     ) -> None:
         len_memory = _checks.real_number("len_memory", len_memory)
         if len_memory < 1:
             raise ValueError(f"len_memory must be >= 1, got {len_memory}")
-        super().__init__(params, lr, betas, 1.0 - 1.0 / len_memory, eps, weight_decay, backend, _diff=True)
+        super().__init__(params, lr, betas, 1.0 - 1.0 / len_memory, eps, weight_decay, backend,
+                         state_dtype, sr_seed, _diff=True)

@@ -108,6 +108,12 @@ class MADA(FusedOptimizer):
             hyper-gradient's per-rank partial sums are summed. By default it is
             found from the parameters: none for plain tensors (DDP), the shard
             dimensions of the mesh for sharded DTensors (FSDP2).
+        state_dtype: how the state buffers are stored: ``torch.float32`` (default)
+            or ``torch.bfloat16``, written with stochastic rounding (docs/spec.md
+            section 5.1); arithmetic and tangent rows stay fp32, and fp64
+            parameters keep fp64 state. ``"8bit"`` is not implemented yet.
+        sr_seed: seed of that rounding's random bits (default 0, so runs repeat
+            bit for bit); saved in the state_dict.
     """
 
     def __init__(
@@ -133,6 +139,8 @@ class MADA(FusedOptimizer):
         maximize: bool = False,
         backend: str = "auto",
         process_group: Any = None,
+        state_dtype: torch.dtype = torch.float32,
+        sr_seed: int = 0,
     ) -> None:
         beta1, beta2 = _checks.beta_pair("betas", betas)
         values = {
@@ -162,12 +170,13 @@ class MADA(FusedOptimizer):
             lion_betas=_checks.beta_pair("lion_betas", lion_betas),
             vbar_detach=vbar == "detach",
             maximize=maximize,
+            sr_seed=_checks.sr_seed(sr_seed),
         )
         self._exact = hyper_order == "exact"
         self._fixed = {n: v for n, v in values.items() if n not in hyper.learn}
         # Before super(): add_param_group reads it. Without learning there is no sum.
         self._shard_sum = ShardSum(process_group, needed=bool(hyper.learn))
-        super().__init__(params, lr, weight_decay, backend)
+        super().__init__(params, lr, weight_decay, backend, state_dtype)
         device = self.param_groups[0]["params"][0].device
         self._hyper = HyperState(hyper, values, device)
         self._has_tangents = False  # host-side: no tangents before the first step
@@ -302,8 +311,10 @@ class AVGrad(MADA):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         backend: str = "auto",
+        state_dtype: torch.dtype = torch.float32,
+        sr_seed: int = 0,
     ) -> None:
         super().__init__(
             params, lr=lr, betas=betas, rho=0.0, eps=eps, weight_decay=weight_decay,
-            learn=(), backend=backend,
+            learn=(), backend=backend, state_dtype=state_dtype, sr_seed=sr_seed,
         )

@@ -8,6 +8,7 @@ the optimizer math (backends) and MADA's hyper-gradient descent (hyper.py).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from . import _checkpoint, _checks, backends
 from .backends.base import Backend, DeviceScalars, Segments
 from .distributed import local_pair, local_tensor, param_state
-from .flat_state import INDEX_CACHE_SIZE, Bucket
+from .flat_state import INDEX_CACHE_SIZE, Bucket, state_dtype_for
 
 @dataclass(frozen=True)
 class Work:
@@ -54,10 +55,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     _PER_GROUP = ("lr", "weight_decay")
 
-    def __init__(self, params: Iterable, lr: float, weight_decay: float, backend: str) -> None:
+    def __init__(self, params: Iterable, lr: float, weight_decay: float, backend: str,
+                 state_dtype: torch.dtype = torch.float32) -> None:
+        # Subclasses have built self._kcfg (with its sr_seed) before calling this.
         _checks.non_negative("lr", lr)
         _checks.non_negative("weight_decay", weight_decay)
+        self._state_dtype = _checks.state_dtype(state_dtype)
         self._backend_request = backends.check_name(backend)
+        backends.check_state_dtype(self._backend_request, self._state_dtype)
         self._buckets: list[Bucket] = []
         # id(p) -> (its bucket, its index there, the (dtype, device, shape) its
         # state was built for). Keyed by id: a Tensor's __hash__ is a Python
@@ -152,7 +157,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         keys = {(p.device, p.dtype) for p in fresh + moved} | {(b.device, b.dtype) for b in self._buckets}
         for key in keys:
             if key not in self._backend_for:  # resolved once: every step would ask again
-                self._backend_for[key] = backends.resolve(self._backend_request, *key)
+                self._backend_for[key] = backends.resolve(self._backend_request, *key,
+                                                          state_dtype_for(key[1], self._state_dtype))
         devices = {d for d, _ in keys}
         capturing = _capturing(devices)
         if capturing:
@@ -234,7 +240,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- buckets ----------------------------------------------------------------
     def _new_bucket(self, params: list[torch.Tensor]) -> Bucket:
-        return Bucket(params, self._state_names(), self._num_tangents())
+        return Bucket(params, self._state_names(), self._num_tangents(), self._state_dtype)
 
     def _install(self, buckets: list[Bucket]) -> None:
         """Make ``buckets`` the optimizer's state (each built and filled beforehand)."""
@@ -362,6 +368,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         sd["mada"] = {
             "config": self._config(),
             "buckets": [[index[p] for p in b.params] for b in self._buckets],
+            "sr_seed": self._kcfg.sr_seed,
             **self._extra_state(),
         }
         return sd
@@ -385,6 +392,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     group[key] = value
         self.state.clear()
         self._install(buckets)
+        if "sr_seed" in state_dict["mada"]:  # absent from checkpoints made before bf16 state
+            self._kcfg = dataclasses.replace(self._kcfg, sr_seed=state_dict["mada"]["sr_seed"])
         self._load_extra_state(state_dict["mada"])
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

@@ -21,9 +21,11 @@ Per call, a backend must, for every active segment i (elements
    du/dk. ``mada_dot`` does only the first part (``hyper_order="exact"``).
 4. ``adamod_step``: docs/spec.md sections 3 and 4.
 
-Arithmetic is in the state dtype (float32, or float64 for float64 params).
-Parameters of lower precision are read, updated in the state dtype and
-rounded once on the way back.
+Arithmetic is float64 for float64 params and float32 otherwise. The state is
+stored in ``bucket.state_dtype``: the compute dtype, or bfloat16, which a
+backend rounds stochastically (docs/spec.md section 5.1) and lists in its
+``state_dtypes``. Parameters of lower precision are read, updated in the
+compute dtype and rounded once on the way back.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class MadaKernelConfig:
     lion_betas: tuple[float, float]
     vbar_detach: bool
     maximize: bool
+    sr_seed: int = 0  # seed of bf16 state's stochastic rounding (docs/spec.md section 5.1)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class AdamodKernelConfig:
     beta3: float
     eps: float
     diff: bool  # DiffMod's friction term (state g_prev)
+    sr_seed: int = 0  # as MadaKernelConfig.sr_seed
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class Segments:
 
 class Backend(Protocol):
     name: str
+    state_dtypes: frozenset[torch.dtype]  # the bucket state dtypes it can store
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether this backend can step a bucket of this device and dtype."""

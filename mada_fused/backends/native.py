@@ -36,6 +36,9 @@ class NativeBackend:
     """A backend whose passes run in a native extension behind csrc/abi.h."""
 
     name: str
+    # bf16 state needs the stochastic-rounding store in the kernels: the CPU
+    # extension has it (CpuBackend), the CUDA kernels not yet.
+    state_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64))
 
     def __init__(self, ext) -> None:
         self._ext = ext
@@ -115,7 +118,7 @@ class NativeBackend:
             for name, buf in bucket.buffers.items():
                 self._check(f"state {name!r}", buf, dev, bucket.state_dtype, bucket.numel)
             if bucket.tangents is not None:
-                segments.check_rows(self.name, "tangents", bucket.tangents, dev, bucket.state_dtype, bucket.numel)
+                segments.check_rows(self.name, "tangents", bucket.tangents, dev, bucket.tangent_dtype, bucket.numel)
             known = self._known[bucket] = {"tensors": list(map(id, tensors)), "scalars": None, "coef": None,
                                            "fixed": {}}
         scalars = (sc.lr, sc.weight_decay)
@@ -139,7 +142,8 @@ class NativeBackend:
             learn, state_names, maximize, vbar_detach = cfg.learn, abi.MADA_STATE, cfg.maximize, cfg.vbar_detach
             consts = (cfg.eps, cfg.mod_beta, *cfg.lion_betas)
         return abi.pack_fixed(
-            op=op, variant=variant, dtype=DTYPE_CODES[bucket.dtype], learn_mask=abi.mask_of(learn),
+            op=op, variant=variant, dtype=DTYPE_CODES[bucket.dtype], state_dtype=DTYPE_CODES[bucket.state_dtype],
+            sr_seed=cfg.sr_seed, learn_mask=abi.mask_of(learn),
             maximize=maximize, vbar_detach=vbar_detach, device=self._device_index(bucket.device),
             state_numel=bucket.numel, num_groups=sc.lr.numel(), num_params=len(bucket.params),
             lr=sc.lr.data_ptr(), wd=sc.weight_decay.data_ptr(), steps=bucket.steps.data_ptr(),
