@@ -84,7 +84,7 @@ def sr_key(seed: Tensor, step: Tensor, buffer: int) -> Tensor:
 
 def sr_bits(key: Tensor, index: Tensor) -> Tensor:
     """32 random bits of each flat element index (mada_math.h: sr_bits)."""
-    return mix32((mix32(key ^ (index & _U32)) + (index >> 32)) & _U32)
+    return mix32(((key + (index >> 32)) & _U32) ^ (index & _U32))
 
 
 def sr_bf16(x: Tensor, bits: Tensor) -> Tensor:
