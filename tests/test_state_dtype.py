@@ -246,6 +246,19 @@ def test_an_ema_below_half_an_ulp_per_step_still_moves(backend):
     assert nearest.item() == 1.0  # the premise: round-to-nearest would freeze
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu)])
+def test_a_step_grad_scaler_skips_stores_nothing(backend):
+    """found_inf set: no buffer, tangent row or parameter is written (spec section 5)."""
+    opt, params = _run("mada_full", backend, _grads(2))
+    before = _stored(opt, params), [p.detach().clone() for p in params]
+    opt.grad_scale, opt.found_inf = torch.tensor([2.0]), torch.tensor([1.0])
+    spec.set_grads(params, _grads(1, seed=1)[0])
+    opt.step()
+    for key, x in _stored(opt, params).items():
+        assert torch.equal(_bit_pattern(x), _bit_pattern(before[0][key])), key
+    assert all(torch.equal(p, q) for p, q in zip(params, before[1]))
+
+
 # -- checkpoints --------------------------------------------------------------------------------
 @needs_cpu
 @pytest.mark.parametrize("case", ["mada_full", "diffmod"])
