@@ -51,10 +51,9 @@ class AdaMod(FusedOptimizer):
         # _diff: DiffMod's friction term (and its state g_prev); not public API.
         beta1, beta2 = _checks.beta_pair("betas", betas)
         self._kcfg = AdamodKernelConfig(
-            beta1, beta2, _checks.beta("beta3", beta3), _checks.non_negative("eps", eps), diff=_diff,
-            sr_seed=_checks.sr_seed(sr_seed),
+            beta1, beta2, _checks.beta("beta3", beta3), _checks.non_negative("eps", eps), diff=_diff
         )
-        super().__init__(params, lr, weight_decay, backend, state_dtype)
+        super().__init__(params, lr, weight_decay, backend, state_dtype, sr_seed)
 
     def _state_names(self) -> tuple[str, ...]:
         return ("m", "v", "s") + (("g_prev",) if self._kcfg.diff else ())

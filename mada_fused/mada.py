@@ -170,13 +170,12 @@ class MADA(FusedOptimizer):
             lion_betas=_checks.beta_pair("lion_betas", lion_betas),
             vbar_detach=vbar == "detach",
             maximize=maximize,
-            sr_seed=_checks.sr_seed(sr_seed),
         )
         self._exact = hyper_order == "exact"
         self._fixed = {n: v for n, v in values.items() if n not in hyper.learn}
         # Before super(): add_param_group reads it. Without learning there is no sum.
         self._shard_sum = ShardSum(process_group, needed=bool(hyper.learn))
-        super().__init__(params, lr, weight_decay, backend, state_dtype)
+        super().__init__(params, lr, weight_decay, backend, state_dtype, sr_seed)
         device = self.param_groups[0]["params"][0].device
         self._hyper = HyperState(hyper, values, device)
         self._has_tangents = False  # host-side: no tangents before the first step

@@ -8,7 +8,6 @@ the optimizer math (backends) and MADA's hyper-gradient descent (hyper.py).
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -56,11 +55,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     _PER_GROUP = ("lr", "weight_decay")
 
     def __init__(self, params: Iterable, lr: float, weight_decay: float, backend: str,
-                 state_dtype: torch.dtype = torch.float32) -> None:
-        # Subclasses have built self._kcfg (with its sr_seed) before calling this.
+                 state_dtype: torch.dtype = torch.float32, sr_seed: int = 0) -> None:
         _checks.non_negative("lr", lr)
         _checks.non_negative("weight_decay", weight_decay)
+        # How the state is stored, and the seed of its stochastic rounding (docs/spec.md 5.1).
         self._state_dtype = _checks.state_dtype(state_dtype)
+        self._sr_seed = _checks.sr_seed(sr_seed)
         self._backend_request = backends.check_name(backend)
         backends.check_state_dtype(self._backend_request, self._state_dtype)
         self._buckets: list[Bucket] = []
@@ -235,6 +235,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 weight_decay=weight_decay,
                 grad_scale=None if grad_scale is None else grad_scale.to(d),
                 found_inf=fi,
+                sr_seed=self._sr_seed,
             )
         return scalars, ok
 
@@ -368,7 +369,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         sd["mada"] = {
             "config": self._config(),
             "buckets": [[index[p] for p in b.params] for b in self._buckets],
-            "sr_seed": self._kcfg.sr_seed,
+            "sr_seed": self._sr_seed,
             **self._extra_state(),
         }
         return sd
@@ -392,8 +393,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     group[key] = value
         self.state.clear()
         self._install(buckets)
-        if "sr_seed" in state_dict["mada"]:  # absent from checkpoints made before bf16 state
-            self._kcfg = dataclasses.replace(self._kcfg, sr_seed=state_dict["mada"]["sr_seed"])
+        # Absent from checkpoints made before bf16 state: the seed stays.
+        self._sr_seed = state_dict["mada"].get("sr_seed", self._sr_seed)
         self._load_extra_state(state_dict["mada"])
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

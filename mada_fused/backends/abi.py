@@ -37,7 +37,8 @@ SEG_ROW: tuple[tuple[str, str], ...] = (
 # The part of a Call that is fixed for a (bucket, configuration, pass) ...
 CALL_FIXED: tuple[tuple[str, str], ...] = (
     ("op", "i"), ("variant", "I"), ("dtype", "i"), ("learn_mask", "I"), ("maximize", "i"),
-    ("vbar_detach", "i"), ("state_dtype", "i"), ("sr_seed", "I"), ("device", "q"), ("state_numel", "q"), ("num_groups", "q"), ("num_params", "q"),
+    ("vbar_detach", "i"), ("state_dtype", "i"), ("sr_seed", "I"), ("device", "q"), ("state_numel", "q"),
+    ("num_groups", "q"), ("num_params", "q"),
     ("lr", "Q"), ("wd", "Q"), ("steps", "Q"), ("state", f"{MAX_SLOTS}Q"), ("tangents", "Q"),
     ("tan_stride", "q"), ("consts", f"{NUM_CONSTS}d"),
 )

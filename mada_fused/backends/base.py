@@ -51,7 +51,6 @@ class MadaKernelConfig:
     lion_betas: tuple[float, float]
     vbar_detach: bool
     maximize: bool
-    sr_seed: int = 0  # seed of bf16 state's stochastic rounding (docs/spec.md section 5.1)
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,6 @@ class AdamodKernelConfig:
     beta3: float
     eps: float
     diff: bool  # DiffMod's friction term (state g_prev)
-    sr_seed: int = 0  # as MadaKernelConfig.sr_seed
 
 
 @dataclass(frozen=True)
@@ -73,6 +71,7 @@ class DeviceScalars:
     weight_decay: torch.Tensor  # (num_groups,) float64
     grad_scale: torch.Tensor | None  # 1-element float32, GradScaler's scale
     found_inf: torch.Tensor | None  # 1-element float32, non-zero = skip the step
+    sr_seed: int = 0  # host uint32: the optimizer's seed of bf16 state's rounding (docs/spec.md 5.1)
 
 
 @dataclass

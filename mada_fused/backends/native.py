@@ -100,12 +100,13 @@ class NativeBackend:
         self._ext.run(fixed + step, self._alloc(dev))
 
     def _fixed_part(self, op: int, bucket: Bucket, sc: DeviceScalars, cfg) -> bytes:
-        """The fixed part of the call, packed once per (bucket, config, pass) while the
+        """The fixed part of the call, packed once per (bucket, config, seed, pass) while the
         bucket's tensors and the optimizer's scalar tables keep their identity."""
         known = self._known_facts(bucket, sc)
-        fixed = known["fixed"].get((op, cfg))
+        key = (op, cfg, sc.sr_seed)
+        fixed = known["fixed"].get(key)
         if fixed is None:
-            fixed = known["fixed"][(op, cfg)] = self._pack_fixed(op, bucket, sc, cfg)
+            fixed = known["fixed"][key] = self._pack_fixed(op, bucket, sc, cfg)
         return fixed
 
     def _known_facts(self, bucket: Bucket, sc: DeviceScalars) -> dict:
@@ -143,7 +144,7 @@ class NativeBackend:
             consts = (cfg.eps, cfg.mod_beta, *cfg.lion_betas)
         return abi.pack_fixed(
             op=op, variant=variant, dtype=DTYPE_CODES[bucket.dtype], state_dtype=DTYPE_CODES[bucket.state_dtype],
-            sr_seed=cfg.sr_seed, learn_mask=abi.mask_of(learn),
+            sr_seed=sc.sr_seed, learn_mask=abi.mask_of(learn),
             maximize=maximize, vbar_detach=vbar_detach, device=self._device_index(bucket.device),
             state_numel=bucket.numel, num_groups=sc.lr.numel(), num_params=len(bucket.params),
             lr=sc.lr.data_ptr(), wd=sc.weight_decay.data_ptr(), steps=bucket.steps.data_ptr(),

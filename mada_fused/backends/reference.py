@@ -334,17 +334,17 @@ class ReferenceBackend:
         return (_Slot(bucket, seg, i, sc, maximize, buffers, seed) for i in range(len(seg.params)))
 
     def mada_dot(self, bucket, seg, scalars, cfg: MadaKernelConfig, dot_out) -> None:
-        for slot in self._slots(bucket, seg, scalars, cfg.maximize, abi.MADA_STATE, cfg.sr_seed):
+        for slot in self._slots(bucket, seg, scalars, cfg.maximize, abi.MADA_STATE, scalars.sr_seed):
             _accumulate_dot(slot, dot_out)
 
     def mada_step(self, bucket, seg, scalars, cfg: MadaKernelConfig, dot_out) -> None:
-        for slot in self._slots(bucket, seg, scalars, cfg.maximize, abi.MADA_STATE, cfg.sr_seed):
+        for slot in self._slots(bucket, seg, scalars, cfg.maximize, abi.MADA_STATE, scalars.sr_seed):
             if dot_out is not None:
                 _accumulate_dot(slot, dot_out)
             _mada_slot(slot, scalars.coef, cfg, want_tangents=bool(cfg.learn))
 
     def adamod_step(self, bucket, seg, scalars, cfg: AdamodKernelConfig) -> None:
-        for slot in self._slots(bucket, seg, scalars, False, abi.ADAMOD_STATE, cfg.sr_seed):
+        for slot in self._slots(bucket, seg, scalars, False, abi.ADAMOD_STATE, scalars.sr_seed):
             theta, new = adamod_element(make_adamod_scalars(cfg, slot), slot.grad, slot.theta, slot.state,
                                         cfg.diff, slot.round)
             for name, value in new.items():
