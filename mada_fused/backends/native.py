@@ -37,7 +37,7 @@ class NativeBackend:
 
     name: str
     # bf16 state needs the stochastic-rounding store in the kernels: the CPU
-    # extension has it (CpuBackend), the CUDA kernels not yet.
+    # extension has it (CpuBackend), the CUDA kernels not yet (csrc/cuda/plan.cpp refuses it).
     state_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64))
 
     def __init__(self, ext) -> None:
