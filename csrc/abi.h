@@ -15,7 +15,7 @@
 namespace mada_abi {
 
 // Bumped whenever a layout or a code below changes meaning.
-constexpr int kVersion = 2;
+constexpr int kVersion = 3;  // 2: maximize applies to kAdamodStep too; 3: Call::state_dtype, Call::sr_seed
 
 // Parameter (and gradient) dtypes, and (Call::state_dtype) how the state
 // buffers are stored. Arithmetic is float64 for kF64 parameters, whose state is
@@ -92,7 +92,7 @@ struct Call {
   uint32_t variant;       // MadaBits for kMadaStep, AdamodBits for kAdamodStep, 0 for kMadaDot
   int32_t dtype;          // Dtype
   uint32_t learn_mask;    // learned coefficients (MADA passes), 0 otherwise
-  int32_t maximize;       // 1: the processed gradient is -grad (MADA)
+  int32_t maximize;       // 1: the processed gradient is -grad (every pass)
   int32_t vbar_detach;    // 1: d N / d v = rho, as in the authors' code (MADA)
   int32_t state_dtype;    // Dtype of the state buffers (see Dtype)
   uint32_t sr_seed;       // seed of bf16 state's stochastic rounding

@@ -47,6 +47,7 @@ def check(opt: FusedOptimizer, sd: Mapping[str, Any], params: list[torch.Tensor]
         if unknown:
             raise bad(f"param_groups[{i}] has keys {sorted(unknown)} that {type(opt).__name__} does not know")
         _checks.group_lr(group, i, read_tensor=True)
+        opt._configs([{**live, **group}], i)  # the options it would set (betas, eps, ...)
     # Saved ids map to parameters by position, as in torch.optim.
     ids = [pid for g in groups for pid in g["params"]]
     pos = {pid: k for k, pid in enumerate(ids)}

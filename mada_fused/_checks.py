@@ -12,8 +12,9 @@ import torch
 
 SUPPORTED_PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Param-group keys besides the per-group options: torch.optim's own and those
-# torch's LR schedulers write (OneCycleLR: max_lr, min_lr).
-GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "max_lr", "min_lr"})
+# torch's LR schedulers write (OneCycleLR, CyclicLR).
+GROUP_KEYS = frozenset({"params", "param_names", "initial_lr", "max_lr", "min_lr", "max_momentum",
+                        "base_momentum"})
 
 
 def real_number(name: str, value: Any) -> float:
@@ -52,22 +53,83 @@ def beta_pair(name: str, value: Any) -> tuple[float, float]:
     return beta(f"{name}[0]", value[0]), beta(f"{name}[1]", value[1])
 
 
-def group_lr(group: dict, index: int, read_tensor: bool = False) -> None:
-    """lr and weight_decay may be changed between steps by schedulers or users.
-
-    A tensor lr's value is only read with ``read_tensor`` (loading a
-    checkpoint): step() never waits for the device to check it.
-    """
-    lr = group["lr"]
-    name = f"param_groups[{index}]['lr']"
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point() or lr.is_meta:
-            raise ValueError(f"{name} must be a 1-element float tensor with data (not on the meta device)")
+def learning_rate(name: str, value: Any, read_tensor: bool) -> None:
+    """A learning rate: a Python number or, as torch.optim allows, a 1-element
+    float tensor (0-dim or not, any float dtype). A tensor's value is only read
+    with ``read_tensor`` (construction, loading a checkpoint): step() never
+    waits for the device to check it."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point() or value.is_meta:
+            raise ValueError(f"{name} must be a 1-element float tensor with data (not on the meta device), "
+                             f"got a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}")
         if read_tensor:
-            non_negative(name, float(lr.detach().reshape(()).cpu()))
+            non_negative(name, float(value.detach().reshape(()).cpu()))
     else:
-        non_negative(name, lr)
+        non_negative(name, value)
+
+
+def host_pair(name: str, value: Any) -> Any:
+    """A constructor's ``betas`` with 1-element tensors read once as Python
+    floats, as torch.optim does; anything else is left for :func:`beta_pair`."""
+    if not isinstance(value, (tuple, list)):
+        return value
+    out = []
+    for i, x in enumerate(value):
+        if isinstance(x, torch.Tensor):
+            if x.numel() != 1:
+                raise ValueError(f"{name}[{i}] as a tensor must have 1 element, got shape {tuple(x.shape)}")
+            x = x.item()
+        out.append(x)
+    return tuple(out)
+
+
+def group_lr(group: dict, index: int, read_tensor: bool = False) -> None:
+    """lr and weight_decay may be changed between steps by schedulers or users."""
+    learning_rate(f"param_groups[{index}]['lr']", group["lr"], read_tensor)
     non_negative(f"param_groups[{index}]['weight_decay']", group["weight_decay"])
+
+
+def flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def adamw_switches(request: str, *, fused: Any, foreach: Any, capturable: Any, differentiable: Any,
+                   amsgrad: Any) -> tuple[str, bool]:
+    """torch.optim.AdamW's implementation switches, with their meaning here.
+
+    ``request`` is the ``backend`` argument. Returns the backend request to use
+    (for backends.check_name) and whether only a fused backend may step.
+
+    - ``fused=True``: a fused kernel (cpu, cuda, triton, cuda_on_cpu) must step
+      every parameter, else a ValueError; ``fused=False``: the unfused
+      implementation, the reference backend; None: ``backend`` decides.
+    - ``foreach``: accepted and ignored; every backend steps a whole bucket of
+      tensors per call, which is what foreach asks for.
+    - ``capturable``: accepted either way; a step is always CUDA-graph
+      capturable here (with a tensor lr on the device, docs/robustness.md).
+    - ``differentiable=True`` and ``amsgrad=True``: refused, naming what to use.
+    """
+    for name, value in (("fused", fused), ("foreach", foreach)):
+        if value is not None:
+            flag(name, value)
+    flag("capturable", capturable)
+    if flag("differentiable", differentiable):
+        raise ValueError("differentiable=True is not supported: the fused step runs outside autograd, so no "
+                         "gradient flows through step(); use torch.optim.AdamW(differentiable=True) for that")
+    if flag("amsgrad", amsgrad):
+        raise ValueError("amsgrad=True is not supported: use mada_fused.AVGrad, which keeps a running mean of v "
+                         "where AMSGrad keeps its maximum (MADA with rho=0)")
+    if fused is False:
+        if request not in ("auto", "reference"):
+            raise ValueError(f"fused=False asks for the unfused implementation, but backend={request!r} is fused; "
+                             "drop one of the two")
+        return "reference", False
+    if fused and request == "reference":
+        raise ValueError("fused=True asks for a fused kernel, but backend='reference' is the unfused one; "
+                         "use backend='auto', 'cpu', 'cuda' or 'triton'")
+    return request, bool(fused)
 
 
 def param_group(group: dict, index: int) -> None:
@@ -166,8 +228,8 @@ def capturable(groups: list[dict], new: list[torch.Tensor]) -> None:
             "take at least one step with every parameter before capturing"
         )
     for i, group in enumerate(groups):
-        lr = group["lr"]
-        if not isinstance(lr, torch.Tensor) or lr.device.type == "cpu":
+        value = group["lr"]
+        if not isinstance(value, torch.Tensor) or value.device.type == "cpu":
             raise RuntimeError(
                 f"under CUDA graph capture param_groups[{i}]['lr'] must be a tensor on the "
                 "parameters' device: a Python float is baked into the graph (a scheduler's "

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import backends
-from .backends.cuda import archs_run_on, cuda_archs
+from .backends.cuda import archs_run_on, cuda_archs, driver_problem
 
 
 def _import(name: str):
@@ -44,7 +44,9 @@ def build_info() -> dict[str, Any]:
     """A dict describing the build and this machine.
 
     Keys: ``version``, ``torch``, ``cpu_ext``, ``cuda_ext`` (bools),
-    ``cuda_archs`` (list), ``triton`` (bool), ``backends_available`` (list),
+    ``cuda_archs`` (list), ``cuda_runtime`` / ``cuda_driver`` (the CUDA version the
+    extension was built with / the NVIDIA driver supports, e.g. 13000; 0: none),
+    ``cuda_driver_problem`` (str or None), ``triton`` (bool), ``backends_available`` (list),
     ``unavailable`` (backend -> reason), ``cpu`` (ISA in use, threads, build
     flags), ``cuda_build`` (what the build did about CUDA), ``gpus`` (per GPU:
     name, capability, whether the CUDA extension has code for it) and
@@ -73,6 +75,9 @@ def build_info() -> dict[str, Any]:
     info["cuda_build"] = cfg.get("cuda_status", "unknown: the CPU extension is not built")
     if cuda is None:
         info["cuda_ext_error"] = cuda_err
+    # Asking the driver's version makes no CUDA context (build_info stays cheap on any machine).
+    runtime, driver = (cuda.runtime_version(), cuda.driver_version()) if cuda is not None else (0, 0)
+    info.update(cuda_runtime=runtime, cuda_driver=driver, cuda_driver_problem=driver_problem(driver, runtime))
     gpus = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

@@ -92,7 +92,7 @@ def from_adam(adam_state_dict: Mapping[str, Any], optimizer: FusedOptimizer) -> 
             raise bad(f"param_groups[{i}] is torch.optim.Adam's with an L2 weight_decay; mada-fused decays "
                       "decoupled, as AdamW: set that group's weight_decay to 0 (or convert from AdamW)")
         for key in _SHARED:
-            if key in group and key not in mine and not _same(group[key], _setting(optimizer, mine, key)):
+            if key in group and not _per_group(optimizer, key) and not _same(group[key], _setting(optimizer, mine, key)):
                 raise bad(f"param_groups[{i}] has {key}={group[key]!r} but this optimizer has "
                           f"{_setting(optimizer, mine, key)!r}: build it with {key}={group[key]!r}")
 
@@ -113,7 +113,7 @@ def from_adam(adam_state_dict: Mapping[str, Any], optimizer: FusedOptimizer) -> 
         state[k] = _fresh_state(optimizer, adam)
     for group, adam in zip(sd["param_groups"], groups):
         for key in ("lr", "weight_decay", *_SHARED):
-            if key in adam and key in group:
+            if key in adam and key in group and (key not in _SHARED or _per_group(optimizer, key)):
                 group[key] = adam[key]
     sd["state"] = state
     extra = sd["mada"]
@@ -160,9 +160,14 @@ def to_adamw(optimizer: FusedOptimizer) -> dict[str, Any]:
     return {"state": state, "param_groups": groups}
 
 
+def _per_group(optimizer: FusedOptimizer, key: str) -> bool:
+    """Whether ``optimizer`` takes ``key`` per group (MADA's groups only show its starting betas)."""
+    return key in type(optimizer)._GROUP_OPTIONS
+
+
 def _setting(optimizer: FusedOptimizer, group: Mapping[str, Any], key: str) -> Any:
     """``betas``, ``eps`` or ``maximize`` as ``optimizer`` applies it to ``group``."""
-    if key in group:
+    if _per_group(optimizer, key):
         return group[key]
     cfg = optimizer._kcfg
     if key == "betas":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
+from .backends.cuda import cuda_version
 from .build_info import build_info
 
 
@@ -20,7 +21,11 @@ def _lines(info: dict) -> list[str]:
     else:
         out.append(f"CPU extension:  no ({info['cpu_ext_error']})")
     if info["cuda_ext"]:
-        out.append(f"CUDA extension: yes, code for {', '.join(info['cuda_archs']) or 'unknown archs'}")
+        driver = f"CUDA {cuda_version(info['cuda_driver'])}" if info["cuda_driver"] else "none found"
+        out.append(f"CUDA extension: yes, code for {', '.join(info['cuda_archs']) or 'unknown archs'}; "
+                   f"built with CUDA {cuda_version(info['cuda_runtime'])} (static runtime); driver: {driver}")
+        if info["cuda_driver_problem"]:
+            out.append(f"  WARNING: {info['cuda_driver_problem']}")
     else:
         out.append(f"CUDA extension: no ({info['cuda_build']})")
     for g in info["gpus"]:

@@ -1,17 +1,47 @@
 """MADA, the meta-adaptive optimizer, and AVGrad, one of its corners."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from . import _checks
-from .backends.base import MadaKernelConfig
+from .backends.base import DeviceScalars, MadaKernelConfig
 from .coefficients import COEFFICIENTS
 from .distributed import ShardSum
 from .hyper import HyperConfig, HyperState
-from .optimizer import FusedOptimizer, Work
+from .optimizer import CONFIG_CACHE_SIZE, FusedOptimizer, Work
+
+
+@dataclass(frozen=True)
+class _GroupConfig:
+    """A group's kernel configuration, and for AVGrad its own (beta1, beta2)
+    where they differ from the optimizer's (None: the shared coefficients)."""
+
+    kernel: MadaKernelConfig
+    betas: tuple[float, float] | None = None
+
+
+def _same_pair(a: Any, b: Any) -> bool:
+    return isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and tuple(a) == tuple(b)
+
+
+class _LearnedBetas(dict):
+    """A MADA param group. It shows ``betas``, the starting (beta1, beta2), so
+    torch's schedulers see a momentum; setting it to another value is refused,
+    naming what to do instead: one set of coefficients serves all groups."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key == "betas" and key in self and not _same_pair(value, self[key]):
+            raise ValueError(
+                f"MADA learns beta1 and beta2 (one set of coefficients for all parameter groups), so a param "
+                f"group's 'betas' cannot be set (to {value!r}); with torch.optim.lr_scheduler.OneCycleLR or "
+                "CyclicLR pass cycle_momentum=False, or use AVGrad or AdaMod, whose groups take betas"
+            )
+        super().__setitem__(key, value)
 
 
 class MADA(FusedOptimizer):
@@ -80,14 +110,20 @@ class MADA(FusedOptimizer):
     (docs/spec.md section 1.4): at Adam's corner only ``m`` and ``v``.
 
     Args:
-        params: parameters or parameter groups; groups may set ``lr`` and
-            ``weight_decay`` only (the coefficients are global).
-        lr, weight_decay: per-group learning rate and decoupled weight decay.
+        params: parameters or parameter groups; groups may set ``lr``,
+            ``weight_decay`` and ``eps`` only: the coefficients, and the options
+            of their hyper-gradient descent, are shared by all groups because
+            they are learned jointly. Groups show ``betas`` (the starting beta1,
+            beta2) read-only, so torch's OneCycleLR/CyclicLR with
+            ``cycle_momentum=True`` meet a ValueError that says to pass
+            ``cycle_momentum=False``.
+        lr, weight_decay: per-group learning rate (a float or a 1-element
+            tensor) and decoupled weight decay.
         betas, beta3, rho, c, gamma: the starting coefficients (default: Adam's
             corner ``(0.9, 0.999), 0, 1, 1, 1``). ``beta3 = 0, rho = 1, c = 1,
             gamma = 1`` with ``learn=()`` is AdamW; ``rho = 0`` AVGrad; ``gamma = 0``
             Lion.
-        eps: added to the root of the second moment (default: 1e-8).
+        eps: added to the root of the second moment (default: 1e-8); per group.
         mod_beta: memory of the AdaMod clip on the step size; 0 (default) is off.
         lion_betas: Lion's two momentum constants (default: (0.95, 0.98)).
         learn: names of the coefficients that move (default: all six); ``()``
@@ -102,7 +138,11 @@ class MADA(FusedOptimizer):
             :math:`\bar{v}`; ``"detach"`` treats it as a constant, as the authors'
             code does.
         hyper_order: ``"lagged"`` (default) or ``"exact"``, see above.
-        maximize: maximize the objective instead of minimizing it.
+        maximize: maximize the objective instead of minimizing it (global: the
+            hyper-gradient is that of one objective).
+        fused, foreach, capturable, differentiable, amsgrad: torch.optim.AdamW's
+            switches, with the meaning README.md's "Drop-in for
+            torch.optim.AdamW" gives them.
         backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
         process_group: a ProcessGroup or 1-D DeviceMesh over which the
             hyper-gradient's per-rank partial sums are summed. By default it is
@@ -119,7 +159,7 @@ class MADA(FusedOptimizer):
     def __init__(
         self,
         params: Iterable,
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         beta3: float = 0.0,
         rho: float = 1.0,
@@ -139,10 +179,16 @@ class MADA(FusedOptimizer):
         maximize: bool = False,
         backend: str = "auto",
         process_group: Any = None,
+        *,
         state_dtype: torch.dtype = torch.float32,
         sr_seed: int = 0,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        amsgrad: bool = False,
     ) -> None:
-        beta1, beta2 = _checks.beta_pair("betas", betas)
+        beta1, beta2 = _checks.beta_pair("betas", _checks.host_pair("betas", betas))
         values = {
             "beta1": beta1,
             "beta2": beta2,
@@ -157,8 +203,6 @@ class MADA(FusedOptimizer):
             raise ValueError(f"vbar must be 'full' or 'detach', got {vbar!r}")
         if hyper_order not in ("lagged", "exact"):
             raise ValueError(f"hyper_order must be 'lagged' or 'exact', got {hyper_order!r}")
-        if not isinstance(maximize, bool):
-            raise TypeError("maximize must be a bool")
         self._kcfg = MadaKernelConfig(
             learn=hyper.learn_index,
             has_beta3=values["beta3"] != 0.0 or "beta3" in hyper.learn,
@@ -169,17 +213,24 @@ class MADA(FusedOptimizer):
             mod_beta=float(mod_beta),
             lion_betas=_checks.beta_pair("lion_betas", lion_betas),
             vbar_detach=vbar == "detach",
-            maximize=maximize,
+            maximize=_checks.flag("maximize", maximize),
         )
         self._exact = hyper_order == "exact"
         self._fixed = {n: v for n, v in values.items() if n not in hyper.learn}
         # Before super(): add_param_group reads it. Without learning there is no sum.
         self._shard_sum = ShardSum(process_group, needed=bool(hyper.learn))
-        super().__init__(params, lr, weight_decay, backend, state_dtype, sr_seed)
+        self._group_coef: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # AVGrad's per-group betas
+        defaults = dict(lr=lr, weight_decay=weight_decay, eps=eps, betas=(beta1, beta2), maximize=maximize)
+        super().__init__(params, {k: defaults[k] for k in self._DEFAULTS}, backend, state_dtype=state_dtype,
+                         sr_seed=sr_seed, foreach=foreach, capturable=capturable, differentiable=differentiable,
+                         fused=fused, amsgrad=amsgrad)
         device = self.param_groups[0]["params"][0].device
         self._hyper = HyperState(hyper, values, device)
         self._has_tangents = False  # host-side: no tangents before the first step
         self._h_valid = False  # host-side: a hyper-gradient has been computed
+        # While grad_release steps an iteration parameter by parameter: each
+        # step's ((bucket, first index), partial sums), until the iteration ends.
+        self._released: list | None = None
 
     # -- public read-outs (these sync the host; step() never does) -------------
     @property
@@ -194,6 +245,41 @@ class MADA(FusedOptimizer):
         return {n: h[COEFFICIENTS.index(n)] for n in self._hyper.cfg.learn}
 
     # -- FusedOptimizer hooks -----------------------------------------------------
+    _GROUP_OPTIONS = ("eps",)
+    _GLOBAL_WHY = (": MADA's coefficients (betas, beta3, rho, c, gamma), the options of their hyper-gradient "
+                   "descent and maximize are shared by all groups, because the coefficients are learned jointly "
+                   "from one hyper-gradient over every parameter (AVGrad and AdaMod take per-group betas)")
+    _DEFAULTS = ("lr", "weight_decay", "eps", "betas")  # betas: shown, read-only (_LearnedBetas)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "betas" not in self._GROUP_OPTIONS and isinstance(param_group, dict):
+            param_group = _LearnedBetas(param_group)
+        super().add_param_group(param_group)
+
+    def _group_config(self, group: Mapping[str, Any]) -> _GroupConfig:
+        return _GroupConfig(replace(self._kcfg, eps=_checks.non_negative("eps", group["eps"])))
+
+    def _work_scalars(self, scalars: DeviceScalars, config: _GroupConfig, capturing: bool) -> DeviceScalars:
+        """AVGrad's groups with betas of their own read coefficients of their own:
+        one constant tensor per (device, betas), made once (nothing is learned)."""
+        if config.betas is None:
+            return scalars
+        device = scalars.lr.device
+        key = (device, config.betas)
+        coef = self._group_coef.get(key)
+        if coef is None:
+            if capturing:
+                raise RuntimeError("step() under CUDA graph capture met a param group with new betas, whose "
+                                   "coefficients need a host-to-device copy: step with them before capturing")
+            values = {**self._fixed, "beta1": config.betas[0], "beta2": config.betas[1]}
+            coef = torch.tensor([values[n] for n in COEFFICIENTS], dtype=torch.float64).to(device)
+            self._group_coef[key] = coef
+            if len(self._group_coef) > CONFIG_CACHE_SIZE:
+                self._group_coef.popitem(last=False)
+        else:
+            self._group_coef.move_to_end(key)
+        return replace(scalars, coef=coef)
+
     def _check_group(self, group: dict[str, Any], index: int) -> None:
         super()._check_group(group, index)
         self._shard_sum.add(group["params"])  # last: it takes the group in when it does not raise
@@ -245,6 +331,11 @@ class MADA(FusedOptimizer):
 
     def _run(self, work: list[Work], ok: dict[torch.device, torch.Tensor | None]) -> None:
         hyper, cfg = self._hyper, self._kcfg
+        if self._released is not None:  # one parameter of a released iteration: k moves at its end
+            # Keep where the sums come from, not the work: it holds the grads.
+            where = (work[0].bucket, work[0].seg.param_index[0]) if work else None
+            self._released.append((where, self._pass(work)))
+            return
         ok_any = next(iter(ok.values()))
         ok_home = None if ok_any is None else ok_any.to(hyper.device)
         hyper.count_step(ok_home)
@@ -253,19 +344,51 @@ class MADA(FusedOptimizer):
         if want_dot and self._exact:  # reduce, update k, then step with the new k
             dots = self._dots(work)
             for w in work:
-                w.backend.mada_dot(w.bucket, w.seg, w.scalars, cfg, dots[w.bucket.device])
+                w.backend.mada_dot(w.bucket, w.seg, w.scalars, w.config.kernel, dots[w.bucket.device])
             hyper.update(self._reduce(dots), ok_home)
             for sc in {id(w.scalars): w.scalars for w in work}.values():
                 if sc.coef is not hyper.coef:  # a copy on another device
                     sc.coef.copy_(hyper.coef)
-        lagged = want_dot and not self._exact
-        dots = self._dots(work) if lagged else {}
+        self._finish(self._pass(work), ok_home)
+
+    def _pass(self, work: list[Work]) -> dict[torch.device, torch.Tensor] | None:
+        """The step's one pass over memory; with the lagged order it also sums
+        ``g * du/dk`` (returned, per device) while it reads the old tangents."""
+        lagged = bool(self._kcfg.learn) and self._has_tangents and not self._exact
+        dots = self._dots(work) if lagged else None
         for w in work:
-            w.backend.mada_step(w.bucket, w.seg, w.scalars, cfg, dots.get(w.bucket.device))
-        if lagged:  # k moves after the pass that read it
-            hyper.update(self._reduce(dots), ok_home)
-        self._has_tangents = self._has_tangents or bool(cfg.learn)
+            w.backend.mada_step(w.bucket, w.seg, w.scalars, w.config.kernel,
+                                None if dots is None else dots[w.bucket.device])
+        return dots
+
+    def _finish(self, dots: dict[torch.device, torch.Tensor] | None, ok_home: torch.Tensor | None) -> None:
+        """After the pass: the lagged hyper-update (k moves after the pass that read it)."""
+        if dots is not None:
+            self._hyper.update(self._reduce(dots), ok_home)
+        want_dot = bool(self._kcfg.learn) and self._has_tangents
+        self._has_tangents = self._has_tangents or bool(self._kcfg.learn)
         self._h_valid = self._h_valid or want_dot
+
+    # -- gradient release (grad_release.py): one iteration, stepped per parameter --
+    def _open_release(self) -> None:
+        self._released = []
+
+    def _close_release(self) -> None:
+        """Move k once for the iteration: the per-parameter partial sums added per
+        device in bucket order, the order one whole step adds them in."""
+        parts, self._released = self._released, None
+        if not parts:
+            return
+        self._hyper.count_step(None)
+        dots = None
+        if parts[0][1] is not None:  # sums were taken (not in the first iteration)
+            rank = {id(b): i for i, b in enumerate(self._buckets)}
+            dots = {}
+            for _, part in sorted(((w, d) for w, d in parts if w is not None),
+                                  key=lambda wd: (rank.get(id(wd[0][0]), len(rank)), wd[0][1])):
+                for device, d in part.items():
+                    dots[device] = d if device not in dots else dots[device] + d
+        self._finish(dots, None)
 
     def _dots(self, work: list[Work]) -> dict[torch.device, torch.Tensor]:
         """Zeroed per-device accumulators that backends add their partial sums into."""
@@ -299,21 +422,42 @@ class AVGrad(MADA):
        \end{aligned}
 
     with :math:`m_0 = v_0 = \bar{v}_0 = 0`. Exactly :class:`MADA` with ``rho=0`` and
-    nothing learned (docs/spec.md section 1.3); arguments as :class:`MADA`'s.
+    nothing learned (docs/spec.md section 1.3); arguments as :class:`MADA`'s. Nothing
+    is learned, so, as in torch.optim.AdamW, each parameter group may set its own
+    ``lr``, ``betas``, ``eps``, ``weight_decay`` and ``maximize``.
     """
+
+    _GROUP_OPTIONS = ("betas", "eps", "maximize")
+    _GLOBAL_WHY = ""
+    _DEFAULTS = ("lr", "weight_decay", "eps", "betas", "maximize")
 
     def __init__(
         self,
         params: Iterable,
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         backend: str = "auto",
+        *,
+        maximize: bool = False,
         state_dtype: torch.dtype = torch.float32,
         sr_seed: int = 0,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        amsgrad: bool = False,
     ) -> None:
         super().__init__(
             params, lr=lr, betas=betas, rho=0.0, eps=eps, weight_decay=weight_decay,
-            learn=(), backend=backend, state_dtype=state_dtype, sr_seed=sr_seed,
+            learn=(), maximize=maximize, backend=backend, state_dtype=state_dtype, sr_seed=sr_seed,
+            foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused, amsgrad=amsgrad,
         )
+
+    def _group_config(self, group: Mapping[str, Any]) -> _GroupConfig:
+        betas = _checks.beta_pair("betas", group["betas"])
+        kernel = replace(self._kcfg, eps=_checks.non_negative("eps", group["eps"]),
+                         maximize=_checks.flag("maximize", group["maximize"]))
+        own = betas != (self._fixed["beta1"], self._fixed["beta2"])
+        return _GroupConfig(kernel, betas if own else None)

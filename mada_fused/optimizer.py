@@ -8,7 +8,8 @@ the optimizer math (backends) and MADA's hyper-gradient descent (hyper.py).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,13 +22,15 @@ from .flat_state import INDEX_CACHE_SIZE, Bucket, state_dtype_for
 
 @dataclass(frozen=True)
 class Work:
-    """One backend call: a bucket's active segments, the backend that steps
-    them and the step's scalars on the bucket's device."""
+    """One backend call: a bucket's active segments of one group configuration,
+    the backend that steps them, the step's scalars on the bucket's device and
+    that configuration (the subclass's :meth:`FusedOptimizer._group_config`)."""
 
     backend: Backend
     bucket: Bucket
     seg: Segments
     scalars: DeviceScalars
+    config: Hashable
 
 
 def _capturing(devices: Iterable[torch.device]) -> bool:
@@ -39,6 +42,19 @@ def _home_of(buckets: list[Bucket]) -> dict[int, tuple[Bucket, int, tuple]]:
     return {id(p): (b, i, b.built_for[i]) for b in buckets for i, p in enumerate(b.params)}
 
 
+def _frozen(value: Any) -> Hashable:
+    """A group option's value as a cache key: lists as tuples, each value with
+    its type (as plain keys True, 1 and 1.0 are one, but maximize=1 is an error)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(map(_frozen, value))
+    return (type(value), value)
+
+
+# Distinct group configurations whose checked kernel configuration is kept: a
+# scheduler cycling betas (OneCycleLR) makes a new one every step.
+CONFIG_CACHE_SIZE = 64
+
+
 def _by_key(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """``params`` grouped by (device, dtype), in order of first appearance."""
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
@@ -47,22 +63,42 @@ def _by_key(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return list(groups.values())
 
 
+def _add_own_state(optimizer: FusedOptimizer, sd: dict[str, Any]) -> None:
+    # A module-level function, not a bound method: the hook dict is pickled with the optimizer.
+    sd["mada"] = optimizer._own_state()
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class. Subclasses define the state they allocate and :meth:`_run`."""
 
     # GradScaler then hands us grad_scale/found_inf instead of unscaling itself.
     _step_supports_amp_scaling = True
+    # The per-group values every optimizer reads from the device table, each step.
     _PER_GROUP = ("lr", "weight_decay")
+    # The other options a group may set (``defaults`` holds each): host constants
+    # of the kernel configuration, which :meth:`_group_config` builds.
+    _GROUP_OPTIONS: tuple[str, ...] = ()
+    # Why an option outside these is global (add_param_group's refusal says it).
+    _GLOBAL_WHY = ""
 
-    def __init__(self, params: Iterable, lr: float, weight_decay: float, backend: str,
-                 state_dtype: torch.dtype = torch.float32, sr_seed: int = 0) -> None:
-        _checks.non_negative("lr", lr)
-        _checks.non_negative("weight_decay", weight_decay)
-        # How the state is stored, and the seed of its stochastic rounding (docs/spec.md 5.1).
+    def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str, *,
+                 state_dtype: torch.dtype = torch.float32, sr_seed: int = 0, **switches: Any) -> None:
+        """``defaults``: lr, weight_decay and the _GROUP_OPTIONS; ``state_dtype`` and
+        ``sr_seed``: how the state is stored, and the seed of its stochastic rounding
+        (docs/spec.md 5.1); ``switches``: torch.optim.AdamW's fused, foreach,
+        capturable, differentiable, amsgrad."""
+        _checks.learning_rate("lr", defaults["lr"], read_tensor=True)
+        _checks.non_negative("weight_decay", defaults["weight_decay"])
         self._state_dtype = _checks.state_dtype(state_dtype)
         self._sr_seed = _checks.sr_seed(sr_seed)
-        self._backend_request = backends.check_name(backend)
+        request, self._fused_only = _checks.adamw_switches(backend, **switches)
+        self._backend_request = backends.check_name(request)
+        if self._fused_only and self._backend_request == "reference":  # from the environment
+            raise ValueError(f"fused=True, but {backends.ENV_VAR}=reference asks for the unfused backend")
         backends.check_state_dtype(self._backend_request, self._state_dtype)
+        # Checked group configurations, by their option values (_configs).
+        self._config_cache: OrderedDict[tuple, Hashable] = OrderedDict()
+        self._group_config(defaults)
         self._buckets: list[Bucket] = []
         # id(p) -> (its bucket, its index there, the (dtype, device, shape) its
         # state was built for). Keyed by id: a Tensor's __hash__ is a Python
@@ -70,7 +106,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._home: dict[int, tuple[Bucket, int, tuple]] = {}
         self._scalars: dict[torch.device, tuple] = {}
         self._backend_for: dict[tuple[torch.device, torch.dtype], Backend] = {}
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        super().__init__(params, defaults)
+        # First of the state_dict post hooks, so a user's hook sees the whole state_dict.
+        self.register_state_dict_post_hook(_add_own_state, prepend=True)
+        if self._fused_only:  # fail here, not at the first step
+            for key in {(p.device, p.dtype) for p in self._param_list()}:
+                self._backend(*key)
 
     # -- what subclasses provide ---------------------------------------------
     def _state_names(self) -> tuple[str, ...]:
@@ -90,8 +131,18 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _run(self, work: list[Work], ok: dict[torch.device, torch.Tensor | None]) -> None:
         raise NotImplementedError
 
+    def _group_config(self, group: Mapping[str, Any]) -> Hashable:
+        """The kernel configuration of a group's _GROUP_OPTIONS values; raises
+        TypeError or ValueError for a bad value."""
+        raise NotImplementedError
+
+    def _work_scalars(self, scalars: DeviceScalars, config: Hashable, capturing: bool) -> DeviceScalars:
+        """The scalars a call of this configuration reads (MADA: per-group coefficients)."""
+        return scalars
+
     def _check_group(self, group: dict[str, Any], index: int) -> None:
         _checks.param_group(group, index)
+        self._configs([group], index)
 
     def _extra_state(self) -> dict[str, Any]:
         return {}
@@ -104,11 +155,11 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- torch.optim.Optimizer protocol ---------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        options = set(param_group) - _checks.GROUP_KEYS - set(self._PER_GROUP)
+        options = set(param_group) - _checks.GROUP_KEYS - set(self._PER_GROUP) - set(self._GROUP_OPTIONS)
         if options:
             raise ValueError(
-                f"{type(self).__name__} options {sorted(options)} are global, not per group; "
-                f"param groups may set only {self._PER_GROUP}"
+                f"{type(self).__name__} options {sorted(options)} are global, not per group{self._GLOBAL_WHY}; "
+                f"param groups may set only {self._PER_GROUP + self._GROUP_OPTIONS}"
             )
         super().add_param_group(param_group)  # torch's checks, then it appends the group
         try:
@@ -128,12 +179,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._home = _home_of(self._buckets)
 
-    @torch.no_grad()
+    # torch.compile does not trace the step: a compiled caller breaks its graph
+    # once, at this call, and the step (closure included; compile the closure
+    # itself to have it compiled) runs as it runs uncompiled. Traced, the step
+    # broke the graph 8 or 9 times inside and guarded on every float lr. A graph
+    # cannot hold it either: the native backends write the state buffers they
+    # hold by address, while a graph mutates functionalized copies.
+    @torch.compiler.disable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._eager_step()
+        return loss
+
+    @torch.no_grad()
+    def _eager_step(self) -> None:
         # GradScaler hands its scale and found_inf over as attributes and removes
         # them once step() returns. After a step that raised they would stay and
         # skip (or rescale) every later step, so such a step removes them itself.
@@ -145,20 +207,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             self.__dict__.pop("grad_scale", None)
             self.__dict__.pop("found_inf", None)
             raise
-        return loss
 
     def _step(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
         for i, group in enumerate(self.param_groups):
             _checks.group_lr(group, i)
+        configs = self._configs(self.param_groups)
         _checks.amp_scalars(grad_scale, found_inf)
         active, fresh, moved = self._gather()
         if not active:
             return
         keys = {(p.device, p.dtype) for p in fresh + moved} | {(b.device, b.dtype) for b in self._buckets}
         for key in keys:
-            if key not in self._backend_for:  # resolved once: every step would ask again
-                self._backend_for[key] = backends.resolve(self._backend_request, *key,
-                                                          state_dtype_for(key[1], self._state_dtype))
+            self._backend(*key)
         devices = {d for d, _ in keys}
         capturing = _capturing(devices)
         if capturing:
@@ -170,7 +230,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._move(moved)
         if fresh:
             self._allocate(fresh)
-        work, staged, counts = self._plan(active, scalars, capturing)
+        work, staged, counts = self._plan(active, scalars, configs, capturing)
         for bucket, index in counts:
             okd = ok[bucket.device]
             if index is None:
@@ -181,6 +241,40 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._run(work, ok)
         for param, tmp in staged:
             param.copy_(tmp)
+
+    def _backend(self, device: torch.device, dtype: torch.dtype) -> Backend:
+        """The backend of a (device, dtype) bucket, resolved once: every step would ask again."""
+        backend = self._backend_for.get((device, dtype))
+        if backend is None:
+            state_dtype = state_dtype_for(dtype, self._state_dtype)
+            backend = backends.resolve(self._backend_request, device, dtype, state_dtype)
+            if self._fused_only and backend.name == "reference":
+                raise ValueError(f"fused=True, but no fused backend can step {dtype} parameters with "
+                                 f"{state_dtype} state on {device} "
+                                 f"here (loaded: {backends.available()}); drop fused=True to use the reference one")
+            self._backend_for[device, dtype] = backend
+        return backend
+
+    def _configs(self, groups: list[Mapping[str, Any]], first: int = 0) -> list[Hashable]:
+        """Each group's kernel configuration, from its option values now (a
+        scheduler may change them between steps), checked; nothing changes."""
+        out = []
+        cache = self._config_cache
+        for i, group in enumerate(groups, first):
+            key = tuple(_frozen(group[name]) for name in self._GROUP_OPTIONS)
+            config = cache.get(key)
+            if config is None:
+                try:
+                    config = self._group_config(group)
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"param_groups[{i}]: {e}") from None
+                cache[key] = config
+                if len(cache) > CONFIG_CACHE_SIZE:
+                    cache.popitem(last=False)
+            else:
+                cache.move_to_end(key)
+            out.append(config)
+        return out
 
     def _gather(self) -> tuple[dict[int, tuple], list[torch.Tensor], list[torch.Tensor]]:
         """Every parameter with a grad, checked; nothing changes here.
@@ -278,14 +372,19 @@ class FusedOptimizer(torch.optim.Optimizer):
             buckets.append(entry)
         self._install(buckets)
 
-    def _plan(self, active: dict[int, tuple], scalars: dict, capturing: bool) -> tuple[list[Work], list, list]:
-        """The backend calls, the staged copies of non-contiguous parameters, and
-        per bucket the parameters whose step counts go up."""
+    def _plan(self, active: dict[int, tuple], scalars: dict, configs: list[Hashable],
+              capturing: bool) -> tuple[list[Work], list, list]:
+        """The backend calls (one per bucket and group configuration present in
+        it), the staged copies of non-contiguous parameters, and per bucket the
+        parameters whose step counts go up."""
         work: list[Work] = []
         staged = []
         counts = []
+        distinct: dict[Hashable, int] = {}  # hashed once per group, not per parameter
+        slot_of_group = [distinct.setdefault(c, len(distinct)) for c in configs]
+        config_of_slot = list(distinct)
         for bucket in self._buckets:
-            seg = Segments([], [], [], [], [], [])
+            segs: dict[int, Segments] = {}  # by config slot, in order of first appearance
             stepped = []
             for i, p in enumerate(bucket.params):
                 entry = active.get(id(p))
@@ -298,6 +397,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 n = data.numel()
                 if not n:  # nothing for a backend to do, but its step still counts
                     continue
+                seg = segs.get(slot_of_group[gi])
+                if seg is None:
+                    seg = segs[slot_of_group[gi]] = Segments([], [], [], [], [], [])
                 seg.params.append(data)
                 seg.grads.append(grad.contiguous())
                 seg.offsets.append(bucket.offsets[i])
@@ -307,8 +409,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not stepped:
                 continue
             counts.append((bucket, self._step_index(bucket, stepped, capturing)))
-            if seg.params:
-                work.append(Work(self._backend_for[bucket.device, bucket.dtype], bucket, seg, scalars[bucket.device]))
+            backend = self._backend_for[bucket.device, bucket.dtype]
+            for slot, seg in segs.items():
+                config = config_of_slot[slot]
+                sc = self._work_scalars(scalars[bucket.device], config, capturing)
+                work.append(Work(backend, bucket, seg, sc, config))
         return work, staged, counts
 
     @staticmethod
@@ -363,16 +468,15 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _param_list(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
+    def _own_state(self) -> dict[str, Any]:
+        """What ``state_dict()["mada"]`` holds: the config, the bucket layout, subclass state."""
         index = {p: i for i, p in enumerate(self._param_list())}
-        sd["mada"] = {
+        return {
             "config": self._config(),
             "buckets": [[index[p] for p in b.params] for b in self._buckets],
             "sr_seed": self._sr_seed,
             **self._extra_state(),
         }
-        return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -389,8 +493,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         # From here on nothing can fail half-way.
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             for key, value in saved.items():
-                if key != "params":
-                    group[key] = value
+                if key != "params":  # past a group's guard on options it shows but does not take
+                    dict.__setitem__(group, key, value)
         self.state.clear()
         self._install(buckets)
         # Absent from checkpoints made before bf16 state: the seed stays.

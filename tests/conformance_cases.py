@@ -114,6 +114,7 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("adamod_default_amp", AdaMod, dict(lr=1e-2, weight_decay=0.01), amp=True, drop=True),
     Case("diffmod", DiffMod, dict(lr=1e-2, len_memory=10), strided=True),
     Case("diffmod_amp_drop", DiffMod, dict(lr=1e-2), amp=True, drop=True, dtypes=LOW),
+    Case("diffmod_max_amp", DiffMod, dict(lr=1e-2, len_memory=10, maximize=True), amp=True, dtypes=(F32, BF16)),
 ]}
 
 # The second parameter group: its own lr (times the case's) and weight decay.

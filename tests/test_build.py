@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mada_fused
-from mada_fused.backends.cuda import archs_run_on
+from mada_fused.backends.cuda import archs_run_on, driver_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tests that read setup.py / build_support.py / pyproject.toml need the source tree; the rest
@@ -77,6 +77,101 @@ def test_parse_archs(monkeypatch):
         m.parse_archs(" ; ")
 
 
+@pytest.fixture
+def build_support(monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)
+    return importlib.import_module("build_support")
+
+
+NVCC_13 = "nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 13.0, V13.0.88\n"
+
+
+@needs_source
+def test_nvcc_version_and_targets_are_read(build_support):
+    b = build_support
+    assert b.parse_nvcc_version(NVCC_13) == (13, 0)
+    assert b.parse_nvcc_version("Cuda compilation tools, release 12.1, V12.1.105") == (12, 1)
+    assert b.parse_nvcc_version("gcc (GCC) 13.2.0") is None
+    assert b.parse_gpu_targets("sm_75\nsm_80\nsm_90\nsm_100\n") == {75, 80, 90, 100}
+    assert b.parse_gpu_targets("compute_75 compute_90a lto_100f") == {75, 90, 100}
+    assert b.parse_gpu_targets("nvcc fatal   : Unknown option '--list-gpu-code'") == set()
+
+
+@needs_source
+@pytest.mark.parametrize("version, archs, targets, refused", [
+    ((12, 1), "80;90+PTX", None, None),
+    ((12, 0), "80", None, "needs CUDA 12.1 or newer"),
+    ((11, 8), "80", {35, 80}, "over 4 KB"),
+    (None, "80", None, "cannot read the CUDA version"),
+    ((12, 8), "50;90a", None, None),
+    ((12, 8), "37", None, "sm_37, which CUDA 12.8 cannot compile for (it has sm_50 and newer)"),
+    ((13, 0), "75;90", None, None),
+    ((13, 0), "70", None, "sm_70, which CUDA 13.0"),  # Volta: dropped by CUDA 13 (table)
+    ((14, 2), "6.1", None, "sm_61, which CUDA 14.2"),  # a newer toolkit: the newest table row
+    # What nvcc lists wins over the table, either way.
+    ((13, 0), "90;100f", {75, 90, 100}, None),
+    ((13, 0), "90;120", {75, 90, 100}, "sm_120, which CUDA 13.0 cannot compile for (it has sm_75, sm_90, sm_100)"),
+    ((12, 4), "52", {60, 90}, "sm_52"),
+])
+def test_toolkit_refusal(build_support, version, archs, targets, refused):
+    why = build_support.toolkit_refusal(version, build_support.parse_archs(archs), targets)
+    assert (why == "") if refused is None else (refused in why), why
+
+
+def _fake_nvcc(tmp_path, release, codes):
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text("#!/bin/sh\ncase \"$1\" in\n"
+                    f"  --version) echo 'Cuda compilation tools, release {release}, V{release}.1';;\n"
+                    f"  --list-gpu-code) printf '%s\\n' {' '.join('sm_' + c for c in codes)};;\n"
+                    f"  --list-gpu-arch) printf '%s\\n' {' '.join('compute_' + c for c in codes)};;\n"
+                    "  *) exit 1;;\nesac\n")
+    nvcc.chmod(0o755)
+    return str(nvcc)
+
+
+@needs_source
+@pytest.mark.parametrize("release, codes, archs, refused", [
+    ("12.0", ["50", "80"], "80", "needs CUDA 12.1"),
+    ("13.0", ["75", "80", "90"], "60;90", "sm_60, which CUDA 13.0 cannot compile for"),
+    ("12.4", ["50", "60", "90"], "60;90", None),
+])
+def test_cuda_plan_skips_or_stops_on_a_refused_toolkit(build_support, monkeypatch, tmp_path, release, codes, archs,
+                                                      refused):
+    """MADA_BUILD_CUDA=auto builds without _C_cuda and says why; MADA_BUILD_CUDA=1 stops with that reason."""
+    b = build_support
+    toolkit = {"nvcc": _fake_nvcc(tmp_path, release, codes), "home": str(tmp_path),
+               "cudart_dir": str(tmp_path)}
+    monkeypatch.setattr(b, "find_cuda", lambda: (toolkit, ""))
+    monkeypatch.setenv("MADA_CUDA_ARCHS", archs)
+    monkeypatch.setenv("MADA_BUILD_CUDA", "auto")
+    plan = b.cuda_plan()
+    if refused is None:
+        assert plan.toolkit == toolkit and [n for n, _ in plan.archs] == archs.split(";")
+        return
+    assert plan.toolkit is None and plan.archs == [] and refused in plan.reason
+    assert plan.status() == f"not built: {plan.reason}"
+    monkeypatch.setenv("MADA_BUILD_CUDA", "1")
+    with pytest.raises(SystemExit, match=f"MADA_BUILD_CUDA=1 but .*{refused[:12]}"):
+        b.cuda_plan()
+
+
+@needs_source
+def test_real_nvcc_is_accepted(build_support, monkeypatch):
+    """The toolkit on this machine: its version is read, sm_90 builds; CUDA 13 refuses Pascal."""
+    monkeypatch.delenv("MADA_BUILD_CUDA", raising=False)  # find it even where this install skipped it
+    found, why = build_support.find_cuda()
+    if found is None:
+        pytest.skip(f"no CUDA toolkit here ({why})")
+    b = build_support
+    out = subprocess.run([found["nvcc"], "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = b.parse_nvcc_version(out)
+    assert version is not None and version >= b.MIN_CUDA, out
+    assert b.check_toolkit(found["nvcc"], b.parse_archs("90+PTX")) == ""
+    assert b.check_toolkit(found["nvcc"], b.parse_archs(b.DEFAULT_CUDA_ARCHS)) == ""
+    if version >= (13, 0):
+        assert "sm_60, which CUDA 13" in b.check_toolkit(found["nvcc"], b.parse_archs("60;90"))
+
+
 @needs_source
 def test_pyproject_has_no_torch_build_requirement():
     tomllib = pytest.importorskip("tomllib")
@@ -108,7 +203,8 @@ def test_archs_run_on(archs, cap, ok):
 
 def test_build_info_keys_and_types():
     info = mada_fused.build_info()
-    for key, typ in [("cpu_ext", bool), ("cuda_ext", bool), ("cuda_archs", list), ("triton", bool),
+    for key, typ in [("cpu_ext", bool), ("cuda_ext", bool), ("cuda_archs", list), ("cuda_runtime", int),
+                     ("cuda_driver", int), ("triton", bool),
                      ("backends_available", list), ("auto", dict), ("gpus", list)]:
         assert isinstance(info[key], typ), key
     assert info["version"] == mada_fused.__version__ and info["torch"] == torch.__version__
@@ -117,8 +213,39 @@ def test_build_info_keys_and_types():
     assert info["auto"]["cpu"] == ("cpu" if info["cpu_ext"] else "reference")
     if info["cuda_ext"]:
         assert info["cuda_archs"] and all(a.startswith(("sm_", "compute_")) for a in info["cuda_archs"])
+        assert info["cuda_runtime"] >= 12010
+        assert info["cuda_driver_problem"] == driver_problem(info["cuda_driver"], info["cuda_runtime"])
     else:
-        assert info["cuda_archs"] == []
+        assert info["cuda_archs"] == [] and info["cuda_runtime"] == info["cuda_driver"] == 0
+
+
+@pytest.mark.parametrize("driver, runtime, says", [
+    (13000, 13000, None),
+    (13010, 13000, None),
+    (0, 13000, None),  # no driver: no GPU to run on, nothing to warn about
+    (13020, 0, None),  # the CPU build of the kernels: no CUDA runtime
+    (12080, 13000, "supports CUDA 12.8, but the CUDA extension was built with CUDA 13.0 (static runtime) and "
+                   "needs an NVIDIA driver of the 580 series or newer"),
+    (11080, 12010, "needs an NVIDIA driver of the 525 series or newer"),
+    (13000, 14000, "needs a driver for CUDA 14.0"),
+    (12020, 12080, "supports CUDA 12.2, older than the CUDA 12.8 the CUDA extension was built with: its SASS runs"),
+])
+def test_driver_problem(driver, runtime, says):
+    why = driver_problem(driver, runtime)
+    assert why is None if says is None else says in why, why
+
+
+def test_info_warns_about_an_old_driver():
+    from mada_fused.info import _lines
+
+    info = mada_fused.build_info()
+    info.update(cuda_ext=True, cuda_archs=["sm_90"], cuda_runtime=13000, cuda_driver=12080,
+                cuda_driver_problem=driver_problem(12080, 13000))
+    text = "\n".join(_lines(info))
+    assert "built with CUDA 13.0 (static runtime); driver: CUDA 12.8" in text
+    assert "  WARNING: the NVIDIA driver supports CUDA 12.8" in text and "580 series" in text
+    info.update(cuda_driver=13000, cuda_driver_problem=None)
+    assert "WARNING" not in "\n".join(_lines(info))
 
 
 def test_info_command_prints_a_report():

@@ -215,7 +215,8 @@ def _oracle(case: Case, pre, post, g64, lrs, wds, has_tangents: bool, counted: i
                 out["tangents"].update(zip(js, _unflat(rows, [params[j] for j in js], (len(learn),))))
         else:
             beta3 = 1 - 1 / kw.get("len_memory", 1000) if case.cls is DiffMod else kw.get("beta3", 0.999)
-            new_theta, new = sm.adamod_step(theta, g, state, lr=lr, betas=kw.get("betas", (0.9, 0.999)),
+            g_in = -g if kw.get("maximize") else g  # docs/spec.md section 3: maximize negates g
+            new_theta, new = sm.adamod_step(theta, g_in, state, lr=lr, betas=kw.get("betas", (0.9, 0.999)),
                                             beta3=beta3, eps=kw.get("eps", 1e-8), weight_decay=wd,
                                             diff_friction=case.cls is DiffMod, const_dtype=const_dtype)
         like = [params[j] for j in js]

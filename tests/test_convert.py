@@ -257,10 +257,6 @@ def _betas(sd):
     sd["param_groups"][1]["betas"] = (0.9, 0.99)
 
 
-def _eps(sd):
-    sd["param_groups"][0]["eps"] = 1e-6
-
-
 def _maximize(sd):
     sd["param_groups"][0]["maximize"] = True
 
@@ -285,7 +281,7 @@ def _bad_step(sd):
     sd["state"][1]["step"] = torch.tensor(-2.0)
 
 
-@pytest.mark.parametrize("corrupt", [_amsgrad, _l2, _betas, _eps, _maximize, _group_sizes, _unknown_id,
+@pytest.mark.parametrize("corrupt", [_amsgrad, _l2, _betas, _maximize, _group_sizes, _unknown_id,
                                      _missing_moment, _wrong_shape, _bad_step])
 def test_misfits_are_refused_and_change_nothing(corrupt):
     init, grads = problem(N)
@@ -369,3 +365,15 @@ def test_bad_step_is_refused_and_changes_nothing(bad):
     with pytest.raises(ValueError, match="step"):
         opt.load_state_dict(sd)
     sm.assert_unchanged(snap, opt, ps)
+
+
+@pytest.mark.parametrize("cls", [MADA, AVGrad])
+def test_per_group_options_carry_over(cls):
+    """What the target takes per group (MADA: eps; AVGrad: betas, eps too) comes from Adam's group."""
+    init, grads = problem(N)
+    adamw, ps = adamw_run(init, grads[:2])
+    sd = copy.deepcopy(adamw.state_dict())
+    sd["param_groups"][0]["eps"] = 1e-6
+    opt = cls(groups(ps), backend="reference")
+    opt.load_state_dict(from_adam(sd, opt))
+    assert opt.param_groups[0]["eps"] == 1e-6 and opt.param_groups[1]["eps"] == sd["param_groups"][1]["eps"]

@@ -306,7 +306,6 @@ def test_state_dict_hooks(name, backend):
         assert torch.equal(params[0], pb[0])  # ... group 0 as before
 
 
-@pytest.mark.xfail(strict=True, reason="FusedOptimizer.state_dict adds 'mada' after torch's state_dict post hooks ran")
 @pytest.mark.parametrize("name", ["MADA-learn", "AdaMod"])
 def test_state_dict_post_hook_sees_the_whole_state_dict(name):
     """A post hook (e.g. one that moves or casts every tensor for saving) sees what state_dict returns."""

@@ -109,6 +109,19 @@ def _st(ptr, offs, x, mask, MASKED: tl.constexpr):
 
 
 @_device
+def _grad(gp_, po, mask, scale, m_p, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, SR: tl.constexpr,
+          MASKED: tl.constexpr):
+    """The processed gradient, in the arithmetic dtype (m_p's, fp32 for bf16 state):
+    unscaled, negated for maximize."""
+    g = _ld(gp_, po, mask, MASKED).to(tl.float32 if SR else m_p.dtype.element_ty)
+    if HAS_SCALE:
+        g = _div(g, scale)
+    if MAXIMIZE:
+        g = -g
+    return g
+
+
+@_device
 def _tangent(tan, tstride, so, x, mask, ROWS: tl.constexpr, K: tl.constexpr, MASKED: tl.constexpr):
     if _row(ROWS, K) != NO_ROW:
         _st(tan + _row(ROWS, K) * tstride, so, x, mask, MASKED)
@@ -307,11 +320,7 @@ def _mada_block(pp, gp_, st, keys, tan, tstride, po, so, mask, acc, k, scale,
                 HAS_LION: tl.constexpr, HAS_MOD: tl.constexpr, MAXIMIZE: tl.constexpr,
                 HAS_SCALE: tl.constexpr, SR: tl.constexpr, MASKED: tl.constexpr):
     m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p = st
-    g = _ld(gp_, po, mask, MASKED).to(tl.float32 if SR else m_p.dtype.element_ty)
-    if HAS_SCALE:
-        g = _div(g, scale)
-    if MAXIMIZE:
-        g = -g
+    g = _grad(gp_, po, mask, scale, m_p, HAS_SCALE, MAXIMIZE, SR, MASKED)
     if DOT:
         # sum(g * T) with the previous step's tangents, before they are overwritten.
         # Products of two fp32 values are exact in fp64; the sums stay in fp64.
@@ -380,12 +389,10 @@ def _adamod_element(k, g, theta, m0, v0, s0, gprev, keys, so, DIFF: tl.constexpr
 
 
 @_device
-def _adamod_block(pp, gp_, st, keys, po, so, mask, k, scale, DIFF: tl.constexpr,
+def _adamod_block(pp, gp_, st, keys, po, so, mask, k, scale, DIFF: tl.constexpr, MAXIMIZE: tl.constexpr,
                   HAS_SCALE: tl.constexpr, SR: tl.constexpr, MASKED: tl.constexpr):
     m_p, v_p, s_p, gprev_p = st
-    g = _ld(gp_, po, mask, MASKED).to(tl.float32 if SR else m_p.dtype.element_ty)
-    if HAS_SCALE:
-        g = _div(g, scale)
+    g = _grad(gp_, po, mask, scale, m_p, HAS_SCALE, MAXIMIZE, SR, MASKED)
     theta = _ld(pp, po, mask, MASKED).to(g.dtype)
     gprev = g  # g_prev starts at 0 in the state; only DiffMod has it
     if DIFF:
@@ -461,13 +468,13 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, tan, tstrid
                 acc = _mada_block(pp, gp_, st, keys, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT, ROWS, NL,
                                   NLP, HAS_BETA3, HAS_VBAR, HAS_LION, HAS_MOD, MAXIMIZE, HAS_SCALE, SR, False)
             else:
-                _adamod_block(pp, gp_, st, keys, po, so, mask, k, scale, DIFF, HAS_SCALE, SR, False)
+                _adamod_block(pp, gp_, st, keys, po, so, mask, k, scale, DIFF, MAXIMIZE, HAS_SCALE, SR, False)
         elif start < count:
             if KIND == MADA:
                 acc = _mada_block(pp, gp_, st, keys, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT, ROWS, NL,
                                   NLP, HAS_BETA3, HAS_VBAR, HAS_LION, HAS_MOD, MAXIMIZE, HAS_SCALE, SR, True)
             else:
-                _adamod_block(pp, gp_, st, keys, po, so, mask, k, scale, DIFF, HAS_SCALE, SR, True)
+                _adamod_block(pp, gp_, st, keys, po, so, mask, k, scale, DIFF, MAXIMIZE, HAS_SCALE, SR, True)
     if DOT:
         # One fp64 partial per (learned row, chunk); launch.py sums them in a fixed order.
         rows = tl.arange(0, NLP)

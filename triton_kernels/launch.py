@@ -47,8 +47,9 @@ CONFIG_ENV = "MADA_TRITON_CONFIG"  # "BLOCK,WARPS"
 _modules: dict[bool, object] = {}
 _layouts: OrderedDict = OrderedDict()
 _MAX_LAYOUTS = 64
-_captured: list = []  # layouts a CUDA graph reads: never freed, the graph replays their addresses
-_consts: dict[tuple, torch.Tensor] = {}
+_captured: list = []  # layouts and constants a CUDA graph reads: never freed, the graph replays their addresses
+_consts: OrderedDict = OrderedDict()
+_MAX_CONSTS = 64
 
 
 def kernels(interpret: bool):
@@ -141,7 +142,7 @@ def _layout(seg, bucket, chunk: int) -> _Layout:
             _layouts.popitem(last=False)
     else:
         _layouts.move_to_end(key)
-    if capturing and lay not in _captured:
+    if capturing and not any(c is lay for c in _captured):
         _captured.append(lay)
     return lay
 
@@ -150,11 +151,18 @@ def _const(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     # Host constants travel as fp64 device data: a Python float argument would be
     # rounded to fp32, which fp64 state must not see.
     key = (values, device)
-    if key not in _consts:
+    const = _consts.get(key)
+    if const is None:
         if _capturing(device):
             _refuse_in_capture("a new set of optimizer constants")
-        _consts[key] = torch.tensor(values, dtype=torch.float64, device=device)
-    return _consts[key]
+        const = _consts[key] = torch.tensor(values, dtype=torch.float64, device=device)
+        while len(_consts) > _MAX_CONSTS:  # a scheduler cycling betas makes a set per step
+            _consts.popitem(last=False)
+    else:
+        _consts.move_to_end(key)
+    if _capturing(device) and not any(c is const for c in _captured):
+        _captured.append(const)  # a graph replays its address: never freed
+    return const
 
 
 def _config() -> tuple[int, int]:
@@ -203,7 +211,7 @@ def _launch(kind: int, bucket, seg, scalars, coef, consts, *, states, flags: dic
 # Flags a kernel kind never varies.
 _MADA_FIXED = dict(DIFF=False)
 _ADAMOD_FIXED = dict(STEP=True, DOT=False, ROWS=0, HAS_BETA3=False, HAS_VBAR=False, HAS_LION=False,
-                  HAS_MOD=False, VBAR_DETACH=False, MAXIMIZE=False)
+                  HAS_MOD=False, VBAR_DETACH=False)
 
 
 def mada(bucket, seg, scalars, cfg, dot_out: torch.Tensor | None, step: bool) -> None:
@@ -229,4 +237,4 @@ def adamod(bucket, seg, scalars, cfg) -> None:
     # The kernel's state slots are MADA's (m, v, n, g_prev, l, vb, s); AdaMod fills four.
     _launch(_ADAMOD, bucket, seg, scalars, consts, consts,
             states=("m", "v", None, "g_prev" if cfg.diff else None, None, None, "s"),
-            flags=dict(_ADAMOD_FIXED, DIFF=cfg.diff), dot_out=None, nl=0)
+            flags=dict(_ADAMOD_FIXED, DIFF=cfg.diff, MAXIMIZE=cfg.maximize), dot_out=None, nl=0)

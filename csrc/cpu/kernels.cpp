@@ -262,7 +262,7 @@ void mada_pass(const Pass& c) {
   using T = typename Param<D>::T;
   const double* k = c.c.consts;
   const MadaConst kc{k[kEps], k[kModBeta], k[kLionBeta1], k[kLionBeta2], c.c.vbar_detach != 0};
-  const T sign = c.c.maximize ? T(-1) : T(1);
+  const T sign = grad_sign<T>(c);
   const int rows = c.c.dot_out ? c.num_learn : 0;
   double total[mada::kNumCoef] = {};
   auto make = [&](double lr, double wd, double t) {
@@ -313,7 +313,8 @@ void mada_entry(const Pass& c) {
 // with the gradient read in place, as mada_short.
 template <int D, bool SB, bool DIFF, bool SCALED>
 void adamod_piece(const Pass& c, const AdamodScalars<typename Param<D>::T>& k,
-                  const SegRow& r, int64_t lo, int64_t hi, typename Param<D>::T scale) {
+                  const SegRow& r, int64_t lo, int64_t hi, typename Param<D>::T scale,
+                  typename Param<D>::T sign) {
   using T = typename Param<D>::T;
   using P = typename Param<D>::P;
   using St = Store<T, SB>;
@@ -330,7 +331,7 @@ void adamod_piece(const Pass& c, const AdamodScalars<typename Param<D>::T>& k,
     T mi = St::load(m[i]), vi = St::load(v[i]), si = St::load(s[i]);
     T gprev = DIFF ? St::load(gp[i]) : T(0);
     param[i] = Param<D>::store(mada::adamod_element<T, DIFF>(
-        k, processed_grad<D, SCALED>(grad[i], scale, T(1)), Param<D>::load(param[i]), mi, vi, si,
+        k, processed_grad<D, SCALED>(grad[i], scale, sign), Param<D>::load(param[i]), mi, vi, si,
         gprev, keys.at(r.offset + i)));
     m[i] = St::put(mi), v[i] = St::put(vi), s[i] = St::put(si);
     if (DIFF) gp[i] = St::put(gprev);
@@ -340,6 +341,7 @@ void adamod_piece(const Pass& c, const AdamodScalars<typename Param<D>::T>& k,
 template <int D, bool SB, bool DIFF>
 void adamod_pass(const Pass& c) {
   using T = typename Param<D>::T;
+  const T sign = grad_sign<T>(c);
   auto make = [&](double lr, double wd, double t) {
     const double* k = c.c.consts;
     return mada::make_adamod_scalars<T>(k[kAdamodBeta1], k[kAdamodBeta2], k[kAdamodBeta3], k[kAdamodEps],
@@ -349,7 +351,7 @@ void adamod_pass(const Pass& c) {
                                                     Chunk<AdamodScalars<T>>& ch) {
     const AdamodScalars<T>& k = ch.scalars(c.c, r, make);
     with_grad_scale<T>(c.c.grad_scale, [&](auto scaled, T scale) {
-      adamod_piece<D, SB, DIFF, decltype(scaled)::value>(c, k, r, lo, hi, scale);
+      adamod_piece<D, SB, DIFF, decltype(scaled)::value>(c, k, r, lo, hi, scale, sign);
     });
   });
 }

@@ -68,6 +68,8 @@ PYBIND11_MODULE(MADA_CUDA_MODULE, m) {
   m.def("abi", &mada_abi::report, "The call interface as compiled (csrc/abi.h): codes, sizes, offsets");
   m.def("built_archs", &mc::built_archs, "SM versions compiled in, e.g. [800, 900]");
   m.def("runtime_version", &mc::runtime_version, "CUDART_VERSION built against");
+  m.def("driver_version", &mc::driver_version,
+        "CUDA version the NVIDIA driver supports (cudaDriverGetVersion), 0 without a driver; no context made");
   m.def(
       "device_ok",
       [](int device) {

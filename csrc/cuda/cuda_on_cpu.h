@@ -146,6 +146,10 @@ inline cudaError_t cudaSetDevice(int d) {
   cuda_on_cpu::current_device = d;
   return cudaSuccess;
 }
+inline cudaError_t cudaDriverGetVersion(int* v) {
+  *v = 0;  // no driver, as CUDART_VERSION says no runtime
+  return cudaSuccess;
+}
 template <class F>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F*) {
   attr->maxThreadsPerBlock = 1024;

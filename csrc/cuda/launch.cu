@@ -114,4 +114,13 @@ bool device_ok(int device, std::string* why) {
 
 int runtime_version() { return CUDART_VERSION; }
 
+int driver_version() {
+  int v = 0;
+  if (cudaDriverGetVersion(&v) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return v;
+}
+
 }  // namespace mada_cuda

@@ -109,5 +109,7 @@ std::vector<int> built_archs();
 // Whether this build has machine code (or PTX) the device can run; the reason when not.
 bool device_ok(int device, std::string* why);
 int runtime_version();
+// The CUDA version the installed driver supports (cudaDriverGetVersion, e.g. 13000); 0: no driver.
+int driver_version();
 
 }  // namespace mada_cuda

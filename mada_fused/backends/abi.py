@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from typing import Iterable, Sequence
 
-VERSION = 2
+VERSION = 3  # 2: Call.maximize applies to ADAMOD_STEP too; 3: Call.state_dtype, Call.sr_seed
 
 DTYPES: dict[str, int] = {"float32": 0, "float64": 1, "bfloat16": 2, "float16": 3}
 MADA_STEP, MADA_DOT, ADAMOD_STEP = 0, 1, 2

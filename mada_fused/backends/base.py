@@ -39,7 +39,8 @@ from ..flat_state import Bucket
 
 @dataclass(frozen=True)
 class MadaKernelConfig:
-    """Host constants of a MADA pass; fixed for the optimizer's lifetime."""
+    """Host constants of a MADA pass, per parameter group (eps and, for AVGrad,
+    maximize may differ between groups; the rest is the optimizer's)."""
 
     learn: tuple[int, ...]  # canonical indices (into coefficients.COEFFICIENTS) of learned coefficients
     has_beta3: bool  # state n, g_prev
@@ -55,11 +56,14 @@ class MadaKernelConfig:
 
 @dataclass(frozen=True)
 class AdamodKernelConfig:
+    """Host constants of an AdaMod/DiffMod pass, per parameter group."""
+
     beta1: float
     beta2: float
     beta3: float
     eps: float
     diff: bool  # DiffMod's friction term (state g_prev)
+    maximize: bool
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,38 @@ def archs_run_on(archs: Iterable[str], capability: tuple[int, int]) -> bool:
     return False
 
 
+# Oldest Linux driver branch of each CUDA major version (NVIDIA's CUDA toolkit release notes):
+# the extension links the CUDA runtime statically, so the driver must be this new.
+DRIVER_BRANCH = {11: 450, 12: 525, 13: 580}
+
+
+def cuda_version(v: int) -> str:
+    """12080 (CUDART_VERSION, cudaDriverGetVersion) -> "12.8"."""
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def driver_problem(driver: int, runtime: int) -> str | None:
+    """Why the NVIDIA driver may not run a CUDA extension built with this CUDA runtime; None if it can.
+
+    ``driver``: cudaDriverGetVersion (the CUDA version the driver supports, e.g. 12080; 0: no
+    driver, so nothing to warn about); ``runtime``: CUDART_VERSION of the build (0: no CUDA
+    runtime, as in the CPU build of the kernels).
+    """
+    if driver <= 0 or runtime <= 0 or driver >= runtime:
+        return None
+    built = f"CUDA {cuda_version(runtime)}"
+    if driver // 1000 < runtime // 1000:  # no compatibility across major versions
+        branch = DRIVER_BRANCH.get(runtime // 1000)
+        need = f"an NVIDIA driver of the {branch} series or newer" if branch else f"a driver for {built}"
+        return (f"the NVIDIA driver supports CUDA {cuda_version(driver)}, but the CUDA extension was built with "
+                f"{built} (static runtime) and needs {need}: backend 'cuda' cannot run. Update the driver, or "
+                f"rebuild mada-fused with a CUDA {driver // 1000} toolkit")
+    # Same major version: CUDA's minor-version compatibility runs the SASS, not newer PTX.
+    return (f"the NVIDIA driver supports CUDA {cuda_version(driver)}, older than the {built} the CUDA extension "
+            f"was built with: its SASS runs (minor-version compatibility), its PTX (GPUs newer than the "
+            f"sm_ targets) needs a driver for {built}")
+
+
 class CudaBackend(NativeBackend):
     name = "cuda"
 

@@ -22,6 +22,7 @@ from .base import AdamodKernelConfig, DeviceScalars, MadaKernelConfig, Segments
 
 DTYPE_CODES: dict[torch.dtype, int] = {getattr(torch, name): code for name, code in abi.DTYPES.items()}
 _F32, _F64 = torch.float32, torch.float64
+_MAX_FIXED = 64  # packed fixed parts kept per bucket (one per pass and group configuration)
 
 
 def mada_variant(cfg: MadaKernelConfig) -> int:
@@ -106,6 +107,8 @@ class NativeBackend:
         key = (op, cfg, sc.sr_seed)
         fixed = known["fixed"].get(key)
         if fixed is None:
+            if len(known["fixed"]) >= _MAX_FIXED:  # a scheduler cycling betas makes a config per step
+                known["fixed"].pop(next(iter(known["fixed"])))
             fixed = known["fixed"][key] = self._pack_fixed(op, bucket, sc, cfg)
         return fixed
 
@@ -136,7 +139,7 @@ class NativeBackend:
     def _pack_fixed(self, op: int, bucket: Bucket, sc: DeviceScalars, cfg) -> bytes:
         if op == abi.ADAMOD_STEP:
             variant = abi.ADAMOD_BITS["diff"] if cfg.diff else 0
-            learn, state_names, maximize, vbar_detach = (), abi.ADAMOD_STATE, False, False
+            learn, state_names, maximize, vbar_detach = (), abi.ADAMOD_STATE, cfg.maximize, False
             consts = (cfg.beta1, cfg.beta2, cfg.beta3, cfg.eps)
         else:
             variant = mada_variant(cfg) if op == abi.MADA_STEP else 0

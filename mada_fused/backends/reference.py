@@ -344,7 +344,7 @@ class ReferenceBackend:
             _mada_slot(slot, scalars.coef, cfg, want_tangents=bool(cfg.learn))
 
     def adamod_step(self, bucket, seg, scalars, cfg: AdamodKernelConfig) -> None:
-        for slot in self._slots(bucket, seg, scalars, False, abi.ADAMOD_STATE, scalars.sr_seed):
+        for slot in self._slots(bucket, seg, scalars, cfg.maximize, abi.ADAMOD_STATE, scalars.sr_seed):
             theta, new = adamod_element(make_adamod_scalars(cfg, slot), slot.grad, slot.theta, slot.state,
                                         cfg.diff, slot.round)
             for name, value in new.items():
