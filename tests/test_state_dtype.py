@@ -7,6 +7,8 @@ What is checked, and against what:
   ``cpu`` against itself on one and two threads;
 - the trajectory against the float64 model of the spec (tests/spec_model.py), and the
   property SR exists for: an EMA whose steps are below half a bf16 ulp still moves;
+- AdaMod/DiffMod groups with their own betas and maximize in one bucket: maximizing g
+  stores the bits of minimizing -g, on every backend;
 - checkpoints (bitwise resume with the seed; fp32 <-> bf16 conversion), bytes per
   parameter, and the refusals.
 """
@@ -265,6 +267,33 @@ def test_a_step_grad_scaler_skips_stores_nothing(backend):
     for key, x in _stored(opt, params).items():
         assert torch.equal(_bit_pattern(x), _bit_pattern(before[0][key])), key
     assert all(torch.equal(p, q) for p, q in zip(params, before[1]))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu),
+                                     pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("cls", [AdaMod, DiffMod])
+def test_groups_with_their_own_options_and_maximize_round_as_one_bucket(backend, cls, monkeypatch):
+    """Two groups of one bucket, one maximizing with its own betas: each group's pass draws
+    the bucket's element indices, so maximizing g stores the bits of minimizing -g, and the
+    fused backends store the reference's."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    grads = _grads(3)
+
+    def run(name, negate):
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, g.numel()).view(g.shape)) for g in grads[0]]
+        groups = [{"params": params[:2]}, {"params": params[2:], "betas": (0.8, 0.99), "maximize": not negate}]
+        opt = cls(groups, lr=1e-2, backend=name, state_dtype=BF16, sr_seed=7)
+        for gs in grads:
+            spec.set_grads(params, [-g if negate and i >= 2 else g for i, g in enumerate(gs)])
+            opt.step()
+        assert len(opt._buckets) == 1
+        return _stored(opt, params), [p.detach().clone() for p in params]
+
+    want = run("reference", negate=False)
+    for got in (run(backend, negate=False), run(backend, negate=True)):
+        for key, x in want[0].items():
+            assert torch.equal(_bit_pattern(x), _bit_pattern(got[0][key])), key
+        assert all(torch.equal(a, b) for a, b in zip(want[1], got[1]))
 
 
 # -- checkpoints --------------------------------------------------------------------------------
