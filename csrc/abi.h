@@ -15,10 +15,12 @@
 namespace mada_abi {
 
 // Bumped whenever a layout or a code below changes meaning.
-constexpr int kVersion = 2;  // 2: maximize applies to kAdamodStep too
+constexpr int kVersion = 3;  // 2: maximize applies to kAdamodStep too; 3: Call::state_dtype, Call::sr_seed
 
-// Parameter (and gradient) dtypes. State and arithmetic are float64 for kF64
-// parameters and float32 for the others.
+// Parameter (and gradient) dtypes, and (Call::state_dtype) how the state
+// buffers are stored. Arithmetic is float64 for kF64 parameters, whose state is
+// kF64 too, and float32 for the others, whose state is kF32 or kBF16 (stored
+// with stochastic rounding, docs/spec.md section 5.1; tangent rows stay kF32).
 enum Dtype : int32_t { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3, kNumDtypes = 4 };
 
 // Passes. kMadaDot is hyper_order="exact"'s reduction-only pass: it adds
@@ -32,6 +34,12 @@ constexpr uint32_t kMadaVariants = 32;
 // Variant bits of kAdamodStep: kDiff adds DiffMod's friction term (state g_prev).
 enum AdamodBits : uint32_t { kDiff = 1 };
 constexpr uint32_t kAdamodVariants = 2;
+
+// The state dtypes a parameter dtype allows: its compute dtype, or bf16 for the
+// float32 ones.
+constexpr bool state_dtype_ok(int32_t dtype, int32_t state_dtype) {
+  return dtype == kF64 ? state_dtype == kF64 : (state_dtype == kF32 || state_dtype == kBF16);
+}
 
 // State slots of Call::state, in this order.
 enum MadaSlot : int { kM = 0, kV, kN, kGPrev, kL, kVb, kS, kNumMadaSlots };
@@ -86,6 +94,8 @@ struct Call {
   uint32_t learn_mask;    // learned coefficients (MADA passes), 0 otherwise
   int32_t maximize;       // 1: the processed gradient is -grad (every pass)
   int32_t vbar_detach;    // 1: d N / d v = rho, as in the authors' code (MADA)
+  int32_t state_dtype;    // Dtype of the state buffers (see Dtype)
+  uint32_t sr_seed;       // seed of bf16 state's stochastic rounding
   int64_t device;         // CUDA device index; the CPU ignores it
   int64_t state_numel;    // elements of each flat state buffer: every segment lies inside
   int64_t num_groups;     // entries of lr and wd
@@ -93,8 +103,8 @@ struct Call {
   const double* lr;       // (num_groups,) float64
   const double* wd;       // (num_groups,) float64
   const double* steps;    // (num_params,) float64, already incremented for this step
-  void* state[kMaxSlots];  // MadaSlot or AdamodSlot order, state dtype
-  void* tangents;         // (num_learned, tan_stride) rows of the state dtype
+  void* state[kMaxSlots];  // MadaSlot or AdamodSlot order, of state_dtype
+  void* tangents;         // (num_learned, tan_stride) rows of the compute dtype
   int64_t tan_stride;     // elements from one tangent row to the next, >= state_numel
   double consts[kNumConsts];  // MadaConst or AdamodConst
   // -- per step

@@ -18,6 +18,9 @@ inline std::string check_call(Call& c) {
   const auto seg = [](int64_t i) { return "segment " + std::to_string(i); };
   if (c.op < 0 || c.op >= kNumOps) return "unknown op " + std::to_string(c.op);
   if (c.dtype < 0 || c.dtype >= kNumDtypes) return "unknown dtype code " + std::to_string(c.dtype);
+  if (!state_dtype_ok(c.dtype, c.state_dtype))
+    return "state dtype code " + std::to_string(c.state_dtype) + " does not go with parameter dtype code " +
+           std::to_string(c.dtype);
   const bool mada = c.op != kAdamodStep;
   const uint32_t variants = c.op == kMadaStep ? kMadaVariants : c.op == kAdamodStep ? kAdamodVariants : 1u;
   if (c.variant >= variants) return "bad variant bits for this op";

@@ -87,6 +87,66 @@ MADA_HD T blend(T a, T x, T y) {
   return (a == T(0) ? T(0) : a * x) + (a == one ? T(0) : (one - a) * y);
 }
 
+// -- bf16 state storage (docs/spec.md section 5.1) ------------------------------
+// With state_dtype=bfloat16 every new state value is rounded to a bf16 value
+// stochastically as it is formed, and every later term reads the rounded value
+// (the state "is" bf16). The random bits are a counter-based hash of
+// (seed, step, buffer, element index), so any backend, thread count or launch
+// layout draws the same bits. All arithmetic is modulo 2^32.
+
+// murmur3's 32-bit finalizer: a bijection of uint32 whose every output bit
+// depends on every input bit.
+MADA_HD uint32_t mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// One key per (seed, step, buffer): formed once per segment, not per element.
+MADA_HD uint32_t sr_key(uint32_t seed, uint32_t step, uint32_t buffer) {
+  return mix32(mix32(mix32(seed) ^ step) ^ buffer);
+}
+
+// The 32 random bits of element `index` (its flat index in the bucket's state).
+// One mix per element: a second one made the fused CPU AdaMod step 1.3x slower,
+// and the rounding needs only the low 16 bits, which one mix already spreads.
+// The high half of the index (0 below 2^32 elements) shifts the key.
+MADA_HD uint32_t sr_bits(uint32_t key, uint64_t index) {
+  return mix32((key + uint32_t(index >> 32)) ^ uint32_t(index));
+}
+
+// x rounded to a bf16 value (returned as a float, so storing it is a plain
+// truncation): the low 16 bits of `bits` are added to x's bit pattern below
+// bf16's last place and the sum is truncated, which rounds up with probability
+// (dropped part) / ulp: unbiased. inf keeps its empty mantissa; a NaN is
+// truncated with its quiet bit set, so it cannot become inf.
+MADA_HD float sr_bf16(float x, uint32_t bits) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  u = x != x ? (u | 0x00400000u) & 0xFFFF0000u : (u + (bits & 0xFFFFu)) & 0xFFFF0000u;
+  float r;
+  memcpy(&r, &u, sizeof r);
+  return r;
+}
+
+// Storage policies: how a new state value becomes the stored one. The math
+// below calls round(buffer, x) on each state value it forms; `buffer` is the
+// value's position in the state order (MadaBuf, AdamodBuf), a hash input.
+struct StoreExact {  // fp32 or fp64 state: stored as computed
+  template <typename T>
+  MADA_HD T operator()(int, T x) const { return x; }
+};
+struct StoreBf16Sr {  // bf16 state: stochastic rounding
+  const uint32_t* key;  // sr_key of each buffer, indexed by its position
+  uint64_t index;       // the element's flat index in the bucket's state
+  MADA_HD float operator()(int buffer, float x) const { return sr_bf16(x, sr_bits(key[buffer], index)); }
+};
+enum MadaBuf : int { kBufM = 0, kBufV, kBufN, kBufGPrev, kBufL, kBufVb, kBufS, kNumMadaBufs };
+enum AdamodBuf : int { kBufAm = 0, kBufAv, kBufAs, kBufAgPrev, kNumAdamodBufs };
+
 // Host-fixed MADA constants (they never change after construction).
 struct MadaConst {
   double eps;
@@ -207,8 +267,9 @@ MADA_HD void mada_state_terms(const MadaScalars<T>& k, MadaMid<T>& x, const Mada
 // loop can recompute them from a few stashed values and the reloaded state
 // rather than carry all of MadaMid across (same operations, same bits).
 template <typename T, bool BETA3, bool VBAR, bool LION, bool MOD, bool TANGENTS,
-          bool YOGI = true>
-MADA_HD MadaMid<T> mada_moments(const MadaScalars<T>& k, T g, MadaState<T>& st) {
+          bool YOGI = true, class R = StoreExact>
+MADA_HD MadaMid<T> mada_moments(const MadaScalars<T>& k, T g, MadaState<T>& st,
+                                const R& round = R()) {
   const T one(1);
   MadaMid<T> x;
   x.g = g;
@@ -216,21 +277,21 @@ MADA_HD MadaMid<T> mada_moments(const MadaScalars<T>& k, T g, MadaState<T>& st) 
   x.v0 = st.v;
   x.m0 = st.m;
   mada_grad_terms<T, BETA3, YOGI>(k, x);
-  st.m = k.beta1 * x.m0 + (one - k.beta1) * g;
-  st.v = k.beta2 * x.v0 + (one - k.beta2) * x.G;
+  st.m = round(kBufM, k.beta1 * x.m0 + (one - k.beta1) * g);
+  st.v = round(kBufV, k.beta2 * x.v0 + (one - k.beta2) * x.G);
 
   x.n0 = T(0);
   if (BETA3) {
     x.n0 = st.n;
-    st.n = k.beta3 * x.n0 + (one - k.beta3) * x.d;
-    st.g_prev = g;
+    st.n = round(kBufN, k.beta3 * x.n0 + (one - k.beta3) * x.d);
+    st.g_prev = round(kBufGPrev, g);
   }
   x.uL = T(0);
   if (LION) {
     x.uL = k.lion_beta1 * st.l + (one - k.lion_beta1) * g;
-    st.l = k.lion_beta2 * st.l + (one - k.lion_beta2) * g;
+    st.l = round(kBufL, k.lion_beta2 * st.l + (one - k.lion_beta2) * g);
   }
-  if (VBAR) st.vb = ((k.t - one) * st.vb + st.v) * k.rt;
+  if (VBAR) st.vb = round(kBufVb, ((k.t - one) * st.vb + st.v) * k.rt);
   mada_state_terms<T, BETA3, VBAR>(k, x, st);
   return x;
 }
@@ -240,9 +301,10 @@ MADA_HD MadaMid<T> mada_moments(const MadaScalars<T>& k, T g, MadaState<T>& st) 
 // compiled out are left untouched: their coefficients cannot be learned in that
 // configuration). Reads st.m, st.n, st.v, st.vb as the first half left them.
 // Returns the new parameter value.
-template <typename T, bool BETA3, bool VBAR, bool LION, bool MOD, bool TANGENTS>
+template <typename T, bool BETA3, bool VBAR, bool LION, bool MOD, bool TANGENTS,
+          class R = StoreExact>
 MADA_HD T mada_apply(const MadaScalars<T>& k, T theta, const MadaMid<T>& x,
-                     MadaState<T>& st, T* tan) {
+                     MadaState<T>& st, T* tan, const R& round = R()) {
   const T one(1);
   const T sq = sqrt_t(x.vh);
   const T D = sq + k.eps;
@@ -250,7 +312,7 @@ MADA_HD T mada_apply(const MadaScalars<T>& k, T theta, const MadaMid<T>& x,
   T etah = eta;
   bool clipped = false;
   if (MOD) {
-    st.s = k.mod_beta * st.s + (one - k.mod_beta) * eta;
+    st.s = round(kBufS, k.mod_beta * st.s + (one - k.mod_beta) * eta);
     clipped = eta > st.s;
     etah = clipped ? st.s : eta;
   }
@@ -313,19 +375,19 @@ MADA_HD AdamodScalars<T> make_adamod_scalars(double beta1, double beta2, double 
 
 // DIFF adds diffGrad's friction xi = sigmoid(|g' - g|) to the applied step
 // (not to the stored m); g_prev is 0 before the first step.
-template <typename T, bool DIFF>
+template <typename T, bool DIFF, class R = StoreExact>
 MADA_HD T adamod_element(const AdamodScalars<T>& k, T g, T theta, T& m, T& v, T& s,
-                         T& g_prev) {
+                         T& g_prev, const R& round = R()) {
   const T one(1);
-  m = k.beta1 * m + (one - k.beta1) * g;
-  v = k.beta2 * v + (one - k.beta2) * g * g;
+  m = round(kBufAm, k.beta1 * m + (one - k.beta1) * g);
+  v = round(kBufAv, k.beta2 * v + (one - k.beta2) * g * g);
   const T eta = k.step_size / (sqrt_t(v) + k.eps);
-  s = k.beta3 * s + (one - k.beta3) * eta;
+  s = round(kBufAs, k.beta3 * s + (one - k.beta3) * eta);
   const T etah = eta > s ? s : eta;
   T mh = m;
   if (DIFF) {
     mh = m / (one + exp_t(-abs_t(g_prev - g)));
-    g_prev = g;
+    g_prev = round(kBufAgPrev, g);
   }
   return theta * k.decay - etah * mh;
 }

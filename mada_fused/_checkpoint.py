@@ -70,6 +70,8 @@ def check(opt: FusedOptimizer, sd: Mapping[str, Any], params: list[torch.Tensor]
             if (p.device, p.dtype) != (first.device, first.dtype):
                 raise bad("a saved bucket mixes devices or dtypes in this optimizer")
             state[i] = _param_state(opt, state[i], p, i)
+    if "sr_seed" in extra:
+        _checks.sr_seed(extra["sr_seed"])
     opt._check_extra_state(extra)
     return layout, state
 

@@ -235,3 +235,19 @@ def capturable(groups: list[dict], new: list[torch.Tensor]) -> None:
                 "parameters' device: a Python float is baked into the graph (a scheduler's "
                 "change would be ignored on replay) and a host tensor needs a copy"
             )
+
+
+def state_dtype(value: Any) -> torch.dtype:
+    """The ``state_dtype`` argument: fp32 (default) or bf16 storage of the optimizer state."""
+    if isinstance(value, str) and value == "8bit":
+        raise ValueError("state_dtype='8bit' is not implemented yet; use torch.float32 or torch.bfloat16")
+    if value not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {value!r}")
+    return value
+
+
+def sr_seed(value: Any) -> int:
+    """The seed of bf16 state's stochastic rounding: a uint32."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise ValueError(f"sr_seed must be an int in [0, 2**32), got {value!r}")
+    return value

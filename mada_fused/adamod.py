@@ -31,6 +31,8 @@ class AdaMod(FusedOptimizer):
     with :math:`m_0 = v_0 = s_0 = 0` (no bias correction of ``s``) and decoupled
     weight decay :math:`\lambda`. Defaults: lr 1e-3, betas (0.9, 0.999), beta3
     0.999, eps 1e-8, weight_decay 0. ``maximize=True`` negates :math:`g_t`.
+    ``state_dtype`` and ``sr_seed`` as :class:`MADA`'s (``torch.bfloat16`` stores
+    the state in bf16 with stochastic rounding).
 
     As in torch.optim.AdamW, ``lr`` may be a float or a 1-element tensor, and
     each parameter group may set its own ``lr``, ``betas``, ``beta3``, ``eps``,
@@ -55,6 +57,8 @@ class AdaMod(FusedOptimizer):
         backend: str = "auto",
         *,
         maximize: bool = False,
+        state_dtype: torch.dtype = torch.float32,
+        sr_seed: int = 0,
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
@@ -64,8 +68,8 @@ class AdaMod(FusedOptimizer):
         # DiffMod passes its len_memory as ``beta3``: the value of its _MEMORY option.
         defaults = {"lr": lr, "betas": _checks.host_pair("betas", betas), self._MEMORY: beta3, "eps": eps,
                     "weight_decay": weight_decay, "maximize": maximize}
-        super().__init__(params, defaults, backend, foreach=foreach, capturable=capturable,
-                         differentiable=differentiable, fused=fused, amsgrad=amsgrad)
+        super().__init__(params, defaults, backend, state_dtype=state_dtype, sr_seed=sr_seed, foreach=foreach,
+                         capturable=capturable, differentiable=differentiable, fused=fused, amsgrad=amsgrad)
 
     def _memory(self, group: Mapping[str, Any]) -> float:
         """beta3, the memory of the clip on the step size."""
@@ -118,6 +122,8 @@ class DiffMod(AdaMod):
         backend: str = "auto",
         *,
         maximize: bool = False,
+        state_dtype: torch.dtype = torch.float32,
+        sr_seed: int = 0,
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
@@ -125,7 +131,7 @@ class DiffMod(AdaMod):
         amsgrad: bool = False,
     ) -> None:
         super().__init__(params, lr, betas, len_memory, eps, weight_decay, backend, maximize=maximize,
-                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+                         state_dtype=state_dtype, sr_seed=sr_seed, foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                          amsgrad=amsgrad)
 
     def _memory(self, group: Mapping[str, Any]) -> float:

@@ -14,9 +14,19 @@ import torch
 from .distributed import local_shape
 
 
-def state_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
-    # Low-precision params keep fp32 state; fp64 params (the test oracle) keep fp64.
-    return torch.float64 if param_dtype == torch.float64 else torch.float32
+# What the optimizers' ``state_dtype`` may ask for (docs/spec.md section 5.1).
+STATE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+
+
+def state_dtype_for(param_dtype: torch.dtype, requested: torch.dtype = torch.float32) -> torch.dtype:
+    # fp64 params (the test oracle) keep fp64 state whatever was asked; the others
+    # store their state in the requested dtype (fp32 by default, whatever the param's).
+    return torch.float64 if param_dtype == torch.float64 else requested
+
+
+def compute_dtype_for(state_dtype: torch.dtype) -> torch.dtype:
+    # bf16 state is storage only: arithmetic and tangent rows stay fp32.
+    return torch.float64 if state_dtype == torch.float64 else torch.float32
 
 
 # Host buffers: where each stream starts within a 4 KiB page. Large allocations
@@ -76,7 +86,8 @@ class Bucket:
     ``buffers[name]`` is a 1-D buffer of ``numel`` elements; parameter ``i``
     owns elements ``offsets[i] : offsets[i] + params[i].numel()``, each offset
     and ``numel`` a multiple of 16 bytes (the elements between are zero
-    padding, see ALIGN). Tangents are one ``(num_learned, numel)`` buffer
+    padding, see ALIGN). Tangents are one ``(num_learned, numel)`` buffer of
+    ``tangent_dtype`` (the compute dtype: fp32 when the state is bf16)
     whose rows are contiguous (on the host they are padded further apart: its
     row stride is ``tangents.stride(0)``).
     ``steps[i]`` counts parameter ``i``'s successful steps. ``built_for[i]``
@@ -89,17 +100,19 @@ class Bucket:
         params: list[torch.Tensor],
         state_names: tuple[str, ...],
         num_tangents: int,
+        state_dtype: torch.dtype = torch.float32,
     ) -> None:
         first = params[0]
         self.device = first.device
         self.dtype = first.dtype
-        self.state_dtype = state_dtype_for(first.dtype)
+        self.state_dtype = state_dtype_for(first.dtype, state_dtype)
+        self.tangent_dtype = compute_dtype_for(self.state_dtype)
         self.params = list(params)
         self.built_for = [(p.dtype, p.device, p.shape) for p in self.params]
         # A DTensor parameter (FSDP2) keeps state for its local shard only.
         self.shapes = [local_shape(p) for p in self.params]
         self.offsets: list[int] = []
-        vec = ALIGN // self.state_dtype.itemsize
+        vec = ALIGN // min(self.state_dtype.itemsize, self.tangent_dtype.itemsize)
         total = 0
         for shape in self.shapes:
             self.offsets.append(total)
@@ -114,6 +127,7 @@ class Bucket:
         self.tangents = None
         if num_tangents:
             slot = _FIRST_SLOT + len(state_names)
+            opts = dict(opts, dtype=self.tangent_dtype)
             self.tangents = (_placed_rows(num_tangents, total, slot, opts) if host
                              else torch.zeros(num_tangents, total, **opts))
         self.steps = torch.zeros(len(self.params), device=self.device, dtype=torch.float64)

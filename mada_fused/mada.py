@@ -148,6 +148,12 @@ class MADA(FusedOptimizer):
             hyper-gradient's per-rank partial sums are summed. By default it is
             found from the parameters: none for plain tensors (DDP), the shard
             dimensions of the mesh for sharded DTensors (FSDP2).
+        state_dtype: how the state buffers are stored: ``torch.float32`` (default)
+            or ``torch.bfloat16``, written with stochastic rounding (docs/spec.md
+            section 5.1); arithmetic and tangent rows stay fp32, and fp64
+            parameters keep fp64 state. ``"8bit"`` is not implemented yet.
+        sr_seed: seed of that rounding's random bits (default 0, so runs repeat
+            bit for bit); saved in the state_dict.
     """
 
     def __init__(
@@ -174,6 +180,8 @@ class MADA(FusedOptimizer):
         backend: str = "auto",
         process_group: Any = None,
         *,
+        state_dtype: torch.dtype = torch.float32,
+        sr_seed: int = 0,
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
@@ -213,8 +221,9 @@ class MADA(FusedOptimizer):
         self._shard_sum = ShardSum(process_group, needed=bool(hyper.learn))
         self._group_coef: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # AVGrad's per-group betas
         defaults = dict(lr=lr, weight_decay=weight_decay, eps=eps, betas=(beta1, beta2), maximize=maximize)
-        super().__init__(params, {k: defaults[k] for k in self._DEFAULTS}, backend, foreach=foreach,
-                         capturable=capturable, differentiable=differentiable, fused=fused, amsgrad=amsgrad)
+        super().__init__(params, {k: defaults[k] for k in self._DEFAULTS}, backend, state_dtype=state_dtype,
+                         sr_seed=sr_seed, foreach=foreach, capturable=capturable, differentiable=differentiable,
+                         fused=fused, amsgrad=amsgrad)
         device = self.param_groups[0]["params"][0].device
         self._hyper = HyperState(hyper, values, device)
         self._has_tangents = False  # host-side: no tangents before the first step
@@ -432,6 +441,8 @@ class AVGrad(MADA):
         backend: str = "auto",
         *,
         maximize: bool = False,
+        state_dtype: torch.dtype = torch.float32,
+        sr_seed: int = 0,
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
@@ -440,8 +451,8 @@ class AVGrad(MADA):
     ) -> None:
         super().__init__(
             params, lr=lr, betas=betas, rho=0.0, eps=eps, weight_decay=weight_decay,
-            learn=(), maximize=maximize, backend=backend, foreach=foreach, capturable=capturable,
-            differentiable=differentiable, fused=fused, amsgrad=amsgrad,
+            learn=(), maximize=maximize, backend=backend, state_dtype=state_dtype, sr_seed=sr_seed,
+            foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused, amsgrad=amsgrad,
         )
 
     def _group_config(self, group: Mapping[str, Any]) -> _GroupConfig:

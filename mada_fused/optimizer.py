@@ -18,7 +18,7 @@ import torch
 from . import _checkpoint, _checks, backends
 from .backends.base import Backend, DeviceScalars, Segments
 from .distributed import local_pair, local_tensor, param_state
-from .flat_state import INDEX_CACHE_SIZE, Bucket
+from .flat_state import INDEX_CACHE_SIZE, Bucket, state_dtype_for
 
 @dataclass(frozen=True)
 class Work:
@@ -81,15 +81,21 @@ class FusedOptimizer(torch.optim.Optimizer):
     # Why an option outside these is global (add_param_group's refusal says it).
     _GLOBAL_WHY = ""
 
-    def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str, **switches: Any) -> None:
-        """``defaults``: lr, weight_decay and the _GROUP_OPTIONS; ``switches``:
-        torch.optim.AdamW's fused, foreach, capturable, differentiable, amsgrad."""
+    def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str, *,
+                 state_dtype: torch.dtype = torch.float32, sr_seed: int = 0, **switches: Any) -> None:
+        """``defaults``: lr, weight_decay and the _GROUP_OPTIONS; ``state_dtype`` and
+        ``sr_seed``: how the state is stored, and the seed of its stochastic rounding
+        (docs/spec.md 5.1); ``switches``: torch.optim.AdamW's fused, foreach,
+        capturable, differentiable, amsgrad."""
         _checks.learning_rate("lr", defaults["lr"], read_tensor=True)
         _checks.non_negative("weight_decay", defaults["weight_decay"])
+        self._state_dtype = _checks.state_dtype(state_dtype)
+        self._sr_seed = _checks.sr_seed(sr_seed)
         request, self._fused_only = _checks.adamw_switches(backend, **switches)
         self._backend_request = backends.check_name(request)
         if self._fused_only and self._backend_request == "reference":  # from the environment
             raise ValueError(f"fused=True, but {backends.ENV_VAR}=reference asks for the unfused backend")
+        backends.check_state_dtype(self._backend_request, self._state_dtype)
         # Checked group configurations, by their option values (_configs).
         self._config_cache: OrderedDict[tuple, Hashable] = OrderedDict()
         self._group_config(defaults)
@@ -240,9 +246,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The backend of a (device, dtype) bucket, resolved once: every step would ask again."""
         backend = self._backend_for.get((device, dtype))
         if backend is None:
-            backend = backends.resolve(self._backend_request, device, dtype)
+            state_dtype = state_dtype_for(dtype, self._state_dtype)
+            backend = backends.resolve(self._backend_request, device, dtype, state_dtype)
             if self._fused_only and backend.name == "reference":
-                raise ValueError(f"fused=True, but no fused backend can step {dtype} parameters on {device} "
+                raise ValueError(f"fused=True, but no fused backend can step {dtype} parameters with "
+                                 f"{state_dtype} state on {device} "
                                  f"here (loaded: {backends.available()}); drop fused=True to use the reference one")
             self._backend_for[device, dtype] = backend
         return backend
@@ -321,12 +329,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 weight_decay=weight_decay,
                 grad_scale=None if grad_scale is None else grad_scale.to(d),
                 found_inf=fi,
+                sr_seed=self._sr_seed,
             )
         return scalars, ok
 
     # -- buckets ----------------------------------------------------------------
     def _new_bucket(self, params: list[torch.Tensor]) -> Bucket:
-        return Bucket(params, self._state_names(), self._num_tangents())
+        return Bucket(params, self._state_names(), self._num_tangents(), self._state_dtype)
 
     def _install(self, buckets: list[Bucket]) -> None:
         """Make ``buckets`` the optimizer's state (each built and filled beforehand)."""
@@ -465,6 +474,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         return {
             "config": self._config(),
             "buckets": [[index[p] for p in b.params] for b in self._buckets],
+            "sr_seed": self._sr_seed,
             **self._extra_state(),
         }
 
@@ -487,6 +497,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     dict.__setitem__(group, key, value)
         self.state.clear()
         self._install(buckets)
+        # Absent from checkpoints made before bf16 state: the seed stays.
+        self._sr_seed = state_dict["mada"].get("sr_seed", self._sr_seed)
         self._load_extra_state(state_dict["mada"])
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

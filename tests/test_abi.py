@@ -48,7 +48,7 @@ def test_mirror_layout_has_no_padding_to_hide():
     assert sorted(abi.MADA_BITS.values()) == [1, 2, 4, 8, 16] and "rows" in step
 
 
-_FIXED_ZERO = dict(op=0, variant=0, dtype=0, learn_mask=0, maximize=False, vbar_detach=False, device=0,
+_FIXED_ZERO = dict(op=0, variant=0, dtype=0, state_dtype=0, sr_seed=0, learn_mask=0, maximize=False, vbar_detach=False, device=0,
                    state_numel=0, num_groups=0, num_params=0, lr=0, wd=0, steps=0, state=[], tangents=0,
                    tan_stride=0, consts=[0.0] * abi.NUM_CONSTS)
 _STEP_ZERO = dict(rows=0, n_rows=0, coef=0, grad_scale=0, found_inf=0, dot_out=0, stream=0, num_threads=0)
@@ -83,7 +83,7 @@ class Call:
         bits = abi.MADA_BITS
         self.fixed = dict(
             op=abi.MADA_STEP, variant=bits["beta3"] | bits["tangents"], dtype=abi.DTYPES["float32"],
-            learn_mask=abi.mask_of((0, 2)), maximize=False, vbar_detach=False, device=0, state_numel=N,
+            state_dtype=abi.DTYPES["float32"], sr_seed=0, learn_mask=abi.mask_of((0, 2)), maximize=False, vbar_detach=False, device=0, state_numel=N,
             num_groups=1, num_params=1, lr=self.lr.data_ptr(), wd=self.wd.data_ptr(),
             steps=self.steps.data_ptr(), state=[t.data_ptr() for t in self.state],
             tangents=self.tangents.data_ptr(), tan_stride=N, consts=[1e-8, 0.0, 0.9, 0.99],
@@ -107,6 +107,8 @@ def _spoil(call: Call, case: str) -> None:
         fixed["op"] = 7
     elif case == "dtype":
         fixed["dtype"] = len(abi.DTYPES)
+    elif case == "state dtype":
+        fixed["state_dtype"] = abi.DTYPES["float16"]
     elif case == "variant":
         fixed["variant"] = 32
     elif case == "learn mask":
@@ -147,7 +149,7 @@ def _spoil(call: Call, case: str) -> None:
 
 
 CASES = {
-    "op": "unknown op", "dtype": "unknown dtype", "variant": "variant", "learn mask": "learn mask",
+    "op": "unknown op", "dtype": "unknown dtype", "state dtype": "does not go with", "variant": "variant", "learn mask": "learn mask",
     "tangents bit": "tangents bit", "lacks its state": "lacks its state", "outside": "outside the flat state",
     "negative": "outside the flat state", "group": "bad group", "step counter": "parameter index",
     "null param": "null address", "state buffer": "state buffer", "tangent rows": "tangent rows",
@@ -214,3 +216,17 @@ def test_the_call_is_packed_once_per_bucket_and_config(monkeypatch):
     opt.param_groups[0]["lr"] = 5e-3  # a new value in the same lr table: nothing to repack
     opt.step()
     assert len(packed) == 2
+
+
+@pytest.mark.parametrize("name", ["_C_cpu", "_C_cuda", "_C_cuda_on_cpu"])
+def test_bf16_state_runs_in_the_cpu_extension_and_the_cuda_planner_refuses_it(name):
+    ext = _ext(name)
+    call = Call()
+    call.state = [torch.zeros(N, dtype=torch.bfloat16) for _ in range(4)]
+    call.fixed.update(state_dtype=abi.DTYPES["bfloat16"], state=[t.data_ptr() for t in call.state])
+    if name == "_C_cpu":
+        ext.run(call.packed())
+        assert call.state[0].any() and call.state[1].any()  # m and v were written
+    else:
+        with pytest.raises(ValueError, match="fp32/fp64 state only"):
+            ext.plan_info(call.packed())

@@ -145,8 +145,9 @@ def test_extension_rejects_out_of_bounds_segments():
     p, g, m, v = (torch.zeros(8) for _ in range(4))
     lr, wd, steps, coef = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), \
         torch.ones(1, dtype=torch.float64), torch.tensor([0.9, 0.999, 0, 1, 1, 1], dtype=torch.float64)
-    fixed = abi.pack_fixed(op=abi.MADA_STEP, variant=0, dtype=abi.DTYPES["float32"], learn_mask=0, maximize=False,
-                           vbar_detach=False, device=0, state_numel=8, num_groups=1, num_params=1,
+    f32 = abi.DTYPES["float32"]
+    fixed = abi.pack_fixed(op=abi.MADA_STEP, variant=0, dtype=f32, state_dtype=f32, sr_seed=0, learn_mask=0,
+                           maximize=False, vbar_detach=False, device=0, state_numel=8, num_groups=1, num_params=1,
                            lr=lr.data_ptr(), wd=wd.data_ptr(), steps=steps.data_ptr(),
                            state=[m.data_ptr(), v.data_ptr()], tangents=0, tan_stride=8,
                            consts=[1e-8, 0.0, 0.95, 0.98])

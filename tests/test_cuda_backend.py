@@ -102,7 +102,8 @@ def _fake_call(numels, variant=0, offsets=None, misalign=(), tan=0, mask=0, stri
         rows += [(1 << 30) + (i << 20) + (8 if i in misalign else 0), (1 << 31) + (i << 20), off, n, 0, i]
     table = torch.tensor(rows, dtype=torch.int64)
     total = sum(numels)
-    call = abi.pack_fixed(op=abi.MADA_STEP, variant=variant, dtype=abi.DTYPES["float32"], learn_mask=mask,
+    f32 = abi.DTYPES["float32"]
+    call = abi.pack_fixed(op=abi.MADA_STEP, variant=variant, dtype=f32, state_dtype=f32, sr_seed=0, learn_mask=mask,
                           maximize=False, vbar_detach=False, device=0, state_numel=total, num_groups=1,
                           num_params=len(numels), lr=16, wd=16, steps=16, state=[1 << 33, 1 << 34] + [1 << 35] * 5,
                           tangents=tan, tan_stride=stride or total, consts=[0.0] * 4)

@@ -12,21 +12,21 @@ from mada_fused import AdaMod, AVGrad, DiffMod, MADA, grad_release
 # MADA moving all six coefficients from the second iteration on (every state
 # buffer and tangent row in use), and the three fixed optimizers.
 OPTIMIZERS = {
-    "MADA": lambda groups, backend: MADA(groups, lr=1e-2, beta3=0.5, rho=0.5, c=0.5, gamma=0.7, mod_beta=0.9,
-                                          hyper_warmup=0, backend=backend),
-    "AVGrad": lambda groups, backend: AVGrad(groups, lr=1e-2, backend=backend),
-    "AdaMod": lambda groups, backend: AdaMod(groups, lr=1e-2, backend=backend),
-    "DiffMod": lambda groups, backend: DiffMod(groups, lr=1e-2, backend=backend),
+    "MADA": lambda groups, **kw: MADA(groups, lr=1e-2, beta3=0.5, rho=0.5, c=0.5, gamma=0.7, mod_beta=0.9,
+                                       hyper_warmup=0, **kw),
+    "AVGrad": lambda groups, **kw: AVGrad(groups, lr=1e-2, **kw),
+    "AdaMod": lambda groups, **kw: AdaMod(groups, lr=1e-2, **kw),
+    "DiffMod": lambda groups, **kw: DiffMod(groups, lr=1e-2, **kw),
 }
 BACKENDS = ["reference", "cpu"]
 ITERATIONS = 5
 
 
-def setup(name: str, backend: str):
+def setup(name: str, backend: str, state_dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
     groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 3e-3, "weight_decay": 0.1}]
-    return model, OPTIMIZERS[name](groups, backend)
+    return model, OPTIMIZERS[name](groups, backend=backend, state_dtype=state_dtype)
 
 
 def batches():
@@ -48,17 +48,20 @@ def everything(opt) -> list[torch.Tensor]:
     return out
 
 
+# bf16 state: a per-parameter step draws the rounding bits of the same (step, buffer,
+# bucket element) as the whole step, so it stores the same bits.
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_released_steps_equal_whole_steps(name, backend):
-    model, opt = setup(name, backend)
+def test_released_steps_equal_whole_steps(name, backend, state_dtype):
+    model, opt = setup(name, backend, state_dtype)
     for batch in batches():
         opt.zero_grad()
         loss_of(model, batch).backward()
         opt.step()
     want = everything(opt)
 
-    model, opt = setup(name, backend)
+    model, opt = setup(name, backend, state_dtype)
     with grad_release(opt):
         for batch in batches():
             loss_of(model, batch).backward()

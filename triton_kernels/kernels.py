@@ -109,9 +109,11 @@ def _st(ptr, offs, x, mask, MASKED: tl.constexpr):
 
 
 @_device
-def _grad(gp_, po, mask, scale, m_p, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, MASKED: tl.constexpr):
-    """The processed gradient, in the state dtype (m_p's): unscaled, negated for maximize."""
-    g = _ld(gp_, po, mask, MASKED).to(m_p.dtype.element_ty)
+def _grad(gp_, po, mask, scale, m_p, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, SR: tl.constexpr,
+          MASKED: tl.constexpr):
+    """The processed gradient, in the arithmetic dtype (m_p's, fp32 for bf16 state):
+    unscaled, negated for maximize."""
+    g = _ld(gp_, po, mask, MASKED).to(tl.float32 if SR else m_p.dtype.element_ty)
     if HAS_SCALE:
         g = _div(g, scale)
     if MAXIMIZE:
@@ -144,6 +146,42 @@ def _exp(x):
         y = y * z + x + 1.0
         r = y * ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
     return r
+
+
+# bf16 state (docs/spec.md section 5.1): csrc/mada_math.h's hash and stochastic rounding,
+# in uint32 arithmetic. keys[b] is sr_key of state buffer b (the st tuples' order).
+@_device
+def _mix32(h):
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@_device
+def _sr_key(seed, step, buffer):
+    return _mix32(_mix32(_mix32(seed) ^ step) ^ buffer)
+
+
+@_device
+def _sr_bits(key, index):
+    return _mix32((key + (index >> 32).to(tl.uint32)) ^ index.to(tl.uint32))
+
+
+@_device
+def _sr_bf16(x, bits):
+    u = x.to(tl.uint32, bitcast=True)
+    u = tl.where(x != x, u | 0x00400000, u + (bits & 0xFFFF)) & 0xFFFF0000
+    return u.to(tl.float32, bitcast=True)
+
+
+@_device
+def _round(x, keys, so, b: tl.constexpr, SR: tl.constexpr):
+    """A new value of state buffer b as stored: mada_math.h's StoreBf16Sr, or as computed."""
+    if SR:
+        x = _sr_bf16(x, _sr_bits(keys[b], so))
+    return x
 
 
 @_device
@@ -206,8 +244,8 @@ def _mada_state_terms(m, n, v, vb, b3, rho, rbc1, rbc2, HAS_BETA3: tl.constexpr,
 
 
 @_device
-def _mada_moments(k, g, m0, v0, n0, gprev, l0, vb0, HAS_BETA3: tl.constexpr, HAS_VBAR: tl.constexpr,
-                  HAS_LION: tl.constexpr):
+def _mada_moments(k, g, m0, v0, n0, gprev, l0, vb0, keys, so, HAS_BETA3: tl.constexpr, HAS_VBAR: tl.constexpr,
+                  HAS_LION: tl.constexpr, SR: tl.constexpr):
     """First half of a step: the new state (m, v, n, l, vb) and the terms (d, gh, gh2, sg, G, uL, N, vh, A)."""
     b1, b2, b3, rho, c, gam, lr, decay, t, rt, rbc1, rbc2, rbc1sq, rbc2sq, dbc1, dbc2, w, eps, modb, lb1, lb2 = k
     one = 1.0
@@ -215,25 +253,25 @@ def _mada_moments(k, g, m0, v0, n0, gprev, l0, vb0, HAS_BETA3: tl.constexpr, HAS
     if HAS_BETA3:
         d = tl.where(t > one, g - gprev, 0.0)
     gh, gh2, sg, G = _mada_grad_terms(g, d, v0, b3, c, HAS_BETA3)
-    m = b1 * m0 + (one - b1) * g
-    v = b2 * v0 + (one - b2) * G
+    m = _round(b1 * m0 + (one - b1) * g, keys, so, 0, SR)
+    v = _round(b2 * v0 + (one - b2) * G, keys, so, 1, SR)
     n = n0
     if HAS_BETA3:
-        n = b3 * n0 + (one - b3) * d
+        n = _round(b3 * n0 + (one - b3) * d, keys, so, 2, SR)
     uL = tl.full(g.shape, 0.0, g.dtype)
     l = l0
     if HAS_LION:
         uL = lb1 * l0 + (one - lb1) * g
-        l = lb2 * l0 + (one - lb2) * g
+        l = _round(lb2 * l0 + (one - lb2) * g, keys, so, 4, SR)
     vb = v
     if HAS_VBAR:
-        vb = ((t - one) * vb0 + v) * rt
+        vb = _round(((t - one) * vb0 + v) * rt, keys, so, 5, SR)
     N, vh, A = _mada_state_terms(m, n, v, vb, b3, rho, rbc1, rbc2, HAS_BETA3, HAS_VBAR)
     return (m, v, n, l, vb), (d, gh, gh2, sg, G, uL, N, vh, A)
 
 
 @_device
-def _mada_apply(k, theta, s0, vh, A, uL, HAS_LION: tl.constexpr, HAS_MOD: tl.constexpr):
+def _mada_apply(k, theta, s0, vh, A, uL, keys, so, HAS_LION: tl.constexpr, HAS_MOD: tl.constexpr, SR: tl.constexpr):
     """Second half: step size, AdaMod clip, update. Returns (theta, s, etah, clipped, sq, D)."""
     b1, b2, b3, rho, c, gam, lr, decay, t, rt, rbc1, rbc2, rbc1sq, rbc2sq, dbc1, dbc2, w, eps, modb, lb1, lb2 = k
     one = 1.0
@@ -244,7 +282,7 @@ def _mada_apply(k, theta, s0, vh, A, uL, HAS_LION: tl.constexpr, HAS_MOD: tl.con
     s = s0
     clipped = eta < 0  # all False: no clip
     if HAS_MOD:
-        s = modb * s0 + (one - modb) * eta
+        s = _round(modb * s0 + (one - modb) * eta, keys, so, 6, SR)
         clipped = eta > s
         etah = tl.where(clipped, s, eta)
     u = gam * etah * A
@@ -276,13 +314,13 @@ def _mada_tangents(k, g, m0, v0, n0, new, mid, etah, clipped, sq, D):
 
 
 @_device
-def _mada_block(pp, gp_, st, tan, tstride, po, so, mask, acc, k, scale,
+def _mada_block(pp, gp_, st, keys, tan, tstride, po, so, mask, acc, k, scale,
                 STEP: tl.constexpr, DOT: tl.constexpr, ROWS: tl.constexpr, NL: tl.constexpr,
                 NLP: tl.constexpr, HAS_BETA3: tl.constexpr, HAS_VBAR: tl.constexpr,
                 HAS_LION: tl.constexpr, HAS_MOD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                HAS_SCALE: tl.constexpr, MASKED: tl.constexpr):
+                HAS_SCALE: tl.constexpr, SR: tl.constexpr, MASKED: tl.constexpr):
     m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p = st
-    g = _grad(gp_, po, mask, scale, m_p, HAS_SCALE, MAXIMIZE, MASKED)
+    g = _grad(gp_, po, mask, scale, m_p, HAS_SCALE, MAXIMIZE, SR, MASKED)
     if DOT:
         # sum(g * T) with the previous step's tangents, before they are overwritten.
         # Products of two fp32 values are exact in fp64; the sums stay in fp64.
@@ -292,28 +330,28 @@ def _mada_block(pp, gp_, st, tan, tstride, po, so, mask, acc, k, scale,
             acc += tl.where(rows == r, tl.reduce(prod, 0, tl.standard._sum_combine), 0.0)
     if STEP:
         theta = _ld(pp, po, mask, MASKED).to(g.dtype)
-        m0 = _ld(m_p, so, mask, MASKED)
-        v0 = _ld(v_p, so, mask, MASKED)
+        m0 = _ld(m_p, so, mask, MASKED).to(g.dtype)  # bf16 state widens exactly
+        v0 = _ld(v_p, so, mask, MASKED).to(g.dtype)
         zero = tl.full(g.shape, 0.0, g.dtype)  # state a configuration lacks
         n0, gprev, l0, vb0, s0 = zero, zero, zero, zero, zero
         if HAS_BETA3:
-            n0 = _ld(n_p, so, mask, MASKED)
-            gprev = _ld(gprev_p, so, mask, MASKED)
+            n0 = _ld(n_p, so, mask, MASKED).to(g.dtype)
+            gprev = _ld(gprev_p, so, mask, MASKED).to(g.dtype)
         if HAS_LION:
-            l0 = _ld(l_p, so, mask, MASKED)
+            l0 = _ld(l_p, so, mask, MASKED).to(g.dtype)
         if HAS_VBAR:
-            vb0 = _ld(vb_p, so, mask, MASKED)
+            vb0 = _ld(vb_p, so, mask, MASKED).to(g.dtype)
         if HAS_MOD:
-            s0 = _ld(s_p, so, mask, MASKED)
-        new, mid = _mada_moments(k, g, m0, v0, n0, gprev, l0, vb0, HAS_BETA3, HAS_VBAR, HAS_LION)
+            s0 = _ld(s_p, so, mask, MASKED).to(g.dtype)
+        new, mid = _mada_moments(k, g, m0, v0, n0, gprev, l0, vb0, keys, so, HAS_BETA3, HAS_VBAR, HAS_LION, SR)
         m, v, n, l, vb = new
         d, gh, gh2, sg, G, uL, N, vh, A = mid
-        theta, s, etah, clipped, sq, D = _mada_apply(k, theta, s0, vh, A, uL, HAS_LION, HAS_MOD)
+        theta, s, etah, clipped, sq, D = _mada_apply(k, theta, s0, vh, A, uL, keys, so, HAS_LION, HAS_MOD, SR)
         _st(m_p, so, m, mask, MASKED)
         _st(v_p, so, v, mask, MASKED)
         if HAS_BETA3:
             _st(n_p, so, n, mask, MASKED)
-            _st(gprev_p, so, g, mask, MASKED)
+            _st(gprev_p, so, _round(g, keys, so, 3, SR), mask, MASKED)
         if HAS_LION:
             _st(l_p, so, l, mask, MASKED)
         if HAS_VBAR:
@@ -336,14 +374,14 @@ def _mada_block(pp, gp_, st, tan, tstride, po, so, mask, acc, k, scale,
 
 
 @_device
-def _adamod_element(k, g, theta, m0, v0, s0, gprev, DIFF: tl.constexpr):
+def _adamod_element(k, g, theta, m0, v0, s0, gprev, keys, so, DIFF: tl.constexpr, SR: tl.constexpr):
     """AdaMod; with DIFF, DiffMod: diffGrad's friction on the applied step only. Returns (theta, m, v, s)."""
     b1, b2, b3, step_size, decay, eps = k
     one = 1.0
-    m = b1 * m0 + (one - b1) * g
-    v = b2 * v0 + (one - b2) * g * g
+    m = _round(b1 * m0 + (one - b1) * g, keys, so, 0, SR)
+    v = _round(b2 * v0 + (one - b2) * g * g, keys, so, 1, SR)
     eta = _div(step_size, _sqrt(v) + eps)
-    s = b3 * s0 + (one - b3) * eta
+    s = _round(b3 * s0 + (one - b3) * eta, keys, so, 2, SR)
     mh = m
     if DIFF:
         mh = _div(m, one + _exp(-tl.abs(gprev - g)))
@@ -351,32 +389,33 @@ def _adamod_element(k, g, theta, m0, v0, s0, gprev, DIFF: tl.constexpr):
 
 
 @_device
-def _adamod_block(pp, gp_, st, po, so, mask, k, scale, DIFF: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, MASKED: tl.constexpr):
+def _adamod_block(pp, gp_, st, keys, po, so, mask, k, scale, DIFF: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, SR: tl.constexpr, MASKED: tl.constexpr):
     m_p, v_p, s_p, gprev_p = st
-    g = _grad(gp_, po, mask, scale, m_p, HAS_SCALE, MAXIMIZE, MASKED)
+    g = _grad(gp_, po, mask, scale, m_p, HAS_SCALE, MAXIMIZE, SR, MASKED)
     theta = _ld(pp, po, mask, MASKED).to(g.dtype)
     gprev = g  # g_prev starts at 0 in the state; only DiffMod has it
     if DIFF:
-        gprev = _ld(gprev_p, so, mask, MASKED)
-    theta, m, v, s = _adamod_element(k, g, theta, _ld(m_p, so, mask, MASKED), _ld(v_p, so, mask, MASKED),
-                                     _ld(s_p, so, mask, MASKED), gprev, DIFF)
+        gprev = _ld(gprev_p, so, mask, MASKED).to(g.dtype)
+    theta, m, v, s = _adamod_element(k, g, theta, _ld(m_p, so, mask, MASKED).to(g.dtype),
+                                     _ld(v_p, so, mask, MASKED).to(g.dtype), _ld(s_p, so, mask, MASKED).to(g.dtype),
+                                     gprev, keys, so, DIFF, SR)
     _st(m_p, so, m, mask, MASKED)
     _st(v_p, so, v, mask, MASKED)
     _st(s_p, so, s, mask, MASKED)
     if DIFF:
-        _st(gprev_p, so, g, mask, MASKED)
+        _st(gprev_p, so, _round(g, keys, so, 3, SR), mask, MASKED)
     _st(pp, po, theta, mask, MASKED)
 
 
 @triton.jit
 def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, tan, tstride,
-               coef, lr_p, wd_p, steps, consts, scale_p, inf_p, partial, n_chunks, first,
+               coef, lr_p, wd_p, steps, consts, scale_p, inf_p, partial, n_chunks, first, seed,
                KIND: tl.constexpr, STEP: tl.constexpr, DOT: tl.constexpr, ROWS: tl.constexpr,
                NL: tl.constexpr, NLP: tl.constexpr, HAS_BETA3: tl.constexpr, HAS_VBAR: tl.constexpr,
                HAS_LION: tl.constexpr, HAS_MOD: tl.constexpr, VBAR_DETACH: tl.constexpr,
                MAXIMIZE: tl.constexpr, DIFF: tl.constexpr, HAS_SCALE: tl.constexpr,
-               HAS_INF: tl.constexpr, ALIGNED: tl.constexpr, T_ALIGNED: tl.constexpr, S_VEC: tl.constexpr,
+               HAS_INF: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr, T_ALIGNED: tl.constexpr, S_VEC: tl.constexpr,
                CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = first + tl.program_id(0)  # this launch covers table rows first, first + 1, ...
     row = table + pid * 6  # param addr, grad addr, state offset, count, group, param index
@@ -398,7 +437,7 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, tan, tstrid
     group = tl.load(row + 4)
     if HAS_INF:  # a skipped step touches nothing: every block falls outside the chunk
         count = tl.where(tl.load(inf_p) != 0, 0, count)
-    ct = m_p.dtype.element_ty
+    ct = tl.float32 if SR else m_p.dtype.element_ty  # bf16 state: fp32 arithmetic
     one = 1.0
     # Scalars in float64 (powers especially), rounded once to the compute type.
     t = tl.maximum(tl.load(steps + tl.load(row + 5)), one)  # t >= 1 except on a skipped step
@@ -408,6 +447,12 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, tan, tstrid
     if HAS_SCALE:
         scale = tl.load(scale_p).to(ct)
     acc = tl.full([NLP], 0.0, tl.float64)
+    # The rounding keys of this parameter's step: (seed, t mod 2^32, buffer), spec 5.1.
+    step32 = t.to(tl.uint64).to(tl.uint32)
+    seed32 = seed.to(tl.uint32)
+    keys = (_sr_key(seed32, step32, 0), _sr_key(seed32, step32, 1), _sr_key(seed32, step32, 2),
+            _sr_key(seed32, step32, 3), _sr_key(seed32, step32, 4), _sr_key(seed32, step32, 5),
+            _sr_key(seed32, step32, 6))
     if KIND == MADA:
         k = _make_mada_scalars(coef, consts, lr, decay, t, ct, VBAR_DETACH)
         st = (m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p)
@@ -420,16 +465,16 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, tan, tstrid
         mask = po < count
         if start + BLOCK <= count:
             if KIND == MADA:
-                acc = _mada_block(pp, gp_, st, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT, ROWS,
-                                  NL, NLP, HAS_BETA3, HAS_VBAR, HAS_LION, HAS_MOD, MAXIMIZE, HAS_SCALE, False)
+                acc = _mada_block(pp, gp_, st, keys, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT, ROWS, NL,
+                                  NLP, HAS_BETA3, HAS_VBAR, HAS_LION, HAS_MOD, MAXIMIZE, HAS_SCALE, SR, False)
             else:
-                _adamod_block(pp, gp_, st, po, so, mask, k, scale, DIFF, MAXIMIZE, HAS_SCALE, False)
+                _adamod_block(pp, gp_, st, keys, po, so, mask, k, scale, DIFF, MAXIMIZE, HAS_SCALE, SR, False)
         elif start < count:
             if KIND == MADA:
-                acc = _mada_block(pp, gp_, st, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT, ROWS,
-                                  NL, NLP, HAS_BETA3, HAS_VBAR, HAS_LION, HAS_MOD, MAXIMIZE, HAS_SCALE, True)
+                acc = _mada_block(pp, gp_, st, keys, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT, ROWS, NL,
+                                  NLP, HAS_BETA3, HAS_VBAR, HAS_LION, HAS_MOD, MAXIMIZE, HAS_SCALE, SR, True)
             else:
-                _adamod_block(pp, gp_, st, po, so, mask, k, scale, DIFF, MAXIMIZE, HAS_SCALE, True)
+                _adamod_block(pp, gp_, st, keys, po, so, mask, k, scale, DIFF, MAXIMIZE, HAS_SCALE, SR, True)
     if DOT:
         # One fp64 partial per (learned row, chunk); launch.py sums them in a fixed order.
         rows = tl.arange(0, NLP)

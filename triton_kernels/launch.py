@@ -195,14 +195,14 @@ def _launch(kind: int, bucket, seg, scalars, coef, consts, *, states, flags: dic
             bucket.steps, consts, dummy if scale is None else scale, dummy if found is None else found,
             lay.partial, lay.n_chunks)
     meta = dict(KIND=kind, NL=nl, NLP=triton.next_power_of_2(max(nl, 1)), HAS_SCALE=scale is not None,
-                HAS_INF=found is not None, T_ALIGNED=lay.t_aligned, S_VEC=lay.s_vec, CHUNK=chunk, **flags)
+                HAS_INF=found is not None, SR=bucket.state_dtype == torch.bfloat16, T_ALIGNED=lay.t_aligned, S_VEC=lay.s_vec, CHUNK=chunk, **flags)
     fn = kernels(interp).fused_step
     block, warps = (_INTERP_BLOCK, 1) if interp else _config()
     # Triton launches on the current device.
     with contextlib.nullcontext() if interp else torch.cuda.device(bucket.device):
         for lo, hi, aligned in lay.parts:  # the aligned rows, then the rest: at most two launches
             # No FMA contraction: the reference and the C++ backends round after every op.
-            fn[(hi - lo,)](*args, lo, **meta, ALIGNED=aligned, BLOCK=block, num_warps=warps, enable_fp_fusion=False)
+            fn[(hi - lo,)](*args, lo, scalars.sr_seed, **meta, ALIGNED=aligned, BLOCK=block, num_warps=warps, enable_fp_fusion=False)
     if dot_out is not None:
         # Fixed-order fp64 reduction over chunks: the same layout and config give the same bits.
         dot_out.add_(lay.partial[:nl, :lay.n_chunks].sum(dim=1).to(dot_out.dtype))

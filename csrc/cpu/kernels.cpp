@@ -41,6 +41,11 @@ using mada::MadaConst;
 using mada::MadaScalars;
 using mada::MadaState;
 static_assert(mada::kNumCoef == kNumCoef, "abi.h's learn_mask has one bit per coefficient of mada_math.h");
+// The hash's buffer numbers are the state slots of abi.h.
+static_assert(int(mada::kBufS) == int(kS) && int(mada::kBufVb) == int(kVb) && int(mada::kBufL) == int(kL) &&
+                  int(mada::kBufGPrev) == int(kGPrev) && int(mada::kBufAgPrev) == int(kAgPrev) &&
+                  int(mada::kBufAs) == int(kAs) && mada::kNumMadaBufs == kNumMadaSlots,
+              "mada_math.h's buffer order is abi.h's slot order");
 
 constexpr int64_t kChunk = int64_t(1) << 16;  // fixed, never derived from the thread count
 constexpr int kBlock = 64;                    // block scratch stays in L1 (measured best)
@@ -120,30 +125,34 @@ T* slot_ptr(void* const* state, int i, int64_t offset) {
 // each element start to end in one loop, the gradient read in place. No block
 // scratch: the two-loop split below only adds traffic for these (measured 7 %
 // slower at Adam's corner).
-template <int D, bool VB, bool MO, bool SCALED>
+template <int D, bool SB, bool VB, bool MO, bool SCALED>
 void mada_short(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
                 int64_t lo, int64_t hi, typename Param<D>::T sign, typename Param<D>::T scale) {
   using T = typename Param<D>::T;
   using P = typename Param<D>::P;
+  using St = Store<T, SB>;
+  using S = typename St::S;
   const P* __restrict__ grad = reinterpret_cast<const P*>(r.grad);
   P* __restrict__ param = reinterpret_cast<P*>(r.param);
-  T* __restrict__ m = slot_ptr<T>(c.c.state, kM, r.offset);
-  T* __restrict__ v = slot_ptr<T>(c.c.state, kV, r.offset);
-  T* __restrict__ vb = slot_ptr<T>(c.c.state, kVb, r.offset);
-  T* __restrict__ s = slot_ptr<T>(c.c.state, kS, r.offset);
+  S* __restrict__ m = slot_ptr<S>(c.c.state, kM, r.offset);
+  S* __restrict__ v = slot_ptr<S>(c.c.state, kV, r.offset);
+  S* __restrict__ vb = slot_ptr<S>(c.c.state, kVb, r.offset);
+  S* __restrict__ s = slot_ptr<S>(c.c.state, kS, r.offset);
+  const SrKeys<SB> keys(c.c, r);
 #pragma GCC ivdep
   for (int64_t i = lo; i < hi; ++i) {
     MadaState<T> st{};
-    st.m = m[i], st.v = v[i];
-    if (VB) st.vb = vb[i];
-    if (MO) st.s = s[i];
+    st.m = St::load(m[i]), st.v = St::load(v[i]);
+    if (VB) st.vb = St::load(vb[i]);
+    if (MO) st.s = St::load(s[i]);
+    const auto round = keys.at(r.offset + i);
     const auto x = mada::mada_moments<T, false, VB, false, MO, false, false>(
-        k, processed_grad<D, SCALED>(grad[i], scale, sign), st);
+        k, processed_grad<D, SCALED>(grad[i], scale, sign), st, round);
     param[i] = Param<D>::store(mada::mada_apply<T, false, VB, false, MO, false>(
-        k, Param<D>::load(param[i]), x, st, nullptr));
-    m[i] = st.m, v[i] = st.v;
-    if (VB) vb[i] = st.vb;
-    if (MO) s[i] = st.s;
+        k, Param<D>::load(param[i]), x, st, nullptr, round));
+    m[i] = St::put(st.m), v[i] = St::put(st.v);
+    if (VB) vb[i] = St::put(st.vb);
+    if (MO) s[i] = St::put(st.s);
   }
 }
 
@@ -152,20 +161,23 @@ void mada_short(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const
 // (two short dependency chains that out-of-order execution overlaps, instead
 // of one long one: 15-25 % faster with the Yogi or Adan terms), then the
 // hyper-gradient partial sums and the new tangent rows.
-template <int D, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI>
+template <int D, bool SB, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI>
 void mada_split(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
                 int64_t lo, int64_t hi, typename Param<D>::T sign, double (*lanes)[kLanes]) {
   using T = typename Param<D>::T;
   using P = typename Param<D>::P;
+  using St = Store<T, SB>;
+  using S = typename St::S;
   const P* __restrict__ grad = reinterpret_cast<const P*>(r.grad);
   P* __restrict__ param = reinterpret_cast<P*>(r.param);
-  T* __restrict__ m = slot_ptr<T>(c.c.state, kM, r.offset);
-  T* __restrict__ v = slot_ptr<T>(c.c.state, kV, r.offset);
-  T* __restrict__ n = slot_ptr<T>(c.c.state, kN, r.offset);
-  T* __restrict__ gp = slot_ptr<T>(c.c.state, kGPrev, r.offset);
-  T* __restrict__ l = slot_ptr<T>(c.c.state, kL, r.offset);
-  T* __restrict__ vb = slot_ptr<T>(c.c.state, kVb, r.offset);
-  T* __restrict__ s = slot_ptr<T>(c.c.state, kS, r.offset);
+  S* __restrict__ m = slot_ptr<S>(c.c.state, kM, r.offset);
+  S* __restrict__ v = slot_ptr<S>(c.c.state, kV, r.offset);
+  S* __restrict__ n = slot_ptr<S>(c.c.state, kN, r.offset);
+  S* __restrict__ gp = slot_ptr<S>(c.c.state, kGPrev, r.offset);
+  S* __restrict__ l = slot_ptr<S>(c.c.state, kL, r.offset);
+  S* __restrict__ vb = slot_ptr<S>(c.c.state, kVb, r.offset);
+  S* __restrict__ s = slot_ptr<S>(c.c.state, kS, r.offset);
+  const SrKeys<SB> keys(c.c, r);
   alignas(64) T gbuf[kBlock];
   alignas(64) T tbuf[mada::kNumCoef][kBlock];
   Stash<T, B3, VB, LI, TAN, YOGI> mid;
@@ -176,28 +188,28 @@ void mada_split(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const
     for (int j = 0; j < nb; ++j) {
       const int64_t i = b0 + j;
       MadaState<T> st{};
-      st.m = m[i], st.v = v[i];
-      if (B3) st.n = n[i], st.g_prev = gp[i];
-      if (LI) st.l = l[i];
-      if (VB) st.vb = vb[i];
-      mid.put(j, mada::mada_moments<T, B3, VB, LI, MO, TAN, YOGI>(k, gbuf[j], st));
-      m[i] = st.m, v[i] = st.v;
-      if (B3) n[i] = st.n, gp[i] = st.g_prev;
-      if (LI) l[i] = st.l;
-      if (VB) vb[i] = st.vb;
+      st.m = St::load(m[i]), st.v = St::load(v[i]);
+      if (B3) st.n = St::load(n[i]), st.g_prev = St::load(gp[i]);
+      if (LI) st.l = St::load(l[i]);
+      if (VB) st.vb = St::load(vb[i]);
+      mid.put(j, mada::mada_moments<T, B3, VB, LI, MO, TAN, YOGI>(k, gbuf[j], st, keys.at(r.offset + i)));
+      m[i] = St::put(st.m), v[i] = St::put(st.v);
+      if (B3) n[i] = St::put(st.n), gp[i] = St::put(st.g_prev);
+      if (LI) l[i] = St::put(st.l);
+      if (VB) vb[i] = St::put(st.vb);
     }
 #pragma GCC ivdep
     for (int j = 0; j < nb; ++j) {
       const int64_t i = b0 + j;
       MadaState<T> st{};  // what mada_apply reads: the state the first half wrote
-      if (MO) st.s = s[i];
-      if (TAN) st.m = m[i], st.v = v[i];
-      if (TAN && B3) st.n = n[i];
-      if (TAN && VB) st.vb = vb[i];
+      if (MO) st.s = St::load(s[i]);
+      if (TAN) st.m = St::load(m[i]), st.v = St::load(v[i]);
+      if (TAN && B3) st.n = St::load(n[i]);
+      if (TAN && VB) st.vb = St::load(vb[i]);
       T tan[mada::kNumCoef] = {};
       param[i] = Param<D>::store(mada::mada_apply<T, B3, VB, LI, MO, TAN>(
-          k, Param<D>::load(param[i]), mid.get(j, k, gbuf[j], st), st, tan));
-      if (MO) s[i] = st.s;
+          k, Param<D>::load(param[i]), mid.get(j, k, gbuf[j], st), st, tan, keys.at(r.offset + i)));
+      if (MO) s[i] = St::put(st.s);
       if (TAN)
         for (int q = 0; q < mada::kNumCoef; ++q) tbuf[q][j] = tan[q];
     }
@@ -217,15 +229,15 @@ void mada_split(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const
   }
 }
 
-template <int D, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI>
+template <int D, bool SB, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI>
 void mada_piece(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
                 int64_t lo, int64_t hi, typename Param<D>::T sign, double (*lanes)[kLanes]) {
   if constexpr (!TAN && !B3 && !LI && !YOGI) {
     with_grad_scale<typename Param<D>::T>(c.c.grad_scale, [&](auto scaled, auto scale) {
-      mada_short<D, VB, MO, decltype(scaled)::value>(c, k, r, lo, hi, sign, scale);
+      mada_short<D, SB, VB, MO, decltype(scaled)::value>(c, k, r, lo, hi, sign, scale);
     });
   } else {
-    mada_split<D, B3, VB, LI, MO, TAN, YOGI>(c, k, r, lo, hi, sign, lanes);
+    mada_split<D, SB, B3, VB, LI, MO, TAN, YOGI>(c, k, r, lo, hi, sign, lanes);
   }
 }
 
@@ -244,7 +256,8 @@ void mada_dot_piece(const Pass& c, const SegRow& r, int64_t lo, int64_t hi,
 
 // One MADA pass for one flag combination; STEP = false is the dot-only pass
 // (hyper_order="exact"), instantiated once rather than inside every variant.
-template <int D, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI, bool STEP = true>
+// SB: the state is stored in bf16.
+template <int D, bool SB, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI, bool STEP = true>
 void mada_pass(const Pass& c) {
   using T = typename Param<D>::T;
   const double* k = c.c.consts;
@@ -258,8 +271,8 @@ void mada_pass(const Pass& c) {
   run_chunks<MadaScalars<T>>(c, rows, total, [&](const SegRow& r, int64_t lo, int64_t hi,
                                                    Chunk<MadaScalars<T>>& ch) {
     if constexpr (STEP)
-      mada_piece<D, B3, VB, LI, MO, TAN, YOGI>(c, ch.scalars(c.c, r, make), r, lo, hi, sign,
-                                               ch.lanes);
+      mada_piece<D, SB, B3, VB, LI, MO, TAN, YOGI>(c, ch.scalars(c.c, r, make), r, lo, hi, sign,
+                                                   ch.lanes);
     else
       mada_dot_piece<D>(c, r, lo, hi, sign, ch.lanes);
   });
@@ -268,14 +281,16 @@ void mada_pass(const Pass& c) {
 
 using MadaFn = void (*)(const Pass&);
 
-// Flag bits: abi.h's MadaBits (1 beta3, 2 vbar, 4 lion, 8 mod, 16 tangents)
-// and 32, "c is 1 and not learned" (the Yogi term compiles out). Learning
-// configurations keep the Yogi term (bit 32 ignored): it is a small part of
-// their work, and 16 more variants would cost build time for nothing.
+// Flag bits: abi.h's MadaBits (1 beta3, 2 vbar, 4 lion, 8 mod, 16 tangents),
+// 32, "c is 1 and not learned" (the Yogi term compiles out), and 64, bf16
+// state (float compute types only). Learning configurations keep the Yogi
+// term (bit 32 ignored): it is a small part of their work, and 16 more
+// variants would cost build time for nothing.
 template <int D, int F>
 void mada_flags(const Pass& c) {
   constexpr bool tan = (F & 16) != 0, yogi = tan || (F & 32) == 0;
-  mada_pass<D, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0, (F & 8) != 0, tan, yogi>(c);
+  constexpr bool sb = (F & 64) != 0 && D != kF64;
+  mada_pass<D, sb, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0, (F & 8) != 0, tan, yogi>(c);
 }
 template <int D, int... F>
 constexpr std::array<MadaFn, sizeof...(F)> mada_table(std::integer_sequence<int, F...>) {
@@ -285,39 +300,45 @@ constexpr std::array<MadaFn, sizeof...(F)> mada_table(std::integer_sequence<int,
 template <int D>
 void mada_entry(const Pass& c) {
   if (c.c.found_inf && *c.c.found_inf != 0.0f) return;  // GradScaler skip: touch nothing
-  if (c.c.op == kMadaDot) return mada_pass<D, false, false, false, false, false, true, false>(c);
+  if (c.c.op == kMadaDot) return mada_pass<D, false, false, false, false, false, false, true, false>(c);
   static_assert(kMadaVariants == 32, "flag 32 comes after the MadaBits");
-  static constexpr auto table = mada_table<D>(std::make_integer_sequence<int, 64>{});
+  static constexpr auto table = mada_table<D>(std::make_integer_sequence<int, 128>{});
   const bool c_learned = (c.c.learn_mask >> mada::kC) & 1u;
-  const int f = int(c.c.variant) | (!c_learned && c.c.coef[mada::kC] == 1.0) << 5;
+  const int f = int(c.c.variant) | (!c_learned && c.c.coef[mada::kC] == 1.0) << 5 |
+                (c.c.state_dtype == kBF16) << 6;
   table[f](c);
 }
 
 // One segment part [lo, hi) of AdaMod or DiffMod: a short chain, so one loop
 // with the gradient read in place, as mada_short.
-template <int D, bool DIFF, bool SCALED>
+template <int D, bool SB, bool DIFF, bool SCALED>
 void adamod_piece(const Pass& c, const AdamodScalars<typename Param<D>::T>& k,
                   const SegRow& r, int64_t lo, int64_t hi, typename Param<D>::T scale,
                   typename Param<D>::T sign) {
   using T = typename Param<D>::T;
   using P = typename Param<D>::P;
+  using St = Store<T, SB>;
+  using S = typename St::S;
   const P* __restrict__ grad = reinterpret_cast<const P*>(r.grad);
   P* __restrict__ param = reinterpret_cast<P*>(r.param);
-  T* __restrict__ m = slot_ptr<T>(c.c.state, kAm, r.offset);
-  T* __restrict__ v = slot_ptr<T>(c.c.state, kAv, r.offset);
-  T* __restrict__ s = slot_ptr<T>(c.c.state, kAs, r.offset);
-  T* __restrict__ gp = slot_ptr<T>(c.c.state, kAgPrev, r.offset);
+  S* __restrict__ m = slot_ptr<S>(c.c.state, kAm, r.offset);
+  S* __restrict__ v = slot_ptr<S>(c.c.state, kAv, r.offset);
+  S* __restrict__ s = slot_ptr<S>(c.c.state, kAs, r.offset);
+  S* __restrict__ gp = slot_ptr<S>(c.c.state, kAgPrev, r.offset);
+  const SrKeys<SB> keys(c.c, r);
 #pragma GCC ivdep
   for (int64_t i = lo; i < hi; ++i) {
-    T gprev = DIFF ? gp[i] : T(0);
+    T mi = St::load(m[i]), vi = St::load(v[i]), si = St::load(s[i]);
+    T gprev = DIFF ? St::load(gp[i]) : T(0);
     param[i] = Param<D>::store(mada::adamod_element<T, DIFF>(
-        k, processed_grad<D, SCALED>(grad[i], scale, sign), Param<D>::load(param[i]), m[i], v[i],
-        s[i], gprev));
-    if (DIFF) gp[i] = gprev;
+        k, processed_grad<D, SCALED>(grad[i], scale, sign), Param<D>::load(param[i]), mi, vi, si,
+        gprev, keys.at(r.offset + i)));
+    m[i] = St::put(mi), v[i] = St::put(vi), s[i] = St::put(si);
+    if (DIFF) gp[i] = St::put(gprev);
   }
 }
 
-template <int D, bool DIFF>
+template <int D, bool SB, bool DIFF>
 void adamod_pass(const Pass& c) {
   using T = typename Param<D>::T;
   const T sign = grad_sign<T>(c);
@@ -330,7 +351,7 @@ void adamod_pass(const Pass& c) {
                                                     Chunk<AdamodScalars<T>>& ch) {
     const AdamodScalars<T>& k = ch.scalars(c.c, r, make);
     with_grad_scale<T>(c.c.grad_scale, [&](auto scaled, T scale) {
-      adamod_piece<D, DIFF, decltype(scaled)::value>(c, k, r, lo, hi, scale, sign);
+      adamod_piece<D, SB, DIFF, decltype(scaled)::value>(c, k, r, lo, hi, scale, sign);
     });
   });
 }
@@ -338,10 +359,12 @@ void adamod_pass(const Pass& c) {
 template <int D>
 void adamod_entry(const Pass& c) {
   if (c.c.found_inf && *c.c.found_inf != 0.0f) return;
+  constexpr bool can_sb = D != kF64;  // abi_check.h: fp64 parameters keep fp64 state
+  const bool sb = can_sb && c.c.state_dtype == kBF16;
   if (c.c.variant & kDiff)
-    adamod_pass<D, true>(c);
+    sb ? adamod_pass<D, can_sb, true>(c) : adamod_pass<D, false, true>(c);
   else
-    adamod_pass<D, false>(c);
+    sb ? adamod_pass<D, can_sb, false>(c) : adamod_pass<D, false, false>(c);
 }
 
 template <int D>

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -80,8 +81,18 @@ def check_name(name: str) -> str:
     return name
 
 
-def resolve(request: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend that steps a (device, dtype) bucket for a checked request."""
+def check_state_dtype(request: str, state_dtype: torch.dtype) -> None:
+    """Refuse, at construction, a named backend that cannot store ``state_dtype``."""
+    if request != "auto" and state_dtype not in load(request).state_dtypes:
+        able = [n for n in available() if state_dtype in load(n).state_dtypes]
+        raise ValueError(f"backend {request!r} cannot store {state_dtype} optimizer state yet; "
+                         f"backends that can: {able} (or backend='auto')")
+
+
+def resolve(request: str, device: torch.device, dtype: torch.dtype,
+            state_dtype: torch.dtype = torch.float32) -> Backend:
+    """The backend that steps a (device, dtype) bucket whose state is stored as
+    ``state_dtype``, for a checked request."""
     if request != "auto":
         backend = load(request)
         if not backend.supports(device, dtype):
@@ -89,6 +100,7 @@ def resolve(request: str, device: torch.device, dtype: torch.dtype) -> Backend:
                 f"backend {request!r} cannot step {dtype} parameters on {device}; "
                 f"use backend='auto' or one of {available()}"
             )
+        check_state_dtype(request, state_dtype)
         return backend
     for name in _AUTO_ORDER:
         try:
@@ -97,6 +109,10 @@ def resolve(request: str, device: torch.device, dtype: torch.dtype) -> Backend:
             continue
         # Triton on a CPU tensor is its interpreter, a debugging aid many times
         # slower than the reference: only an explicit backend='triton' gets it.
-        if backend.supports(device, dtype) and (name != "triton" or device.type == "cuda"):
+        if (backend.supports(device, dtype) and state_dtype in backend.state_dtypes
+                and (name != "triton" or device.type == "cuda")):
+            if name == "reference" and device.type != "cpu" and state_dtype == torch.bfloat16:
+                warnings.warn(f"no fused backend stores {state_dtype} state on {device.type} yet: "
+                              "these parameters step on the (slow) reference backend", stacklevel=4)
             return backend
     raise AssertionError("the reference backend supports every device")  # pragma: no cover

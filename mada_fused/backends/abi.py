@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from typing import Iterable, Sequence
 
-VERSION = 2  # 2: Call.maximize applies to ADAMOD_STEP too
+VERSION = 3  # 2: Call.maximize applies to ADAMOD_STEP too; 3: Call.state_dtype, Call.sr_seed
 
 DTYPES: dict[str, int] = {"float32": 0, "float64": 1, "bfloat16": 2, "float16": 3}
 MADA_STEP, MADA_DOT, ADAMOD_STEP = 0, 1, 2
@@ -37,7 +37,8 @@ SEG_ROW: tuple[tuple[str, str], ...] = (
 # The part of a Call that is fixed for a (bucket, configuration, pass) ...
 CALL_FIXED: tuple[tuple[str, str], ...] = (
     ("op", "i"), ("variant", "I"), ("dtype", "i"), ("learn_mask", "I"), ("maximize", "i"),
-    ("vbar_detach", "i"), ("device", "q"), ("state_numel", "q"), ("num_groups", "q"), ("num_params", "q"),
+    ("vbar_detach", "i"), ("state_dtype", "i"), ("sr_seed", "I"), ("device", "q"), ("state_numel", "q"),
+    ("num_groups", "q"), ("num_params", "q"),
     ("lr", "Q"), ("wd", "Q"), ("steps", "Q"), ("state", f"{MAX_SLOTS}Q"), ("tangents", "Q"),
     ("tan_stride", "q"), ("consts", f"{NUM_CONSTS}d"),
 )
@@ -90,16 +91,16 @@ def mask_of(learn: Iterable[int]) -> int:
     return mask
 
 
-def pack_fixed(*, op: int, variant: int, dtype: int, learn_mask: int, maximize: bool, vbar_detach: bool,
-               device: int, state_numel: int, num_groups: int, num_params: int, lr: int, wd: int,
+def pack_fixed(*, op: int, variant: int, dtype: int, state_dtype: int, sr_seed: int, learn_mask: int,
+               maximize: bool, vbar_detach: bool, device: int, state_numel: int, num_groups: int, num_params: int, lr: int, wd: int,
                steps: int, state: Sequence[int], tangents: int, tan_stride: int,
                consts: Sequence[float]) -> bytes:
     """The fixed part of a Call; ``state`` is in MADA_STATE or ADAMOD_STATE order, shorter lists padded with 0."""
     if len(state) > MAX_SLOTS or len(consts) != NUM_CONSTS:
         raise ValueError(f"a call holds at most {MAX_SLOTS} state addresses and exactly {NUM_CONSTS} constants")
-    return _FIXED.pack(op, variant, dtype, learn_mask, int(maximize), int(vbar_detach), device, state_numel,
-                       num_groups, num_params, lr, wd, steps, *state, *[0] * (MAX_SLOTS - len(state)),
-                       tangents, tan_stride, *consts)
+    return _FIXED.pack(op, variant, dtype, learn_mask, int(maximize), int(vbar_detach), state_dtype, sr_seed,
+                       device, state_numel, num_groups, num_params, lr, wd, steps, *state,
+                       *[0] * (MAX_SLOTS - len(state)), tangents, tan_stride, *consts)
 
 
 def pack_step(*, rows: int, n_rows: int, coef: int, grad_scale: int, found_inf: int, dot_out: int,

@@ -21,9 +21,11 @@ Per call, a backend must, for every active segment i (elements
    du/dk. ``mada_dot`` does only the first part (``hyper_order="exact"``).
 4. ``adamod_step``: docs/spec.md sections 3 and 4.
 
-Arithmetic is in the state dtype (float32, or float64 for float64 params).
-Parameters of lower precision are read, updated in the state dtype and
-rounded once on the way back.
+Arithmetic is float64 for float64 params and float32 otherwise. The state is
+stored in ``bucket.state_dtype``: the compute dtype, or bfloat16, which a
+backend rounds stochastically (docs/spec.md section 5.1) and lists in its
+``state_dtypes``. Parameters of lower precision are read, updated in the
+compute dtype and rounded once on the way back.
 """
 from __future__ import annotations
 
@@ -73,6 +75,7 @@ class DeviceScalars:
     weight_decay: torch.Tensor  # (num_groups,) float64
     grad_scale: torch.Tensor | None  # 1-element float32, GradScaler's scale
     found_inf: torch.Tensor | None  # 1-element float32, non-zero = skip the step
+    sr_seed: int = 0  # host uint32: the optimizer's seed of bf16 state's rounding (docs/spec.md 5.1)
 
 
 @dataclass
@@ -93,6 +96,7 @@ class Segments:
 
 class Backend(Protocol):
     name: str
+    state_dtypes: frozenset[torch.dtype]  # the bucket state dtypes it can store
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether this backend can step a bucket of this device and dtype."""

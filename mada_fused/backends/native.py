@@ -37,6 +37,9 @@ class NativeBackend:
     """A backend whose passes run in a native extension behind csrc/abi.h."""
 
     name: str
+    # bf16 state needs the stochastic-rounding store in the kernels: the CPU
+    # extension has it (CpuBackend), the CUDA kernels not yet (csrc/cuda/plan.cpp refuses it).
+    state_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64))
 
     def __init__(self, ext) -> None:
         self._ext = ext
@@ -98,14 +101,15 @@ class NativeBackend:
         self._ext.run(fixed + step, self._alloc(dev))
 
     def _fixed_part(self, op: int, bucket: Bucket, sc: DeviceScalars, cfg) -> bytes:
-        """The fixed part of the call, packed once per (bucket, config, pass) while the
+        """The fixed part of the call, packed once per (bucket, config, seed, pass) while the
         bucket's tensors and the optimizer's scalar tables keep their identity."""
         known = self._known_facts(bucket, sc)
-        fixed = known["fixed"].get((op, cfg))
+        key = (op, cfg, sc.sr_seed)
+        fixed = known["fixed"].get(key)
         if fixed is None:
             if len(known["fixed"]) >= _MAX_FIXED:  # a scheduler cycling betas makes a config per step
                 known["fixed"].pop(next(iter(known["fixed"])))
-            fixed = known["fixed"][(op, cfg)] = self._pack_fixed(op, bucket, sc, cfg)
+            fixed = known["fixed"][key] = self._pack_fixed(op, bucket, sc, cfg)
         return fixed
 
     def _known_facts(self, bucket: Bucket, sc: DeviceScalars) -> dict:
@@ -118,7 +122,7 @@ class NativeBackend:
             for name, buf in bucket.buffers.items():
                 self._check(f"state {name!r}", buf, dev, bucket.state_dtype, bucket.numel)
             if bucket.tangents is not None:
-                segments.check_rows(self.name, "tangents", bucket.tangents, dev, bucket.state_dtype, bucket.numel)
+                segments.check_rows(self.name, "tangents", bucket.tangents, dev, bucket.tangent_dtype, bucket.numel)
             known = self._known[bucket] = {"tensors": list(map(id, tensors)), "scalars": None, "coef": None,
                                            "fixed": {}}
         scalars = (sc.lr, sc.weight_decay)
@@ -142,7 +146,8 @@ class NativeBackend:
             learn, state_names, maximize, vbar_detach = cfg.learn, abi.MADA_STATE, cfg.maximize, cfg.vbar_detach
             consts = (cfg.eps, cfg.mod_beta, *cfg.lion_betas)
         return abi.pack_fixed(
-            op=op, variant=variant, dtype=DTYPE_CODES[bucket.dtype], learn_mask=abi.mask_of(learn),
+            op=op, variant=variant, dtype=DTYPE_CODES[bucket.dtype], state_dtype=DTYPE_CODES[bucket.state_dtype],
+            sr_seed=sc.sr_seed, learn_mask=abi.mask_of(learn),
             maximize=maximize, vbar_detach=vbar_detach, device=self._device_index(bucket.device),
             state_numel=bucket.numel, num_groups=sc.lr.numel(), num_params=len(bucket.params),
             lr=sc.lr.data_ptr(), wd=sc.weight_decay.data_ptr(), steps=bucket.steps.data_ptr(),

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..coefficients import COEFFICIENTS
 from ..flat_state import Bucket
+from . import abi
 from .base import (
     AdamodKernelConfig,
     DeviceScalars,
@@ -27,15 +28,19 @@ B1, B2, B3, RHO, C, GAMMA = range(len(COEFFICIENTS))
 
 
 class _Slot:
-    """One active parameter: its flat data, processed grad and state views."""
+    """One active parameter: its flat data, processed grad and state views; ``state``
+    holds the stored values in the compute dtype, ``views`` the buffers to write."""
 
-    def __init__(self, bucket: Bucket, seg: Segments, i: int, sc: DeviceScalars, maximize: bool):
+    def __init__(self, bucket: Bucket, seg: Segments, i: int, sc: DeviceScalars, maximize: bool,
+                 buffers: tuple[str, ...], seed: int):
         self.param = seg.params[i].view(-1)
         lo = seg.offsets[i]
         hi = lo + seg.numels[i]
-        self.state = {name: buf[lo:hi] for name, buf in bucket.buffers.items()}
+        # Arithmetic is fp64 for fp64 state and fp32 otherwise (bf16 state is only storage).
+        sd = torch.float64 if bucket.state_dtype == torch.float64 else torch.float32
+        self.views = {name: buf[lo:hi] for name, buf in bucket.buffers.items()}
+        self.state = {name: v.to(sd) for name, v in self.views.items()}
         self.tangents = None if bucket.tangents is None else bucket.tangents[:, lo:hi]
-        sd = bucket.state_dtype
         g = seg.grads[i].view(-1).to(sd)
         if sc.grad_scale is not None:
             g = g / sc.grad_scale.reshape(()).to(sd)
@@ -45,10 +50,69 @@ class _Slot:
         self.lr = sc.lr[seg.groups[i]]
         self.decay = (1.0 - self.lr * sc.weight_decay[seg.groups[i]]).to(sd)
         self.skip = None if sc.found_inf is None else sc.found_inf.reshape(()) != 0
+        self.round = (StoreBf16Sr(seed, self.t, buffers, lo, hi) if bucket.state_dtype == torch.bfloat16
+                      else store_exact)
 
     def write(self, dst: torch.Tensor, new: torch.Tensor) -> None:
         """Store ``new`` unless GradScaler found an inf this step."""
         dst.copy_(new if self.skip is None else torch.where(self.skip, dst, new.to(dst.dtype)))
+
+
+# -- bf16 state storage: csrc/mada_math.h's hash and rounding, in int64 tensor ops ---------
+# Every value is a uint32 held in an int64; products are split so none leaves int64.
+_U32 = 0xFFFFFFFF
+
+
+def _mul32(h: Tensor, c: int) -> Tensor:
+    """(h * c) mod 2^32 for h in [0, 2^32): h * c_low + ((h * c_high) mod 2^16) * 2^16."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _U32
+
+
+def mix32(h: Tensor) -> Tensor:
+    """murmur3's 32-bit finalizer (mada_math.h: mix32)."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def sr_key(seed: Tensor, step: Tensor, buffer: int) -> Tensor:
+    """The key of one (seed, step, buffer) (mada_math.h: sr_key)."""
+    return mix32(mix32(mix32(seed) ^ step) ^ buffer)
+
+
+def sr_bits(key: Tensor, index: Tensor) -> Tensor:
+    """32 random bits of each flat element index (mada_math.h: sr_bits)."""
+    return mix32(((key + (index >> 32)) & _U32) ^ (index & _U32))
+
+
+def sr_bf16(x: Tensor, bits: Tensor) -> Tensor:
+    """fp32 ``x`` rounded stochastically to bf16 values, returned as fp32 (mada_math.h: sr_bf16)."""
+    u = x.view(torch.int32).to(torch.int64) & _U32
+    r = torch.where(x.isnan(), u | 0x00400000, u + (bits & 0xFFFF)) >> 16  # the bf16 pattern, < 2^16
+    return (r - ((r >> 15) << 16)).to(torch.int16).view(torch.bfloat16).to(torch.float32)
+
+
+def store_exact(name: str, x: Tensor) -> Tensor:
+    """fp32 or fp64 state: stored as computed (mada_math.h: StoreExact)."""
+    return x
+
+
+class StoreBf16Sr:
+    """bf16 state: each new value of buffer ``name`` rounded stochastically (mada_math.h:
+    StoreBf16Sr). ``buffers`` is the optimizer's state order, whose positions the hash reads."""
+
+    def __init__(self, seed: int, t: Tensor, buffers: tuple[str, ...], lo: int, hi: int):
+        i64 = dict(dtype=torch.int64, device=t.device)
+        self.seed = torch.tensor(seed, **i64)
+        self.step = t.to(torch.int64) & _U32
+        self.buffers = buffers
+        self.index = torch.arange(lo, hi, **i64)
+
+    def __call__(self, name: str, x: Tensor) -> Tensor:
+        key = sr_key(self.seed, self.step, self.buffers.index(name))
+        return sr_bf16(x, sr_bits(key, self.index))
 
 
 def _sign(x: torch.Tensor) -> torch.Tensor:
@@ -147,29 +211,32 @@ def mada_state_terms(k: MadaScalars, x: MadaMid, st: dict[str, Tensor], cfg: Mad
     x.A = st["m"] / k.bc1 + k.beta3 * st["n"] if cfg.has_beta3 else st["m"] / k.bc1
 
 
-def mada_moments(k: MadaScalars, g: Tensor, st: dict[str, Tensor],
-                 cfg: MadaKernelConfig) -> tuple[MadaMid, dict[str, Tensor]]:
-    """First half of a step: every moment update, up to vh and A. Returns the terms and the new state."""
+def mada_moments(k: MadaScalars, g: Tensor, st: dict[str, Tensor], cfg: MadaKernelConfig,
+                 round=store_exact) -> tuple[MadaMid, dict[str, Tensor]]:
+    """First half of a step: every moment update, up to vh and A. Returns the terms and the new
+    state, each value as ``round`` stores it."""
     x = MadaMid(g=g, m0=st["m"], v0=st["v"])
     x.d = torch.where(k.t > 1, g - st["g_prev"], 0.0) if cfg.has_beta3 else torch.zeros_like(g)
     mada_grad_terms(k, x, cfg)
-    new = {"m": k.beta1 * x.m0 + (1 - k.beta1) * g, "v": k.beta2 * x.v0 + (1 - k.beta2) * x.G}
+    new = {"m": round("m", k.beta1 * x.m0 + (1 - k.beta1) * g),
+           "v": round("v", k.beta2 * x.v0 + (1 - k.beta2) * x.G)}
     if cfg.has_beta3:
         x.n0 = st["n"]
-        new["n"] = k.beta3 * x.n0 + (1 - k.beta3) * x.d
-        new["g_prev"] = g
+        new["n"] = round("n", k.beta3 * x.n0 + (1 - k.beta3) * x.d)
+        new["g_prev"] = round("g_prev", g)
     if cfg.has_lion:
         x.uL = k.lion_beta1 * st["l"] + (1 - k.lion_beta1) * g
-        new["l"] = k.lion_beta2 * st["l"] + (1 - k.lion_beta2) * g
+        new["l"] = round("l", k.lion_beta2 * st["l"] + (1 - k.lion_beta2) * g)
     if cfg.has_vbar:
         tt = k.t.to(g.dtype)
-        new["vb"] = ((tt - 1) * st["vb"] + new["v"]) / tt
+        new["vb"] = round("vb", ((tt - 1) * st["vb"] + new["v"]) / tt)
     mada_state_terms(k, x, new, cfg)
     return x, new
 
 
 def mada_apply(k: MadaScalars, theta: Tensor, x: MadaMid, st: dict[str, Tensor], new: dict[str, Tensor],
-               cfg: MadaKernelConfig, want_tangents: bool) -> tuple[Tensor, dict[int, Tensor] | None]:
+               cfg: MadaKernelConfig, want_tangents: bool,
+               round=store_exact) -> tuple[Tensor, dict[int, Tensor] | None]:
     """Second half: step size, AdaMod clip (new["s"]), the update and, when asked, du/dk
     of the configuration's coefficients. Returns the new parameter and the tangents."""
     sq = torch.sqrt(x.vh)
@@ -178,7 +245,7 @@ def mada_apply(k: MadaScalars, theta: Tensor, x: MadaMid, st: dict[str, Tensor],
     etah = eta
     clipped = None
     if cfg.has_mod:
-        new["s"] = s = k.mod_beta * st["s"] + (1 - k.mod_beta) * eta
+        new["s"] = s = round("s", k.mod_beta * st["s"] + (1 - k.mod_beta) * eta)
         clipped = eta > s
         etah = torch.where(clipped, s, eta)
     u = k.gamma * etah * x.A
@@ -210,13 +277,13 @@ def mada_apply(k: MadaScalars, theta: Tensor, x: MadaMid, st: dict[str, Tensor],
 
 def _mada_slot(slot: _Slot, coef: Tensor, cfg: MadaKernelConfig, want_tangents: bool) -> None:
     k = make_mada_scalars(coef, slot, cfg)
-    x, new = mada_moments(k, slot.grad, slot.state, cfg)
-    theta, tan = mada_apply(k, slot.theta, x, slot.state, new, cfg, want_tangents)
+    x, new = mada_moments(k, slot.grad, slot.state, cfg, slot.round)
+    theta, tan = mada_apply(k, slot.theta, x, slot.state, new, cfg, want_tangents, slot.round)
     if tan is not None:
         for row, j in enumerate(cfg.learn):
             slot.write(slot.tangents[row], tan[j])
     for name, value in new.items():
-        slot.write(slot.state[name], value)
+        slot.write(slot.views[name], value)
     slot.write(slot.param, theta)
 
 
@@ -240,43 +307,48 @@ def make_adamod_scalars(cfg: AdamodKernelConfig, slot: _Slot) -> AdamodScalars:
 
 
 def adamod_element(k: AdamodScalars, g: Tensor, theta: Tensor, st: dict[str, Tensor],
-                   diff: bool) -> tuple[Tensor, dict[str, Tensor]]:
+                   diff: bool, round=store_exact) -> tuple[Tensor, dict[str, Tensor]]:
     """AdaMod (SPEC 3); with ``diff``, DiffMod (SPEC 4): diffGrad's friction on the applied
-    step only. Returns the new parameter and the new state."""
-    new = {"m": k.beta1 * st["m"] + (1 - k.beta1) * g, "v": k.beta2 * st["v"] + (1 - k.beta2) * g * g}
+    step only. Returns the new parameter and the new state, as ``round`` stores it."""
+    new = {"m": round("m", k.beta1 * st["m"] + (1 - k.beta1) * g),
+           "v": round("v", k.beta2 * st["v"] + (1 - k.beta2) * g * g)}
     eta = k.step_size / (torch.sqrt(new["v"]) + k.eps)
-    new["s"] = k.beta3 * st["s"] + (1 - k.beta3) * eta
+    new["s"] = round("s", k.beta3 * st["s"] + (1 - k.beta3) * eta)
     mh = new["m"]
     if diff:
         mh = mh * torch.sigmoid(torch.abs(st["g_prev"] - g))
-        new["g_prev"] = g
+        new["g_prev"] = round("g_prev", g)
     return theta * k.decay - torch.minimum(eta, new["s"]) * mh, new
 
 
 class ReferenceBackend:
     name = "reference"
 
+    state_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
+
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return True
 
-    def _slots(self, bucket: Bucket, seg: Segments, sc: DeviceScalars, maximize: bool):
-        return (_Slot(bucket, seg, i, sc, maximize) for i in range(len(seg.params)))
+    def _slots(self, bucket: Bucket, seg: Segments, sc: DeviceScalars, maximize: bool,
+               buffers: tuple[str, ...], seed: int):
+        return (_Slot(bucket, seg, i, sc, maximize, buffers, seed) for i in range(len(seg.params)))
 
     def mada_dot(self, bucket, seg, scalars, cfg: MadaKernelConfig, dot_out) -> None:
-        for slot in self._slots(bucket, seg, scalars, cfg.maximize):
+        for slot in self._slots(bucket, seg, scalars, cfg.maximize, abi.MADA_STATE, scalars.sr_seed):
             _accumulate_dot(slot, dot_out)
 
     def mada_step(self, bucket, seg, scalars, cfg: MadaKernelConfig, dot_out) -> None:
-        for slot in self._slots(bucket, seg, scalars, cfg.maximize):
+        for slot in self._slots(bucket, seg, scalars, cfg.maximize, abi.MADA_STATE, scalars.sr_seed):
             if dot_out is not None:
                 _accumulate_dot(slot, dot_out)
             _mada_slot(slot, scalars.coef, cfg, want_tangents=bool(cfg.learn))
 
     def adamod_step(self, bucket, seg, scalars, cfg: AdamodKernelConfig) -> None:
-        for slot in self._slots(bucket, seg, scalars, cfg.maximize):
-            theta, new = adamod_element(make_adamod_scalars(cfg, slot), slot.grad, slot.theta, slot.state, cfg.diff)
+        for slot in self._slots(bucket, seg, scalars, cfg.maximize, abi.ADAMOD_STATE, scalars.sr_seed):
+            theta, new = adamod_element(make_adamod_scalars(cfg, slot), slot.grad, slot.theta, slot.state,
+                                        cfg.diff, slot.round)
             for name, value in new.items():
-                slot.write(slot.state[name], value)
+                slot.write(slot.views[name], value)
             slot.write(slot.param, theta)
 
 
