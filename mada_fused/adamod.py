@@ -131,8 +131,8 @@ class DiffMod(AdaMod):
         amsgrad: bool = False,
     ) -> None:
         super().__init__(params, lr, betas, len_memory, eps, weight_decay, backend, maximize=maximize,
-                         state_dtype=state_dtype, sr_seed=sr_seed, foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
-                         amsgrad=amsgrad)
+                         state_dtype=state_dtype, sr_seed=sr_seed, foreach=foreach, capturable=capturable,
+                         differentiable=differentiable, fused=fused, amsgrad=amsgrad)
 
     def _memory(self, group: Mapping[str, Any]) -> float:
         len_memory = _checks.real_number("len_memory", group["len_memory"])
