@@ -103,22 +103,30 @@ def train_step_of(model: torch.nn.Module, opt: torch.optim.Optimizer | None):
     return train_step
 
 
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor,
+          y: torch.Tensor, steps: int, compiled: str | None) -> None:
+    """``steps`` of training; ``compiled`` is None (eager), a torch.compile backend for the
+    whole train step, or "step:<backend>" for ``torch.compile(opt.step)`` alone."""
+    if compiled is None or compiled.startswith("step:"):
+        fwd_bwd = train_step_of(model, None)
+        step = opt.step if compiled is None else torch.compile(opt.step, backend=compiled[5:])
+    else:
+        fwd_bwd, step = torch.compile(train_step_of(model, opt), backend=compiled), None
+    for _ in range(steps):
+        fwd_bwd(x, y)
+        if step is not None:
+            step()
+            opt.zero_grad()
+        sched.step()
+
+
 def measure(name: str, tensor_lr: bool, alone: bool, steps: int = 50) -> dict[str, Any]:
     """Counts over ``steps`` of a compiled train step (``alone``: of ``torch.compile(opt.step)``)."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model, opt, sched, x, y = setup(name, tensor_lr)
     with Watch() as w:
-        if alone:
-            step, train = torch.compile(opt.step, backend="eager"), train_step_of(model, None)
-        else:
-            step, train = None, torch.compile(train_step_of(model, opt), backend="eager")
-        for _ in range(steps):
-            train(x, y)
-            if step is not None:
-                step()
-                opt.zero_grad()
-            sched.step()
+        train(model, opt, sched, x, y, steps, "step:eager" if alone else "eager")
     c = torch._dynamo.utils.counters
     return {
         "optimizer": name,

@@ -42,17 +42,7 @@ def run(name: str, steps: int, compiled: str | None, tensor_lr: bool = False, ba
     ``torch.compile(opt.step)`` alone."""
     moving = {"hyper_warmup": 0} if name == "MADA" else {}  # the coefficients move from step 2 on
     model, opt, sched, x, y = counts.setup(name, tensor_lr, backend, **moving)
-    if compiled is None or compiled.startswith("step:"):
-        train = counts.train_step_of(model, None)
-        step = opt.step if compiled is None else torch.compile(opt.step, backend=compiled[5:])
-    else:
-        train, step = torch.compile(counts.train_step_of(model, opt), backend=compiled), None
-    for _ in range(steps):
-        train(x, y)
-        if step is not None:
-            step()
-            opt.zero_grad()
-        sched.step()
+    counts.train(model, opt, sched, x, y, steps, compiled)
     return opt
 
 
