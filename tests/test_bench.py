@@ -140,3 +140,33 @@ def test_paired_runs_and_rejects_bad_cases(capsys):
     assert paired.main(["adam_corner:cpu", "adamw:torch_fused", "--size", "4K", "--pairs", "3",
                         "--warmup", "1"]) == 0
     assert "geometric mean of the two orders" in capsys.readouterr().out
+
+
+def test_memory_counts_each_optimizers_state_bytes(capsys):
+    """bench.memory's bytes/param against counts worked out from docs/spec.md section 1.4
+    (which buffers each configuration allocates) and the state dtype; sizes here are
+    multiples of 16 bytes, so no alignment padding enters the per-element count."""
+    memory = pytest.importorskip("bench.memory")
+    pytest.importorskip("torch.distributed._tools.mem_tracker")
+    rows = memory.rows_for(("adamod", "mada_full"), layers=2, width=64, batch=4, device=torch.device("cpu"))
+    got = {(r["config"], r["state_dtype"]): r for r in rows}
+    # AdamW: m, v fp32. AdaMod: m, v, s. Full MADA: m, v, n, g', l, vb at the state
+    # dtype and six fp32 tangent rows (bf16 state leaves the tangents fp32).
+    expected = {("adamw", "fp32"): 8, ("adamod", "fp32"): 12, ("adamod", "bf16"): 6,
+                ("mada_full", "fp32"): 48, ("mada_full", "bf16"): 6 * 2 + 6 * 4}
+    assert {k: r["state_per_param"] for k, r in got.items()} == expected
+    assert [got["mada_full", d]["tangents"] for d in memory.DTYPES] == ["fp32", "fp32"]
+    assert got["adamod", "bf16"]["tangents"] == "-"
+    n = 2 * (64 * 64 + 64)
+    for r in rows:
+        assert r["params"] == n
+        # The real allocations hold at least the state (ours add page padding per buffer,
+        # AdamW its step counters), and during the step the parameters and the state are live.
+        assert r["state_bytes"] <= r["allocated_bytes"] <= r["state_bytes"] + 16 * 4096
+        assert r["peak_bytes"] >= 4 * n + r["state_bytes"]
+    assert got["adamw", "fp32"]["peak_over_adamw_bytes"] == 0
+    memory.main(["--quick", "--configs", "adamod"])
+    out = capsys.readouterr().out
+    assert "| adamod | bf16 | - |" in out and "| adamw | fp32 | - |" in out
+    with pytest.raises(SystemExit):
+        memory.main(["--configs", "nope"])
