@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..coefficients import COEFFICIENTS
-from ..flat_state import Bucket
+from ..flat_state import Bucket, compute_dtype_for
 from . import abi
 from .base import (
     AdamodKernelConfig,
@@ -36,8 +36,7 @@ class _Slot:
         self.param = seg.params[i].view(-1)
         lo = seg.offsets[i]
         hi = lo + seg.numels[i]
-        # Arithmetic is fp64 for fp64 state and fp32 otherwise (bf16 state is only storage).
-        sd = torch.float64 if bucket.state_dtype == torch.float64 else torch.float32
+        sd = compute_dtype_for(bucket.state_dtype)  # bf16 state is only storage
         self.views = {name: buf[lo:hi] for name, buf in bucket.buffers.items()}
         self.state = {name: v.to(sd) for name, v in self.views.items()}
         self.tangents = None if bucket.tangents is None else bucket.tangents[:, lo:hi]
