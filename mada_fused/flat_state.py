@@ -7,10 +7,9 @@ and load_state_dict writes straight into the buffers the kernels read.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
+from ._lru import LruCache
 from .distributed import local_shape
 
 
@@ -132,7 +131,7 @@ class Bucket:
                              else torch.zeros(num_tangents, total, **opts))
         self.steps = torch.zeros(len(self.params), device=self.device, dtype=torch.float64)
         # (indices, ones) on the device for steps where only some parameters have grads.
-        self.index_cache: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.index_cache: LruCache[tuple[torch.Tensor, torch.Tensor]] = LruCache(INDEX_CACHE_SIZE)
 
     def views(self, i: int) -> dict[str, torch.Tensor]:
         """Per-parameter state of parameter ``i``: views, never copies."""

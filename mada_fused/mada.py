@@ -1,7 +1,6 @@
 """MADA, the meta-adaptive optimizer, and AVGrad, one of its corners."""
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -9,6 +8,7 @@ from typing import Any
 import torch
 
 from . import _checks
+from ._lru import LruCache
 from .backends.base import DeviceScalars, MadaKernelConfig
 from .coefficients import COEFFICIENTS
 from .distributed import ShardSum
@@ -219,7 +219,7 @@ class MADA(FusedOptimizer):
         self._fixed = {n: v for n, v in values.items() if n not in hyper.learn}
         # Before super(): add_param_group reads it. Without learning there is no sum.
         self._shard_sum = ShardSum(process_group, needed=bool(hyper.learn))
-        self._group_coef: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # AVGrad's per-group betas
+        self._group_coef: LruCache[torch.Tensor] = LruCache(CONFIG_CACHE_SIZE)  # AVGrad's per-group betas
         defaults = dict(lr=lr, weight_decay=weight_decay, eps=eps, betas=(beta1, beta2), maximize=maximize)
         super().__init__(params, {k: defaults[k] for k in self._DEFAULTS}, backend, state_dtype=state_dtype,
                          sr_seed=sr_seed, foreach=foreach, capturable=capturable, differentiable=differentiable,
@@ -265,19 +265,15 @@ class MADA(FusedOptimizer):
         if config.betas is None:
             return scalars
         device = scalars.lr.device
-        key = (device, config.betas)
-        coef = self._group_coef.get(key)
-        if coef is None:
+
+        def make() -> torch.Tensor:
             if capturing:
                 raise RuntimeError("step() under CUDA graph capture met a param group with new betas, whose "
                                    "coefficients need a host-to-device copy: step with them before capturing")
             values = {**self._fixed, "beta1": config.betas[0], "beta2": config.betas[1]}
-            coef = torch.tensor([values[n] for n in COEFFICIENTS], dtype=torch.float64).to(device)
-            self._group_coef[key] = coef
-            if len(self._group_coef) > CONFIG_CACHE_SIZE:
-                self._group_coef.popitem(last=False)
-        else:
-            self._group_coef.move_to_end(key)
+            return torch.tensor([values[n] for n in COEFFICIENTS], dtype=torch.float64).to(device)
+
+        coef = self._group_coef.get_or_make((device, config.betas), make)
         return replace(scalars, coef=coef)
 
     def _check_group(self, group: dict[str, Any], index: int) -> None:

@@ -8,7 +8,6 @@ the optimizer math (backends) and MADA's hyper-gradient descent (hyper.py).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,8 @@ import torch
 from . import _checkpoint, _checks, backends
 from .backends.base import Backend, DeviceScalars, Segments
 from .distributed import local_pair, local_tensor, param_state
-from .flat_state import INDEX_CACHE_SIZE, Bucket, state_dtype_for
+from ._lru import LruCache
+from .flat_state import Bucket, state_dtype_for
 
 @dataclass(frozen=True)
 class Work:
@@ -97,7 +97,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"fused=True, but {backends.ENV_VAR}=reference asks for the unfused backend")
         backends.check_state_dtype(self._backend_request, self._state_dtype)
         # Checked group configurations, by their option values (_configs).
-        self._config_cache: OrderedDict[tuple, Hashable] = OrderedDict()
+        self._config_cache: LruCache[Hashable] = LruCache(CONFIG_CACHE_SIZE)
         self._group_config(defaults)
         self._buckets: list[Bucket] = []
         # id(p) -> (its bucket, its index there, the (dtype, device, shape) its
@@ -259,22 +259,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Each group's kernel configuration, from its option values now (a
         scheduler may change them between steps), checked; nothing changes."""
         out = []
-        cache = self._config_cache
         for i, group in enumerate(groups, first):
             key = tuple(_frozen(group[name]) for name in self._GROUP_OPTIONS)
-            config = cache.get(key)
-            if config is None:
-                try:
-                    config = self._group_config(group)
-                except (TypeError, ValueError) as e:
-                    raise type(e)(f"param_groups[{i}]: {e}") from None
-                cache[key] = config
-                if len(cache) > CONFIG_CACHE_SIZE:
-                    cache.popitem(last=False)
-            else:
-                cache.move_to_end(key)
-            out.append(config)
+            out.append(self._config_cache.get_or_make(key, lambda: self._checked_config(group, i)))
         return out
+
+    def _checked_config(self, group: Mapping[str, Any], index: int) -> Hashable:
+        try:
+            return self._group_config(group)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"param_groups[{index}]: {e}") from None
 
     def _gather(self) -> tuple[dict[int, tuple], list[torch.Tensor], list[torch.Tensor]]:
         """Every parameter with a grad, checked; nothing changes here.
@@ -420,25 +414,19 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _step_index(bucket: Bucket, index: list[int], capturing: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(indices, ones) on the device for a step where only some of the bucket's
         parameters have grads; None when all have. Built once per pattern (kept
-        for the INDEX_CACHE_SIZE last used): no per-step host-to-device copy."""
+        for the flat_state.INDEX_CACHE_SIZE last used): no per-step host-to-device copy."""
         if len(index) == len(bucket.params):
             return None
-        key = tuple(index)
-        cache = bucket.index_cache
-        cached = cache.get(key)
-        if cached is not None:
-            cache.move_to_end(key)
-            return cached
-        if capturing:
-            raise RuntimeError(
-                "step() under CUDA graph capture met a new pattern of parameters without grads, "
-                "whose index needs a host-to-device copy: take a step with that pattern before capturing"
-            )
-        ones = torch.ones(len(index), dtype=torch.float64, device=bucket.device)
-        cached = cache[key] = (torch.tensor(index, device=bucket.device), ones)
-        if len(cache) > INDEX_CACHE_SIZE:
-            cache.popitem(last=False)
-        return cached
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
+            if capturing:
+                raise RuntimeError(
+                    "step() under CUDA graph capture met a new pattern of parameters without grads, "
+                    "whose index needs a host-to-device copy: take a step with that pattern before capturing"
+                )
+            ones = torch.ones(len(index), dtype=torch.float64, device=bucket.device)
+            return torch.tensor(index, device=bucket.device), ones
+
+        return bucket.index_cache.get_or_make(tuple(index), make)
 
     def _group_scalars(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(num_groups,) float64 lr and weight_decay on ``device``, refreshed without a sync.

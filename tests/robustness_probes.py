@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from mada_fused import MADA, AVGrad, AdaMod, DiffMod
+from mada_fused import flat_state
 from mada_fused import optimizer as optimizer_module
 from mada_fused.flat_state import INDEX_CACHE_SIZE
 
@@ -265,11 +266,11 @@ def probe_bad_param_group_rolled_back(be: str) -> None:
 def probe_index_cache_bounded(be: str) -> None:
     assert INDEX_CACHE_SIZE <= 256  # what a bucket may hold (each entry: two small device tensors)
     size = 4  # a smaller bound here: the same code, far fewer steps
-    real, optimizer_module.INDEX_CACHE_SIZE = optimizer_module.INDEX_CACHE_SIZE, size
+    real, flat_state.INDEX_CACHE_SIZE = flat_state.INDEX_CACHE_SIZE, size  # read as a bucket is made
     try:
         _index_cache_bounded(be, size)
     finally:
-        optimizer_module.INDEX_CACHE_SIZE = real
+        flat_state.INDEX_CACHE_SIZE = real
 
 
 def _index_cache_bounded(be: str, size: int) -> None:

@@ -92,8 +92,8 @@ def mask_of(learn: Iterable[int]) -> int:
 
 
 def pack_fixed(*, op: int, variant: int, dtype: int, state_dtype: int, sr_seed: int, learn_mask: int,
-               maximize: bool, vbar_detach: bool, device: int, state_numel: int, num_groups: int, num_params: int, lr: int, wd: int,
-               steps: int, state: Sequence[int], tangents: int, tan_stride: int,
+               maximize: bool, vbar_detach: bool, device: int, state_numel: int, num_groups: int,
+               num_params: int, lr: int, wd: int, steps: int, state: Sequence[int], tangents: int, tan_stride: int,
                consts: Sequence[float]) -> bytes:
     """The fixed part of a Call; ``state`` is in MADA_STATE or ADAMOD_STATE order, shorter lists padded with 0."""
     if len(state) > MAX_SLOTS or len(consts) != NUM_CONSTS:
