@@ -8,26 +8,29 @@
 
 namespace mada_cuda {
 
-template <typename P, class Op>
+template <typename P, bool SB, class Op>
 void launch(const Args& a, int64_t blocks, void* stream) {
-  MADA_LAUNCH(dim3(unsigned(blocks)), kThreads, static_cast<cudaStream_t>(stream), step_kernel<P, Op>)(a);
+  MADA_LAUNCH(dim3(unsigned(blocks)), kThreads, static_cast<cudaStream_t>(stream), step_kernel<P, SB, Op>)(a);
 }
 
-template <typename P, std::size_t... V>
+// SB: bf16 state. The dot pass reads no state, so only the fp32-state table has
+// one (execute() takes it from there).
+template <typename P, bool SB, std::size_t... V>
 KernelTable make_table(std::index_sequence<V...>) {
   using S = typename StateOf<P>::type;
-  return KernelTable{{&launch<P, MadaOp<S, int(V)>>...},
-                     &launch<P, DotOp<S>>,
-                     {&launch<P, AdamodOp<S, false>>, &launch<P, AdamodOp<S, true>>}};
+  return KernelTable{{&launch<P, SB, MadaOp<S, int(V)>>...},
+                     SB ? nullptr : &launch<P, false, DotOp<S>>,
+                     {&launch<P, SB, AdamodOp<S, false>>, &launch<P, SB, AdamodOp<S, true>>}};
 }
 
 }  // namespace mada_cuda
 
-// Defines table_<name>() in one translation unit per dtype (they compile in parallel).
-#define MADA_CUDA_DEFINE_TABLE(NAME, P)                                                  \
-  namespace mada_cuda {                                                                  \
-  const KernelTable& table_##NAME() {                                                    \
-    static const KernelTable t = make_table<P>(std::make_index_sequence<kMadaVariants>{}); \
-    return t;                                                                            \
-  }                                                                                      \
+// Defines table_<name>() in one translation unit per (param dtype, state
+// storage) (they compile in parallel).
+#define MADA_CUDA_DEFINE_TABLE(NAME, P, SB)                                                    \
+  namespace mada_cuda {                                                                        \
+  const KernelTable& table_##NAME() {                                                          \
+    static const KernelTable t = make_table<P, SB>(std::make_index_sequence<kMadaVariants>{}); \
+    return t;                                                                                  \
+  }                                                                                            \
   }

@@ -1,4 +1,4 @@
 // Kernel instantiations for __nv_bfloat16 parameters: every MADA variant, the dot pass, AdaMod/DiffMod.
 #include "cuda/kernel_table.cuh"
 
-MADA_CUDA_DEFINE_TABLE(bf16, __nv_bfloat16)
+MADA_CUDA_DEFINE_TABLE(bf16, __nv_bfloat16, false)

@@ -1,4 +1,4 @@
 // Kernel instantiations for double parameters: every MADA variant, the dot pass, AdaMod/DiffMod.
 #include "cuda/kernel_table.cuh"
 
-MADA_CUDA_DEFINE_TABLE(f64, double)
+MADA_CUDA_DEFINE_TABLE(f64, double, false)

@@ -60,8 +60,11 @@ class DeviceGuard {
 void execute(const Request& r, Plan& plan, double* slots) {
   if (plan.launches.empty()) return;
   const Call& call = r.call;
-  const KernelTable& t = call.dtype == kF32 ? table_f32() : call.dtype == kF64 ? table_f64()
-                       : call.dtype == kBF16 ? table_bf16() : table_f16();
+  const bool sb = call.state_dtype == kBF16 && call.op != kMadaDot;  // the dot reads no state
+  const KernelTable& t = call.dtype == kF32 ? (sb ? table_f32_state_bf16() : table_f32())
+                       : call.dtype == kF64 ? table_f64()
+                       : call.dtype == kBF16 ? (sb ? table_bf16_state_bf16() : table_bf16())
+                       : (sb ? table_f16_state_bf16() : table_f16());
   const LaunchFn fn = call.op == kMadaStep ? t.mada[call.variant] : call.op == kMadaDot ? t.dot
                     : t.adamod[call.variant];
   const DeviceGuard device(int(call.device));

@@ -36,7 +36,7 @@ struct Common {
   const double* steps;      // (bucket params,) already incremented
   const float* grad_scale;  // null: no AMP scaling
   const float* found_inf;   // null: never skip
-  void* buf[kMaxSlots];     // flat state buffers in abi.h's slot order; null when unused
+  void* buf[kMaxSlots];     // flat state buffers in abi.h's slot order (Call::state_dtype); null when unused
   void* tan;                // (n_learn, tan_stride) tangent rows
   int64_t tan_stride;
   double* slots;            // (n_learn, slot_stride) per-block partial dot products
@@ -48,6 +48,7 @@ struct Common {
   int maximize;
   int vbar_detach;
   int dot;                  // accumulate sum(g * T) into slots
+  uint32_t sr_seed;         // Call::sr_seed: bf16 state's stochastic rounding
 };
 
 // Segment i covers launch indices [vstart[i], vstart[i] + numel[i]); the gap up to
@@ -104,6 +105,10 @@ const KernelTable& table_f32();
 const KernelTable& table_f64();
 const KernelTable& table_bf16();
 const KernelTable& table_f16();
+// bf16 state (fp32 compute): no dot launcher, the fp32-state table's serves.
+const KernelTable& table_f32_state_bf16();
+const KernelTable& table_bf16_state_bf16();
+const KernelTable& table_f16_state_bf16();
 
 std::vector<int> built_archs();
 // Whether this build has machine code (or PTX) the device can run; the reason when not.

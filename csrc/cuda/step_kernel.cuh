@@ -1,7 +1,7 @@
 // The fused step kernel: one template serves MADA (32 state/tangent variants), its
-// dot-only pass and AdaMod/DiffMod. The per-element math is mada_math.h; this file
-// only moves memory: chunked schedule, 16-byte vector loads, deterministic partial
-// sums. Included by kernel_table.cuh (the per-dtype kernel files) and launch.cu.
+// dot-only pass and AdaMod/DiffMod, with fp32/fp64 or bf16 state storage. The
+// per-element math is mada_math.h; this file only moves memory: chunked schedule,
+// 16-byte vector loads, deterministic partial sums. Included by kernel_table.cuh (the per-dtype kernel files) and launch.cu.
 #pragma once
 
 #include <cstring>
@@ -25,6 +25,40 @@ __device__ __forceinline__ float to_state(__half x) { return __half2float(x); }
 template <typename P> __device__ __forceinline__ P from_state(typename StateOf<P>::type x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_state<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <> __device__ __forceinline__ __half from_state<__half>(float x) { return __float2half_rn(x); }
+
+// How state is stored (Call::state_dtype): as the compute type S, or, for fp32
+// compute with bf16 state (SB), as bf16 bit patterns (docs/spec.md section 5.1).
+// A bf16 value reaches put() already rounded to a bf16 value by the math's
+// storage policy (mada::StoreBf16Sr, which round() makes for an element), so
+// put() truncates exactly and load() widens exactly. Raw uint16_t bits rather
+// than __nv_bfloat16: they are moved, never converted, so a NaN keeps the bits
+// sr_bf16 gave it, as the CPU backend stores them.
+template <typename S, bool SB>
+struct Stored {
+  using type = S;
+  __device__ static S load(S x) { return x; }
+  __device__ static S put(S x) { return x; }
+  __device__ static mada::StoreExact round(const uint32_t*, int64_t) { return {}; }
+};
+template <>
+struct Stored<float, true> {
+  using type = uint16_t;
+  __device__ static float load(uint16_t x) {
+    const uint32_t u = uint32_t(x) << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  __device__ static uint16_t put(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return uint16_t(u >> 16);
+  }
+  // key: the segment's sr_key per buffer; index: the element's flat state index.
+  __device__ static mada::StoreBf16Sr round(const uint32_t* key, int64_t index) {
+    return mada::StoreBf16Sr{key, uint64_t(index)};
+  }
+};
 
 // N consecutive elements; VEC: as 16-byte accesses (caller checked alignment).
 template <bool VEC, int N, typename T>
@@ -76,9 +110,11 @@ struct MadaOp {
     const mada::MadaConst k{c.k[kEps], c.k[kModBeta], c.k[kLionBeta1], c.k[kLionBeta2], c.vbar_detach != 0};
     return mada::make_mada_scalars<S>(c.coef, lr, wd, t, k);
   }
-  __device__ static S element(const Scalars& k, S g, S theta, S (&st)[kMaxSlots], S (&tan)[kNumCoef]) {
+  template <class R>
+  __device__ static S element(const Scalars& k, S g, S theta, S (&st)[kMaxSlots], S (&tan)[kNumCoef],
+                              const R& round) {
     mada::MadaState<S> s{st[kM], st[kV], st[kN], st[kGPrev], st[kL], st[kVb], st[kS]};
-    const S out = mada::mada_element<S, kBeta3, kVbar, kLion, kMod, kTan>(k, g, theta, s, tan);
+    const S out = mada::mada_element<S, kBeta3, kVbar, kLion, kMod, kTan>(k, g, theta, s, tan, round);
     st[kM] = s.m; st[kV] = s.v; st[kN] = s.n; st[kGPrev] = s.g_prev; st[kL] = s.l; st[kVb] = s.vb; st[kS] = s.s;
     return out;
   }
@@ -101,22 +137,38 @@ struct AdamodOp {
     return mada::make_adamod_scalars<S>(c.k[kAdamodBeta1], c.k[kAdamodBeta2], c.k[kAdamodBeta3],
                                         c.k[kAdamodEps], lr, wd, t);
   }
-  __device__ static S element(const Scalars& k, S g, S theta, S (&st)[kMaxSlots], S (&)[kNumCoef]) {
-    return mada::adamod_element<S, DIFF>(k, g, theta, st[kAm], st[kAv], st[kAs], st[kAgPrev]);
+  template <class R>
+  __device__ static S element(const Scalars& k, S g, S theta, S (&st)[kMaxSlots], S (&)[kNumCoef],
+                              const R& round) {
+    return mada::adamod_element<S, DIFF>(k, g, theta, st[kAm], st[kAv], st[kAs], st[kAgPrev], round);
   }
 };
 
-// ---- One unit: N consecutive elements of one segment, starting at element i ----
-// Params and grads move as one 16-byte word of N elements; state and tangents
-// in sub-units of M (one 16-byte word of the state dtype), so a bf16 unit holds
-// half its state in registers at a time.
+// Per-segment constants in shared memory: the op's scalars and, for bf16 state,
+// the stochastic-rounding key of each buffer (sr_key of the seed, the
+// parameter's step and the buffer's slot), formed once per segment.
+template <class Op>
+struct SegConsts {
+  typename Op::Scalars k;
+  uint32_t key[kMaxSlots];
+};
 
-template <typename P, class Op, bool VEC, int N>
-__device__ __forceinline__ void run_unit(const Common& c, const typename Op::Scalars& k, P* param,
+// ---- One unit: N consecutive elements of one segment, starting at element i ----
+// Params and grads move as 16-byte words (N fills at least one word of params
+// and one of stored state); state in sub-units of M (one 16-byte word of the
+// stored type), tangent rows (compute type) in words of TW within those. So a
+// bf16-param unit holds half its fp32 state in registers at a time, and a
+// bf16-state unit reads each buffer as one word of 8 elements.
+
+template <typename P, bool SB, class Op, bool VEC, int N>
+__device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k, P* param,
                                          const P* grad, int64_t soff, int64_t i, bool dot,
                                          typename StateOf<P>::type scale, double (&acc)[kNumCoef]) {
   using S = typename StateOf<P>::type;
-  constexpr int M = (VEC && N * sizeof(S) > 16) ? int(16 / sizeof(S)) : N;
+  using St = Stored<S, SB>;
+  using W = typename St::type;
+  constexpr int M = (VEC && N * sizeof(W) > 16) ? int(16 / sizeof(W)) : N;
+  constexpr int TW = (VEC && M * sizeof(S) > 16) ? int(16 / sizeof(S)) : M;
   P graw[N], praw[N];
   load<VEC>(grad + i, graw);
   if constexpr (Op::kUpdate) load<VEC>(param + i, praw);
@@ -143,37 +195,45 @@ __device__ __forceinline__ void run_unit(const Common& c, const typename Op::Sca
 #pragma unroll
       for (int j = 0; j < kNumCoef; ++j) {
         if (!((c.learn_mask >> j) & 1u)) continue;
-        S t[M];
-        load<VEC>(trow[j], t);
 #pragma unroll
-        for (int q = 0; q < M; ++q) acc[j] = fma(double(g[h + q]), double(t[q]), acc[j]);
+        for (int w = 0; w < M; w += TW) {
+          S t[TW];
+          load<VEC>(trow[j] + w, t);
+#pragma unroll
+          for (int q = 0; q < TW; ++q) acc[j] = fma(double(g[h + w + q]), double(t[q]), acc[j]);
+        }
       }
     }
     if constexpr (Op::kUpdate) {
-      S st[kMaxSlots][M] = {};
+      W st[kMaxSlots][M] = {};
 #pragma unroll
       for (int b = 0; b < kMaxSlots; ++b)
-        if ((Op::kBufMask >> b) & 1u) load<VEC>(static_cast<const S*>(c.buf[b]) + e, st[b]);
-      S tan[kNumCoef][M];
+        if ((Op::kBufMask >> b) & 1u) load<VEC>(static_cast<const W*>(c.buf[b]) + e, st[b]);
 #pragma unroll
-      for (int q = 0; q < M; ++q) {
-        S sq[kMaxSlots], tq[kNumCoef] = {};
+      for (int w = 0; w < M; w += TW) {
+        S tan[kNumCoef][TW];
 #pragma unroll
-        for (int b = 0; b < kMaxSlots; ++b) sq[b] = st[b][q];
-        praw[h + q] = from_state<P>(Op::element(k, g[h + q], to_state(praw[h + q]), sq, tq));
+        for (int q = 0; q < TW; ++q) {
+          const int x = w + q;
+          S sq[kMaxSlots], tq[kNumCoef] = {};
 #pragma unroll
-        for (int b = 0; b < kMaxSlots; ++b) st[b][q] = sq[b];
+          for (int b = 0; b < kMaxSlots; ++b) sq[b] = St::load(st[b][x]);
+          praw[h + x] = from_state<P>(
+              Op::element(k.k, g[h + x], to_state(praw[h + x]), sq, tq, St::round(k.key, e + x)));
 #pragma unroll
-        for (int j = 0; j < kNumCoef; ++j) tan[j][q] = tq[j];
+          for (int b = 0; b < kMaxSlots; ++b) st[b][x] = St::put(sq[b]);
+#pragma unroll
+          for (int j = 0; j < kNumCoef; ++j) tan[j][q] = tq[j];
+        }
+        if constexpr (Op::kTan) {
+#pragma unroll
+          for (int j = 0; j < kNumCoef; ++j)
+            if ((c.learn_mask >> j) & 1u) store<VEC>(trow[j] + w, tan[j]);
+        }
       }
 #pragma unroll
       for (int b = 0; b < kMaxSlots; ++b)
-        if ((Op::kBufMask >> b) & 1u) store<VEC>(static_cast<S*>(c.buf[b]) + e, st[b]);
-      if constexpr (Op::kTan) {
-#pragma unroll
-        for (int j = 0; j < kNumCoef; ++j)
-          if ((c.learn_mask >> j) & 1u) store<VEC>(trow[j], tan[j]);
-      }
+        if ((Op::kBufMask >> b) & 1u) store<VEC>(static_cast<W*>(c.buf[b]) + e, st[b]);
     }
   }
   if constexpr (Op::kUpdate) store<VEC>(param + i, praw);
@@ -203,16 +263,18 @@ __device__ __forceinline__ double block_sum(double v, double* sh) {
 template <typename P>
 constexpr int kMinBlocks = sizeof(typename StateOf<P>::type) == 8 ? 2 : 3;
 
-template <typename P, class Op>
+// SB: the state is stored in bf16 (fp32 compute only).
+template <typename P, bool SB, class Op>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __grid_constant__ Args a) {
   using S = typename StateOf<P>::type;
+  using W = typename Stored<S, SB>::type;
   const Common& c = a.c;
   const SegTable& t = a.s;
   if (c.found_inf && *c.found_inf != 0.0f) return;  // GradScaler skip: change nothing
   const S scale = c.grad_scale ? S(*c.grad_scale) : S(1);
   const bool dot = Op::kMayDot && c.dot;
   double acc[kNumCoef] = {};
-  MADA_SHARED(typename Op::Scalars, sk);
+  MADA_SHARED(SegConsts<Op>, sk);
 
   const int64_t c0 = int64_t(blockIdx.x) * c.chunk, c1 = c0 + c.chunk;
   int lo = 0, hi = t.n - 1;  // last segment with vstart <= c0 (uniform over the block)
@@ -228,23 +290,30 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __g
     if (a0 >= a1) continue;
     if constexpr (Op::kUpdate) {
       __syncthreads();  // everyone is done with the previous segment's scalars
-      if (threadIdx.x == 0) sk = Op::make(c, c.lr[t.group[s]], c.wd[t.group[s]], c.steps[t.pidx[s]]);
+      if (threadIdx.x == 0) {
+        const double step = c.steps[t.pidx[s]];
+        sk.k = Op::make(c, c.lr[t.group[s]], c.wd[t.group[s]], step);
+        if constexpr (SB)
+          for (int b = 0; b < kMaxSlots; ++b) sk.key[b] = mada::sr_key(c.sr_seed, uint32_t(uint64_t(step)), uint32_t(b));
+      }
       __syncthreads();
     }
-    const typename Op::Scalars& k = sk;  // read from shared memory at each use
+    const SegConsts<Op>& k = sk;  // read from shared memory at each use
     P* param = static_cast<P*>(t.param[s]);
     const P* grad = static_cast<const P*>(t.grad[s]);
     const int64_t off = t.off[s];
     int64_t tail = a0;
     if ((t.aligned[s >> 5] >> (s & 31)) & 1u) {
-      constexpr int U = 16 / sizeof(P);  // one 16-byte word of params per unit
+      // One 16-byte word of params and at least one of stored state per unit.
+      constexpr int U = int(16 / (sizeof(P) < sizeof(W) ? sizeof(P) : sizeof(W)));
+      static_assert(kPad % U == 0, "a0 must start a unit");
       const int64_t u1 = a1 / U;
       for (int64_t u = a0 / U + threadIdx.x; u < u1; u += kThreads)
-        run_unit<P, Op, true, U>(c, k, param, grad, off, u * U, dot, scale, acc);
+        run_unit<P, SB, Op, true, U>(c, k, param, grad, off, u * U, dot, scale, acc);
       tail = u1 * U;
     }
     for (int64_t i = tail + threadIdx.x; i < a1; i += kThreads)
-      run_unit<P, Op, false, 1>(c, k, param, grad, off, i, dot, scale, acc);
+      run_unit<P, SB, Op, false, 1>(c, k, param, grad, off, i, dot, scale, acc);
   }
 
   if (dot) {

@@ -37,9 +37,9 @@ class NativeBackend:
     """A backend whose passes run in a native extension behind csrc/abi.h."""
 
     name: str
-    # bf16 state needs the stochastic-rounding store in the kernels: the CPU
-    # extension has it (CpuBackend), the CUDA kernels not yet (csrc/cuda/plan.cpp refuses it).
-    state_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64))
+    # Every native extension stores bf16 state with the stochastic rounding of
+    # docs/spec.md section 5.1 (csrc/mada_math.h: StoreBf16Sr).
+    state_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64, torch.bfloat16))
 
     def __init__(self, ext) -> None:
         self._ext = ext
