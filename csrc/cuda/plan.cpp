@@ -26,6 +26,9 @@ Request make_request(const Call& checked) {
   if (checked.state_dtype == kBF16)
     throw std::invalid_argument("the CUDA kernels store fp32/fp64 state only; bf16 state runs on the "
                                 "cpu and reference backends");
+  if (checked.tangent_dtype == kBF16)
+    throw std::invalid_argument("the CUDA kernels store fp32/fp64 tangent rows only; bf16 tangents run on the "
+                                "reference backend");
   Request r;
   r.call = checked;
   r.n_learn = num_learned(checked.learn_mask);
