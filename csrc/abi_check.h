@@ -21,6 +21,10 @@ inline std::string check_call(Call& c) {
   if (!state_dtype_ok(c.dtype, c.state_dtype))
     return "state dtype code " + std::to_string(c.state_dtype) + " does not go with parameter dtype code " +
            std::to_string(c.dtype);
+  if (!tangent_dtype_ok(c.dtype, c.tangent_dtype))
+    return "tangent dtype code " + std::to_string(c.tangent_dtype) + " does not go with parameter dtype code " +
+           std::to_string(c.dtype);
+  if (c.reserved != 0) return "the reserved field must be 0";
   const bool mada = c.op != kAdamodStep;
   const uint32_t variants = c.op == kMadaStep ? kMadaVariants : c.op == kAdamodStep ? kAdamodVariants : 1u;
   if (c.variant >= variants) return "bad variant bits for this op";

@@ -82,20 +82,25 @@ class FusedOptimizer(torch.optim.Optimizer):
     _GLOBAL_WHY = ""
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str, *,
-                 state_dtype: torch.dtype = torch.float32, sr_seed: int = 0, **switches: Any) -> None:
-        """``defaults``: lr, weight_decay and the _GROUP_OPTIONS; ``state_dtype`` and
-        ``sr_seed``: how the state is stored, and the seed of its stochastic rounding
-        (docs/spec.md 5.1); ``switches``: torch.optim.AdamW's fused, foreach,
-        capturable, differentiable, amsgrad."""
+                 state_dtype: torch.dtype = torch.float32, sr_seed: int = 0,
+                 tangent_dtype: torch.dtype = torch.float32, **switches: Any) -> None:
+        """``defaults``: lr, weight_decay and the _GROUP_OPTIONS; ``state_dtype``,
+        ``tangent_dtype`` and ``sr_seed``: how the state and the tangent rows are
+        stored, and the seed of their stochastic rounding (docs/spec.md 5.1, 5.2);
+        ``switches``: torch.optim.AdamW's fused, foreach, capturable,
+        differentiable, amsgrad."""
         _checks.learning_rate("lr", defaults["lr"], read_tensor=True)
         _checks.non_negative("weight_decay", defaults["weight_decay"])
         self._state_dtype = _checks.state_dtype(state_dtype)
         self._sr_seed = _checks.sr_seed(sr_seed)
+        tangent_dtype = _checks.tangent_dtype(tangent_dtype)
+        # Without learned coefficients there are no tangent rows to store: no backend is refused for them.
+        self._tangent_dtype = tangent_dtype if self._num_tangents() else torch.float32
         request, self._fused_only = _checks.adamw_switches(backend, **switches)
         self._backend_request = backends.check_name(request)
         if self._fused_only and self._backend_request == "reference":  # from the environment
             raise ValueError(f"fused=True, but {backends.ENV_VAR}=reference asks for the unfused backend")
-        backends.check_state_dtype(self._backend_request, self._state_dtype)
+        backends.check_state_dtype(self._backend_request, self._state_dtype, self._tangent_dtype)
         # Checked group configurations, by their option values (_configs).
         self._config_cache: LruCache[Hashable] = LruCache(CONFIG_CACHE_SIZE)
         self._group_config(defaults)
@@ -247,10 +252,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         backend = self._backend_for.get((device, dtype))
         if backend is None:
             state_dtype = state_dtype_for(dtype, self._state_dtype)
-            backend = backends.resolve(self._backend_request, device, dtype, state_dtype)
+            tangent_dtype = state_dtype_for(dtype, self._tangent_dtype)
+            backend = backends.resolve(self._backend_request, device, dtype, state_dtype, tangent_dtype)
             if self._fused_only and backend.name == "reference":
                 raise ValueError(f"fused=True, but no fused backend can step {dtype} parameters with "
-                                 f"{state_dtype} state on {device} "
+                                 f"{state_dtype} state and {tangent_dtype} tangents on {device} "
                                  f"here (loaded: {backends.available()}); drop fused=True to use the reference one")
             self._backend_for[device, dtype] = backend
         return backend
@@ -329,7 +335,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- buckets ----------------------------------------------------------------
     def _new_bucket(self, params: list[torch.Tensor]) -> Bucket:
-        return Bucket(params, self._state_names(), self._num_tangents(), self._state_dtype)
+        return Bucket(params, self._state_names(), self._num_tangents(), self._state_dtype, self._tangent_dtype)
 
     def _install(self, buckets: list[Bucket]) -> None:
         """Make ``buckets`` the optimizer's state (each built and filled beforehand)."""

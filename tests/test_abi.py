@@ -109,6 +109,10 @@ def _spoil(call: Call, case: str) -> None:
         fixed["dtype"] = len(abi.DTYPES)
     elif case == "state dtype":
         fixed["state_dtype"] = abi.DTYPES["float16"]
+    elif case == "tangent dtype":
+        fixed["tangent_dtype"] = abi.DTYPES["float16"]
+    elif case == "fp64 tangents":
+        fixed["tangent_dtype"] = abi.DTYPES["float64"]
     elif case == "variant":
         fixed["variant"] = 32
     elif case == "learn mask":
@@ -149,7 +153,9 @@ def _spoil(call: Call, case: str) -> None:
 
 
 CASES = {
-    "op": "unknown op", "dtype": "unknown dtype", "state dtype": "does not go with", "variant": "variant", "learn mask": "learn mask",
+    "op": "unknown op", "dtype": "unknown dtype", "state dtype": "does not go with",
+    "tangent dtype": "tangent dtype code 3 does not go with", "fp64 tangents": "tangent dtype code 1 does not go with",
+    "variant": "variant", "learn mask": "learn mask",
     "tangents bit": "tangents bit", "lacks its state": "lacks its state", "outside": "outside the flat state",
     "negative": "outside the flat state", "group": "bad group", "step counter": "parameter index",
     "null param": "null address", "state buffer": "state buffer", "tangent rows": "tangent rows",
@@ -187,6 +193,19 @@ def test_a_spoiled_call_is_refused_and_changes_nothing(name, entry, case):
     before = call.snapshot()
     with pytest.raises(ValueError, match=CASES[case]):
         entry(call.packed())
+    for a, b in zip(before, call.snapshot()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name, entry", _entries(), ids=[n for n, _ in _entries()])
+def test_a_call_with_the_reserved_field_set_is_refused(name, entry):
+    call = Call()
+    before = call.snapshot()
+    packed = bytearray(call.packed())
+    offset, size = abi.layout(abi.CALL_FIXED)["reserved"]
+    packed[offset:offset + size] = (1).to_bytes(size, "little")
+    with pytest.raises(ValueError, match="reserved field must be 0"):
+        entry(bytes(packed))
     for a, b in zip(before, call.snapshot()):
         assert torch.equal(a, b)
 

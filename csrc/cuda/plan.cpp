@@ -23,6 +23,9 @@ int64_t chunk_for(int64_t total) {
 }  // namespace
 
 Request make_request(const Call& checked) {
+  if (checked.tangent_dtype == kBF16)
+    throw std::invalid_argument("the CUDA kernels store fp32/fp64 tangent rows only; bf16 tangents run on the "
+                                "reference backend");
   Request r;
   r.call = checked;
   r.n_learn = num_learned(checked.learn_mask);

@@ -12,7 +12,9 @@ from __future__ import annotations
 import struct
 from typing import Iterable, Sequence
 
-VERSION = 3  # 2: Call.maximize applies to ADAMOD_STEP too; 3: Call.state_dtype, Call.sr_seed
+# 2: Call.maximize applies to ADAMOD_STEP too; 3: Call.state_dtype, Call.sr_seed;
+# 4: Call.tangent_dtype, Call.reserved.
+VERSION = 4
 
 DTYPES: dict[str, int] = {"float32": 0, "float64": 1, "bfloat16": 2, "float16": 3}
 MADA_STEP, MADA_DOT, ADAMOD_STEP = 0, 1, 2
@@ -37,7 +39,8 @@ SEG_ROW: tuple[tuple[str, str], ...] = (
 # The part of a Call that is fixed for a (bucket, configuration, pass) ...
 CALL_FIXED: tuple[tuple[str, str], ...] = (
     ("op", "i"), ("variant", "I"), ("dtype", "i"), ("learn_mask", "I"), ("maximize", "i"),
-    ("vbar_detach", "i"), ("state_dtype", "i"), ("sr_seed", "I"), ("device", "q"), ("state_numel", "q"),
+    ("vbar_detach", "i"), ("state_dtype", "i"), ("sr_seed", "I"), ("tangent_dtype", "i"), ("reserved", "I"),
+    ("device", "q"), ("state_numel", "q"),
     ("num_groups", "q"), ("num_params", "q"),
     ("lr", "Q"), ("wd", "Q"), ("steps", "Q"), ("state", f"{MAX_SLOTS}Q"), ("tangents", "Q"),
     ("tan_stride", "q"), ("consts", f"{NUM_CONSTS}d"),
@@ -94,12 +97,13 @@ def mask_of(learn: Iterable[int]) -> int:
 def pack_fixed(*, op: int, variant: int, dtype: int, state_dtype: int, sr_seed: int, learn_mask: int,
                maximize: bool, vbar_detach: bool, device: int, state_numel: int, num_groups: int,
                num_params: int, lr: int, wd: int, steps: int, state: Sequence[int], tangents: int, tan_stride: int,
-               consts: Sequence[float]) -> bytes:
-    """The fixed part of a Call; ``state`` is in MADA_STATE or ADAMOD_STATE order, shorter lists padded with 0."""
+               consts: Sequence[float], tangent_dtype: int = DTYPES["float32"]) -> bytes:
+    """The fixed part of a Call; ``state`` is in MADA_STATE or ADAMOD_STATE order, shorter lists padded with 0.
+    ``reserved`` is packed as 0."""
     if len(state) > MAX_SLOTS or len(consts) != NUM_CONSTS:
         raise ValueError(f"a call holds at most {MAX_SLOTS} state addresses and exactly {NUM_CONSTS} constants")
     return _FIXED.pack(op, variant, dtype, learn_mask, int(maximize), int(vbar_detach), state_dtype, sr_seed,
-                       device, state_numel, num_groups, num_params, lr, wd, steps, *state,
+                       tangent_dtype, 0, device, state_numel, num_groups, num_params, lr, wd, steps, *state,
                        *[0] * (MAX_SLOTS - len(state)), tangents, tan_stride, *consts)
 
 

@@ -40,6 +40,7 @@ class NativeBackend:
     # Every native extension stores bf16 state with the stochastic rounding of
     # docs/spec.md section 5.1 (csrc/mada_math.h: StoreBf16Sr).
     state_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64, torch.bfloat16))
+    tangent_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64))  # bf16 rows: where the kernels store them
 
     def __init__(self, ext) -> None:
         self._ext = ext
@@ -147,7 +148,7 @@ class NativeBackend:
             consts = (cfg.eps, cfg.mod_beta, *cfg.lion_betas)
         return abi.pack_fixed(
             op=op, variant=variant, dtype=DTYPE_CODES[bucket.dtype], state_dtype=DTYPE_CODES[bucket.state_dtype],
-            sr_seed=sc.sr_seed, learn_mask=abi.mask_of(learn),
+            sr_seed=sc.sr_seed, tangent_dtype=DTYPE_CODES[bucket.tangent_dtype], learn_mask=abi.mask_of(learn),
             maximize=maximize, vbar_detach=vbar_detach, device=self._device_index(bucket.device),
             state_numel=bucket.numel, num_groups=sc.lr.numel(), num_params=len(bucket.params),
             lr=sc.lr.data_ptr(), wd=sc.weight_decay.data_ptr(), steps=bucket.steps.data_ptr(),
