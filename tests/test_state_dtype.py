@@ -232,6 +232,44 @@ def test_cuda_kernels_store_the_cpu_bits_with_missing_grads_and_unaligned_params
         assert torch.equal(p, q)
 
 
+@needs_cuda_on_cpu
+@pytest.mark.parametrize("order, learn", [("lagged", ref.COEFFICIENTS), ("exact", ref.COEFFICIENTS),
+                                          ("lagged", ("beta2", "rho", "gamma"))])
+@pytest.mark.parametrize("state_dtype", [torch.float32, BF16], ids=lambda d: "state_" + str(d)[6:])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16, torch.float16], ids=lambda d: str(d)[6:])
+def test_cuda_kernels_store_the_reference_bf16_tangent_rows(dtype, state_dtype, order, learn):
+    """tangent_dtype=bfloat16 (docs/spec.md section 5.2), with either state dtype and either
+    hyper order (the exact order's dot pass reads the bf16 rows too). hyper_lr = 0 keeps the
+    coefficients where they start, so a row element's draw is the only way the backends can
+    part. A learned subset checks that a row draws the bits of its coefficient (buffer 7 + j),
+    not of its rank. The rows' fp32 values differ from the reference's by rounding (up to 1e-4 relative
+    where du/dgamma cancels, as for fp32 rows), so a stored bf16 element differs only when
+    its random draw falls in that gap: held to 1 % of the elements, and to one bf16 ulp
+    where it does. The buffers formed by the same operations stay bitwise equal, and the
+    hyper-gradients, sums over the rows, agree to 1e-3."""
+    grads = _grads(6)
+    extra = dict(tangent_dtype=BF16, hyper_order=order, learn=learn, hyper_lr={n: 0.0 for n in learn})
+    ra, rb = (_run("mada_full", name, grads, dtype, state_dtype=state_dtype, **extra)
+              for name in ("reference", "cuda_on_cpu"))
+    a, b = _stored(*ra), _stored(*rb)
+    assert a.keys() == b.keys()
+    for key, x in a.items():
+        y = b[key]
+        if key[1] == "tangents":
+            assert x.dtype == y.dtype == BF16 and x.any(), key
+            differ = (_bit_pattern(x) != _bit_pattern(y)).sum().item()
+            assert differ <= 1 + x.numel() // 100, (key, differ)
+            torch.testing.assert_close(x.float(), y.float(), rtol=2**-7, atol=1e-4 * x.float().abs().max().item())
+        elif key[1] in SAME_OPS or key[1] == "step":
+            assert torch.equal(_bit_pattern(x), _bit_pattern(y)), key
+        else:
+            torch.testing.assert_close(x.float(), y.float(), rtol=2**-7 if state_dtype == BF16 else 1e-5, atol=0)
+    ha, hb = ra[0].hypergradients, rb[0].hypergradients
+    assert ha.keys() == hb.keys() == set(learn)
+    for n in ha:
+        assert abs(ha[n] - hb[n]) <= 1e-3 * abs(ha[n]), (n, ha[n], hb[n])
+
+
 @needs_cpu
 @pytest.mark.parametrize("case", ["mada_full", "mada_adam_corner", "diffmod"])
 def test_cpu_bits_do_not_depend_on_the_thread_count(case):

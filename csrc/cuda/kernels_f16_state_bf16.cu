@@ -1,5 +1,5 @@
-// Kernel instantiations for __half (fp16) parameters with bf16 state (docs/spec.md section 5.1):
-// every MADA variant and AdaMod/DiffMod (the dot pass reads no state: kernels_f16.cu has it).
+// Kernel instantiations for fp16 (__half) parameters with bf16 state (docs/spec.md section 5.1):
+// every MADA variant and AdaMod/DiffMod (the dot pass reads no state).
 #include "cuda/kernel_table.cuh"
 
-MADA_CUDA_DEFINE_TABLE(f16_state_bf16, __half, true)
+MADA_CUDA_TABLE(kF16, true, false)

@@ -1,5 +1,5 @@
 // The fused step kernel: one template serves MADA (32 state/tangent variants), its
-// dot-only pass and AdaMod/DiffMod, with fp32/fp64 or bf16 state storage. The
+// dot-only pass and AdaMod/DiffMod, with fp32/fp64 or bf16 state and tangent rows. The
 // per-element math is mada_math.h; this file only moves memory: chunked schedule,
 // 16-byte vector loads, deterministic partial sums. Included by kernel_table.cuh (the per-dtype kernel files) and launch.cu.
 #pragma once
@@ -26,8 +26,9 @@ template <typename P> __device__ __forceinline__ P from_state(typename StateOf<P
 template <> __device__ __forceinline__ __nv_bfloat16 from_state<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <> __device__ __forceinline__ __half from_state<__half>(float x) { return __float2half_rn(x); }
 
-// How state is stored (Call::state_dtype): as the compute type S, or, for fp32
-// compute with bf16 state (SB), as bf16 bit patterns (docs/spec.md section 5.1).
+// How state (Call::state_dtype) and tangent rows (Call::tangent_dtype) are
+// stored: as the compute type S, or, for fp32 compute with bf16 storage (SB), as
+// bf16 bit patterns (docs/spec.md sections 5.1 and 5.2).
 // A bf16 value reaches put() already rounded to a bf16 value by the math's
 // storage policy (mada::StoreBf16Sr, which round() makes for an element), so
 // put() truncates exactly and load() widens exactly. Raw uint16_t bits rather
@@ -54,7 +55,7 @@ struct Stored<float, true> {
     memcpy(&u, &x, sizeof u);
     return uint16_t(u >> 16);
   }
-  // key: the segment's sr_key per buffer; index: the element's flat state index.
+  // key: the segment's sr_key per buffer number; index: the element's flat state index.
   __device__ static mada::StoreBf16Sr round(const uint32_t* key, int64_t index) {
     return mada::StoreBf16Sr{key, uint64_t(index)};
   }
@@ -144,31 +145,36 @@ struct AdamodOp {
   }
 };
 
-// Per-segment constants in shared memory: the op's scalars and, for bf16 state,
-// the stochastic-rounding key of each buffer (sr_key of the seed, the
-// parameter's step and the buffer's slot), formed once per segment.
+// Per-segment constants in shared memory: the op's scalars and, for bf16 state
+// or tangent rows, the stochastic-rounding key of each buffer number (sr_key of
+// the seed, the parameter's step and the number: state slots, then kBufTan0 + j
+// for coefficient j's row), formed once per segment.
 template <class Op>
 struct SegConsts {
   typename Op::Scalars k;
-  uint32_t key[kMaxSlots];
+  uint32_t key[mada::kBufTan0 + kNumCoef];
 };
 
 // ---- One unit: N consecutive elements of one segment, starting at element i ----
-// Params and grads move as 16-byte words (N fills at least one word of params
-// and one of stored state); state in sub-units of M (one 16-byte word of the
-// stored type), tangent rows (compute type) in words of TW within those. So a
-// bf16-param unit holds half its fp32 state in registers at a time, and a
-// bf16-state unit reads each buffer as one word of 8 elements.
+// Params and grads move as 16-byte words (N fills at least one word of params,
+// of stored state and of stored tangents); state and tangent rows in sub-units
+// of M (one 16-byte word of the narrower stored type), tangent rows in words of
+// TW within those. So a bf16-param unit holds half its fp32 state in registers
+// at a time, and bf16 state or tangents are read as words of 8 elements.
+// TB: the tangent rows are stored in bf16.
 
-template <typename P, bool SB, class Op, bool VEC, int N>
+template <typename P, bool SB, bool TB, class Op, bool VEC, int N>
 __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k, P* param,
                                          const P* grad, int64_t soff, int64_t i, bool dot,
                                          typename StateOf<P>::type scale, double (&acc)[kNumCoef]) {
   using S = typename StateOf<P>::type;
   using St = Stored<S, SB>;
   using W = typename St::type;
-  constexpr int M = (VEC && N * sizeof(W) > 16) ? int(16 / sizeof(W)) : N;
-  constexpr int TW = (VEC && M * sizeof(S) > 16) ? int(16 / sizeof(S)) : M;
+  using Tt = Stored<S, TB>;
+  using R = typename Tt::type;
+  constexpr std::size_t narrow = sizeof(W) < sizeof(R) ? sizeof(W) : sizeof(R);
+  constexpr int M = (VEC && N * narrow > 16) ? int(16 / narrow) : N;
+  constexpr int TW = (VEC && M * sizeof(R) > 16) ? int(16 / sizeof(R)) : M;
   P graw[N], praw[N];
   load<VEC>(grad + i, graw);
   if constexpr (Op::kUpdate) load<VEC>(param + i, praw);
@@ -183,11 +189,11 @@ __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k
   for (int h = 0; h < N; h += M) {
     const int64_t e = soff + i + h;  // flat state index
     // Tangent row of coefficient j is its rank among the learned ones (abi.h).
-    S* trow[kNumCoef] = {};
+    R* trow[kNumCoef] = {};
     if constexpr (Op::kMayDot || Op::kTan) {
 #pragma unroll
       for (int j = 0, r = 0; j < kNumCoef; ++j) {
-        trow[j] = static_cast<S*>(c.tan) + r * c.tan_stride + e;
+        trow[j] = static_cast<R*>(c.tan) + r * c.tan_stride + e;
         r += (c.learn_mask >> j) & 1u;
       }
     }
@@ -197,10 +203,10 @@ __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k
         if (!((c.learn_mask >> j) & 1u)) continue;
 #pragma unroll
         for (int w = 0; w < M; w += TW) {
-          S t[TW];
+          R t[TW];
           load<VEC>(trow[j] + w, t);
 #pragma unroll
-          for (int q = 0; q < TW; ++q) acc[j] = fma(double(g[h + w + q]), double(t[q]), acc[j]);
+          for (int q = 0; q < TW; ++q) acc[j] = fma(double(g[h + w + q]), double(Tt::load(t[q])), acc[j]);
         }
       }
     }
@@ -211,7 +217,7 @@ __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k
         if ((Op::kBufMask >> b) & 1u) load<VEC>(static_cast<const W*>(c.buf[b]) + e, st[b]);
 #pragma unroll
       for (int w = 0; w < M; w += TW) {
-        S tan[kNumCoef][TW];
+        R tan[kNumCoef][TW];
 #pragma unroll
         for (int q = 0; q < TW; ++q) {
           const int x = w + q;
@@ -222,8 +228,9 @@ __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k
               Op::element(k.k, g[h + x], to_state(praw[h + x]), sq, tq, St::round(k.key, e + x)));
 #pragma unroll
           for (int b = 0; b < kMaxSlots; ++b) st[b][x] = St::put(sq[b]);
+          const auto trnd = Tt::round(k.key, e + x);  // a tangent is rounded where it is stored
 #pragma unroll
-          for (int j = 0; j < kNumCoef; ++j) tan[j][q] = tq[j];
+          for (int j = 0; j < kNumCoef; ++j) tan[j][q] = Tt::put(trnd(mada::kBufTan0 + j, tq[j]));
         }
         if constexpr (Op::kTan) {
 #pragma unroll
@@ -263,11 +270,12 @@ __device__ __forceinline__ double block_sum(double v, double* sh) {
 template <typename P>
 constexpr int kMinBlocks = sizeof(typename StateOf<P>::type) == 8 ? 2 : 3;
 
-// SB: the state is stored in bf16 (fp32 compute only).
-template <typename P, bool SB, class Op>
+// SB, TB: the state, the tangent rows are stored in bf16 (fp32 compute only).
+template <typename P, bool SB, bool TB, class Op>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __grid_constant__ Args a) {
   using S = typename StateOf<P>::type;
   using W = typename Stored<S, SB>::type;
+  using R = typename Stored<S, TB>::type;
   const Common& c = a.c;
   const SegTable& t = a.s;
   if (c.found_inf && *c.found_inf != 0.0f) return;  // GradScaler skip: change nothing
@@ -293,8 +301,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __g
       if (threadIdx.x == 0) {
         const double step = c.steps[t.pidx[s]];
         sk.k = Op::make(c, c.lr[t.group[s]], c.wd[t.group[s]], step);
+        const uint32_t t32 = uint32_t(uint64_t(step));
         if constexpr (SB)
-          for (int b = 0; b < kMaxSlots; ++b) sk.key[b] = mada::sr_key(c.sr_seed, uint32_t(uint64_t(step)), uint32_t(b));
+          for (int b = 0; b < kMaxSlots; ++b) sk.key[b] = mada::sr_key(c.sr_seed, t32, uint32_t(b));
+        if constexpr (TB && Op::kTan)
+          for (int b = mada::kBufTan0; b < mada::kBufTan0 + kNumCoef; ++b)
+            sk.key[b] = mada::sr_key(c.sr_seed, t32, uint32_t(b));
       }
       __syncthreads();
     }
@@ -304,16 +316,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __g
     const int64_t off = t.off[s];
     int64_t tail = a0;
     if ((t.aligned[s >> 5] >> (s & 31)) & 1u) {
-      // One 16-byte word of params and at least one of stored state per unit.
-      constexpr int U = int(16 / (sizeof(P) < sizeof(W) ? sizeof(P) : sizeof(W)));
+      // At least one 16-byte word of params, of stored state and of stored tangents per unit.
+      constexpr std::size_t narrow = sizeof(P) < sizeof(W) ? (sizeof(P) < sizeof(R) ? sizeof(P) : sizeof(R))
+                                                           : (sizeof(W) < sizeof(R) ? sizeof(W) : sizeof(R));
+      constexpr int U = int(16 / narrow);
       static_assert(kPad % U == 0, "a0 must start a unit");
       const int64_t u1 = a1 / U;
       for (int64_t u = a0 / U + threadIdx.x; u < u1; u += kThreads)
-        run_unit<P, SB, Op, true, U>(c, k, param, grad, off, u * U, dot, scale, acc);
+        run_unit<P, SB, TB, Op, true, U>(c, k, param, grad, off, u * U, dot, scale, acc);
       tail = u1 * U;
     }
     for (int64_t i = tail + threadIdx.x; i < a1; i += kThreads)
-      run_unit<P, SB, Op, false, 1>(c, k, param, grad, off, i, dot, scale, acc);
+      run_unit<P, SB, TB, Op, false, 1>(c, k, param, grad, off, i, dot, scale, acc);
   }
 
   if (dot) {
