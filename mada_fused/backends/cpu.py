@@ -22,7 +22,7 @@ from .native import DTYPE_CODES, NativeBackend
 
 class CpuBackend(NativeBackend):
     name = "cpu"
-    state_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
+    state_dtypes = tangent_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return torch.device(device).type == "cpu" and dtype in DTYPE_CODES
