@@ -101,6 +101,7 @@ def test_stored_rows_are_the_spec_rounding_of_the_fp32_rows(backend, state_dtype
     seed = 977
     f32, params32 = _run(backend, grads, tangent_dtype=F32, state_dtype=state_dtype, hyper_lr=FROZEN, sr_seed=seed)
     bf, params16 = _run(backend, grads, state_dtype=state_dtype, hyper_lr=FROZEN, sr_seed=seed)
+    assert {b.name for b in bf._backend_for.values()} == {backend}
     a, b = _stored(f32, params32), _stored(bf, params16)
     for key, x in a.items():
         if key[1] != "tangents":  # the rows' dtype changes nothing else
@@ -131,6 +132,7 @@ def test_fused_backends_store_the_reference_bits_and_sum_the_rows_they_stored(ba
     kw = dict(state_dtype=state_dtype, hyper_order=order, sr_seed=seed, hyper_lr=FROZEN)
     ref_opt, ref_params = _run("reference", grads[:-1], **kw)
     opt, params = _run(backend, grads[:-1], **kw)
+    assert {b.name for b in opt._backend_for.values()} == {backend}
     a, b = _stored(ref_opt, ref_params), _stored(opt, params)
     for key, x in a.items():
         y = b[key]
