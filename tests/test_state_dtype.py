@@ -195,20 +195,30 @@ def test_fused_backends_store_the_reference_bits(backend, dtype, case, monkeypat
 @needs_cpu
 @needs_cuda_on_cpu
 @pytest.mark.parametrize("dtype", [torch.float32, BF16, torch.float16], ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("case", list(CASES))
-def test_cuda_kernels_store_the_cpu_bits_with_missing_grads_and_unaligned_params(case, dtype):
+@pytest.mark.parametrize("case, rows", [(c, torch.float32) for c in CASES] +
+                         [(c, BF16) for c in CASES if CASES[c][0] is MADA and "learn" not in CASES[c][1]],
+                         ids=lambda x: str(x)[6:] + "_rows" if isinstance(x, torch.dtype) else x)
+def test_cuda_kernels_store_the_cpu_bits_with_missing_grads_and_unaligned_params(case, rows, dtype):
     """The CUDA kernels (on host threads) and the CPU loop form every fp32 value by the same
     mada_math.h operations (both built without FMA contraction), so every stored bit, the
     tangent rows and the parameters agree, for every buffer (vb and s included). The bucket
     holds several segments; one parameter starts 4 or 2 bytes past a 16-byte boundary (the
     kernels' scalar path), one has 2053 elements (a chunk boundary and a scalar tail), and
     one has no grad on steps 2 and 4 (its segment is skipped and its step count lags, which
-    the rounding keys read)."""
+    the rounding keys read). MADA's learning case once more with bf16 tangent rows (section
+    5.2). Its coefficients are frozen (hyper_lr = 0): the CPU sums the hyper-gradient in fp32
+    lanes, the kernels in float64, so a learning run's coefficients part in their last bits
+    (the hyper-gradients themselves agree to 1e-5)."""
     shapes = [(37,), (2053,), (8, 33), (5,)]
     grads = _grads(5, shapes=shapes)
     for step in (1, 3):
         grads[step][2] = None
     cls, kw = CASES[case]
+    learns = cls is MADA and "learn" not in kw
+    if learns:
+        kw = dict(kw, hyper_lr={n: 0.0 for n in ref.COEFFICIENTS})
+    if rows == BF16:
+        kw = dict(kw, tangent_dtype=BF16)
 
     def run(backend):
         params = []
@@ -222,7 +232,7 @@ def test_cuda_kernels_store_the_cpu_bits_with_missing_grads_and_unaligned_params
         for gs in grads:
             spec.set_grads(params, [None if g is None else g.to(dtype) for g in gs])
             opt.step()
-        return _stored(opt, params), [p.detach().clone() for p in params]
+        return _stored(opt, params), [p.detach().clone() for p in params], opt
 
     want, got = run("cpu"), run("cuda_on_cpu")
     assert want[0].keys() == got[0].keys()
@@ -230,6 +240,11 @@ def test_cuda_kernels_store_the_cpu_bits_with_missing_grads_and_unaligned_params
         assert torch.equal(_bit_pattern(x), _bit_pattern(got[0][key])), key
     for p, q in zip(want[1], got[1]):
         assert torch.equal(p, q)
+    if learns:
+        ha, hb = want[2].hypergradients, got[2].hypergradients
+        assert ha.keys() == hb.keys() == set(ref.COEFFICIENTS)
+        for n in ha:
+            assert abs(ha[n] - hb[n]) <= 1e-5 * abs(ha[n]), (n, ha[n], hb[n])
 
 
 @needs_cuda_on_cpu

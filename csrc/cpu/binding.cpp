@@ -92,8 +92,6 @@ void run(const py::bytes& packed, const py::object& /*alloc*/) {
   p.num_threads = p.c.num_threads > 0 ? int(p.c.num_threads) : 1;
   for (int j = 0; j < kNumCoef; ++j)
     if ((p.c.learn_mask >> j) & 1u) p.learn[p.num_learn++] = j;
-  if (p.c.tangents && p.c.tangent_dtype == kBF16)
-    throw py::value_error("_C_cpu.run: bf16 tangent rows are not implemented in the CPU kernels yet");
   const KernelTable& t = table_for(p.c.dtype);
   py::gil_scoped_release nogil;
   (p.c.op == kAdamodStep ? t.adamod : t.mada)(p);

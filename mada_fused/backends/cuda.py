@@ -105,7 +105,6 @@ def driver_problem(driver: int, runtime: int) -> str | None:
 
 class CudaBackend(NativeBackend):
     name = "cuda"
-    tangent_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))  # docs/spec.md section 5.2
 
     def __init__(self, ext) -> None:
         super().__init__(ext)

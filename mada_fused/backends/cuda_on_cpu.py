@@ -21,7 +21,6 @@ from .native import DTYPE_CODES, NativeBackend
 
 class CudaOnCpuBackend(NativeBackend):
     name = "cuda_on_cpu"
-    tangent_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))  # the CUDA kernels'
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return torch.device(device).type == "cpu" and dtype in DTYPE_CODES

@@ -37,10 +37,10 @@ class NativeBackend:
     """A backend whose passes run in a native extension behind csrc/abi.h."""
 
     name: str
-    # Every native extension stores bf16 state with the stochastic rounding of
-    # docs/spec.md section 5.1 (csrc/mada_math.h: StoreBf16Sr).
+    # Every native extension stores bf16 state and tangent rows with the stochastic
+    # rounding of docs/spec.md sections 5.1 and 5.2 (csrc/mada_math.h: StoreBf16Sr).
     state_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64, torch.bfloat16))
-    tangent_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64))  # bf16 rows: where the kernels store them
+    tangent_dtypes: frozenset[torch.dtype] = state_dtypes
 
     def __init__(self, ext) -> None:
         self._ext = ext

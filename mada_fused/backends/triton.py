@@ -35,8 +35,7 @@ def _import_kernels():
 
 class TritonBackend:
     name = "triton"
-    state_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
-    tangent_dtypes = frozenset((torch.float32, torch.float64))
+    state_dtypes = tangent_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
 
     def __init__(self, kernels) -> None:
         self._k = kernels
