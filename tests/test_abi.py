@@ -249,3 +249,21 @@ def test_bf16_state_runs_in_the_cpu_extension_and_the_cuda_planner_refuses_it(na
     else:
         with pytest.raises(ValueError, match="fp32/fp64 state only"):
             ext.plan_info(call.packed())
+
+
+@pytest.mark.parametrize("name", ["_C_cpu", "_C_cuda", "_C_cuda_on_cpu"])
+def test_bf16_tangent_rows_run_in_the_cpu_extension_and_the_cuda_planner_refuses_them(name):
+    ext = _ext(name)
+    call = Call()
+    call.tangents = torch.full((2, N), float("nan"), dtype=torch.bfloat16)
+    call.fixed.update(tangent_dtype=abi.DTYPES["bfloat16"], tangents=call.tangents.data_ptr())
+    if name == "_C_cpu":
+        f32 = Call()  # the same call with fp32 rows
+        f32.p.copy_(call.p), f32.g.copy_(call.g)
+        ext.run(call.packed())
+        ext.run(f32.packed())
+        assert f32.tangents[0].all()  # (du/dbeta3 is 0 at step 1: d = n = 0)
+        torch.testing.assert_close(call.tangents.float(), f32.tangents, rtol=2**-7, atol=0)  # all written
+    else:
+        with pytest.raises(ValueError, match="fp32/fp64 tangent rows only"):
+            ext.plan_info(call.packed())
