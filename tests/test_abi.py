@@ -251,3 +251,25 @@ def test_bf16_state_runs_in_every_extension(name):
     else:
         ext.run(call.packed(), lambda n: torch.empty(n, dtype=torch.float64))
     assert call.state[0].any() and call.state[1].any()  # m and v were written
+
+
+@pytest.mark.parametrize("name", ["_C_cpu", "_C_cuda", "_C_cuda_on_cpu"])
+def test_bf16_tangent_rows_run_in_every_extension(name):
+    ext = _ext(name)
+    call = Call()
+    call.tangents = torch.full((2, N), float("nan"), dtype=torch.bfloat16)
+    call.fixed.update(tangent_dtype=abi.DTYPES["bfloat16"], tangents=call.tangents.data_ptr())
+    if name == "_C_cuda":  # host memory: the planner only (16-byte bf16 words: the vector path)
+        assert ext.plan_info(call.packed())[0]["aligned"] == [True]
+        return
+    f32 = Call()  # the same call with fp32 rows
+    f32.p.copy_(call.p), f32.g.copy_(call.g)
+    if name == "_C_cpu":
+        ext.run(call.packed())
+        ext.run(f32.packed())
+    else:
+        alloc = lambda n: torch.empty(n, dtype=torch.float64)  # noqa: E731
+        ext.run(call.packed(), alloc)
+        ext.run(f32.packed(), alloc)
+    assert f32.tangents[0].all()  # (du/dbeta3 is 0 at step 1: d = n = 0)
+    torch.testing.assert_close(call.tangents.float(), f32.tangents, rtol=2**-7, atol=0)  # all written

@@ -191,6 +191,21 @@ def test_hypergradient_with_bf16_rows_is_the_fp32_one_to_rounding(backend):
         assert h[BF16][name] != h[F32][name] or sigma == 0, name  # the rows really are rounded
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_grad_scaler_skips_writes_no_row(backend, monkeypatch):
+    """found_inf set: no row, buffer or parameter is written, and the next step reads the rows of
+    the last successful one (spec section 5)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    opt, params = _run(backend, _grads(2, SHAPES))
+    before = _stored(opt, params), [p.detach().clone() for p in params]
+    opt.grad_scale, opt.found_inf = torch.tensor([2.0]), torch.tensor([1.0])
+    spec.set_grads(params, _grads(1, SHAPES, seed=1)[0])
+    opt.step()
+    for key, x in _stored(opt, params).items():
+        assert torch.equal(_pattern(x), _pattern(before[0][key])), key
+    assert all(torch.equal(p, q) for p, q in zip(params, before[1]))
+
+
 # -- checkpoints --------------------------------------------------------------------------------
 @needs_cpu
 @pytest.mark.parametrize("state_dtype", [F32, BF16])
