@@ -266,7 +266,10 @@ __device__ __forceinline__ double block_sum(double v, double* sh) {
 // uninitialised memory.
 // Register cap: 3 blocks of 128 threads per SM (<= 168 registers) keeps the
 // heaviest fp32/bf16 variants (all six tangents) at 12 warps per SM with no
-// spills; fp64 (the test oracle) needs more registers and gets 2 blocks.
+// spills; fp64 (the test oracle) needs more registers and gets 2 blocks. With
+// bf16 state or rows a unit holds 8 elements' state and tangents at once: ptxas
+// (sm_90) reports spills in 1-4 variants per table, at most 164 bytes, not yet
+// timed on a GPU against 2 blocks per SM.
 template <typename P>
 constexpr int kMinBlocks = sizeof(typename StateOf<P>::type) == 8 ? 2 : 3;
 
