@@ -144,6 +144,12 @@ def _spoil(call: Call, case: str) -> None:
         step["dot_out"] = 0
     elif case == "adamod learns":
         fixed.update(op=abi.ADAMOD_STEP, variant=0)
+    elif case == "param round":
+        fixed["param_round"] = len(abi.PARAM_ROUNDS)
+    elif case == "param round of fp32":  # the call's parameters are fp32
+        fixed["param_round"] = abi.PARAM_ROUNDS["stochastic"]
+    elif case == "kahan without comp":
+        fixed.update(dtype=abi.DTYPES["bfloat16"], param_round=abi.PARAM_ROUNDS["kahan"], comp=0)
     else:
         raise AssertionError(case)
 
@@ -155,7 +161,8 @@ CASES = {
     "null param": "null address", "state buffer": "state buffer", "tangent rows": "tangent rows",
     "row stride": "tangent rows", "coefficients": "coefficients", "no lr": "lr, weight_decay and steps",
     "dot without rows": "dot_out needs tangent rows", "dot pass without dot_out": "needs dot_out",
-    "adamod learns": "AdaMod learns",
+    "adamod learns": "AdaMod learns", "param round": "unknown parameter rounding",
+    "param round of fp32": "bf16 parameters only", "kahan without comp": "compensation buffer",
 }
 
 

@@ -36,6 +36,7 @@ def _import_kernels():
 class TritonBackend:
     name = "triton"
     state_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
+    param_rounds = frozenset(("nearest",))
 
     def __init__(self, kernels) -> None:
         self._k = kernels
