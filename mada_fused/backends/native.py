@@ -41,7 +41,7 @@ class NativeBackend:
     # extension has it (CpuBackend), the CUDA kernels not yet (csrc/cuda/plan.cpp refuses it).
     state_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64))
     # Stochastic rounding and Kahan summation of bf16 parameters: the CPU kernels
-    # have them (CpuBackend), the CUDA kernels not yet.
+    # have them (CpuBackend), the CUDA kernels not yet (csrc/cuda/plan.cpp refuses them).
     param_rounds: frozenset[str] = frozenset(("nearest",))
 
     def __init__(self, ext) -> None:
