@@ -153,7 +153,7 @@ enum AdamodBuf : int { kBufAm = 0, kBufAv, kBufAs, kBufAgPrev, kNumAdamodBufs };
 enum : int { kBufParam = 13 };
 
 // x rounded to the nearest bf16 value, ties to even (returned as a float, so
-// storing it is a plain truncation); every NaN becomes 0x7FC0, as torch stores it.
+// storing it is a plain truncation); every NaN becomes the quiet NaN 0x7FC0.
 MADA_HD float rne_bf16(float x) {
   uint32_t u;
   memcpy(&u, &x, sizeof u);
