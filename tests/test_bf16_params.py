@@ -335,3 +335,31 @@ def test_moving_a_parameter_to_bf16_starts_its_compensation_at_zero():
     opt.step()
     assert opt.state[p]["kahan_comp"].dtype == BF16 and opt.state[p]["kahan_comp"].any()
     assert opt.state[p]["m"].dtype == torch.float32 and int(opt.state[p]["step"]) == 2
+
+
+@needs_triton
+@pytest.mark.parametrize("pround", [1, 2])
+def test_triton_compiles_the_bf16_parameter_stores(pround):
+    """The interpreter runs the kernels above; this compiles the GPU path (to TTIR) with bf16
+    parameters and bf16 state: Kahan stores one more stream, its compensation (no GPU needed)."""
+    import triton
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton has no NVIDIA compiler")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mada_fused.triton_kernels import launch
+
+    fn = launch.kernels(False).fused_step
+    ptr = dict(table="*i64", coef="*fp64", steps="*fp64", consts="*fp64", partial="*fp64", ptype="*bf16",
+               comp_p="*bf16")
+    meta = dict(KIND=1, STEP=True, DOT=False, ROWS=0, NL=0, NLP=1, HAS_BETA3=False, HAS_VBAR=False,
+                HAS_LION=False, HAS_MOD=False, VBAR_DETACH=False, MAXIMIZE=False, DIFF=True, HAS_SCALE=False,
+                HAS_INF=False, SR=True, PROUND=pround, ALIGNED=True, T_ALIGNED=True, S_VEC=8, CHUNK=8192,
+                BLOCK=1024)
+    sig = {n: "i32" if n in ("tstride", "n_chunks", "first", "seed") else ptr.get(n, "*bf16")
+           for n in fn.arg_names if n not in meta}
+    src = ASTSource(fn=fn, signature=sig | {k: "constexpr" for k in meta}, constexprs=meta)
+    ttir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm["ttir"]
+    # m, v, s, g_prev, the parameter and Kahan's comp, in the unmasked and the masked block
+    assert ttir.count("tt.store") == 2 * (5 + (pround == 2))
