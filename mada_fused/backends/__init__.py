@@ -127,5 +127,9 @@ def resolve(request: str, device: torch.device, dtype: torch.dtype,
             if name == "reference" and device.type != "cpu" and state_dtype == torch.bfloat16:
                 warnings.warn(f"no fused backend stores {state_dtype} state on {device.type} yet: "
                               "these parameters step on the (slow) reference backend", stacklevel=4)
+            elif name == "reference" and device.type != "cpu" and param_round != "nearest":
+                warnings.warn(f"no fused backend implements {_ROUND_OPTION[param_round]} on {device.type} "
+                              "here (Triton is not installed): these parameters step on the (slow) reference "
+                              "backend", stacklevel=4)
             return backend
     raise AssertionError("the reference backend supports every device")  # pragma: no cover
