@@ -180,6 +180,31 @@ def test_fused_backends_store_the_reference_bits(backend, case, mode, state_dtyp
                 assert torch.equal(oa.state[p][name].float(), ob.state[q][name].float()) or not exact, name
 
 
+@needs_cpu
+@pytest.mark.parametrize("case", ["mada_full", "mada_corner", "diffmod"])
+def test_cpu_bits_do_not_depend_on_the_thread_count(case):
+    """More than one 64K chunk, so two threads really split the work."""
+    cls, kw = CASES[case]
+    grads = _grads(3, shapes=[(150_001,), (7,)])
+    out = []
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for mode in MODES.values():
+                params = _params(shapes=[(150_001,), (7,)])
+                opt = cls(params, lr=1e-3, backend="cpu", **mode, **kw)
+                for gs in grads:
+                    spec.set_grads(params, gs)
+                    opt.step()
+                out.append([_bits16(p).clone() for p in params] + [_bits16(opt.state[params[0]].get(
+                    "kahan_comp", params[0].detach())).clone()])
+        finally:
+            torch.set_num_threads(old)
+    for a, b in zip(out[:2], out[2:]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 # -- why the options exist ---------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu)])
 @pytest.mark.parametrize("cls", [MADA, AdaMod])

@@ -458,7 +458,8 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, comp_p, tan
                NL: tl.constexpr, NLP: tl.constexpr, HAS_BETA3: tl.constexpr, HAS_VBAR: tl.constexpr,
                HAS_LION: tl.constexpr, HAS_MOD: tl.constexpr, VBAR_DETACH: tl.constexpr,
                MAXIMIZE: tl.constexpr, DIFF: tl.constexpr, HAS_SCALE: tl.constexpr,
-               HAS_INF: tl.constexpr, SR: tl.constexpr, PROUND: tl.constexpr, ALIGNED: tl.constexpr, T_ALIGNED: tl.constexpr, S_VEC: tl.constexpr,
+               HAS_INF: tl.constexpr, SR: tl.constexpr, PROUND: tl.constexpr, ALIGNED: tl.constexpr,
+               T_ALIGNED: tl.constexpr, S_VEC: tl.constexpr,
                CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = first + tl.program_id(0)  # this launch covers table rows first, first + 1, ...
     row = table + pid * 6  # param addr, grad addr, state offset, count, group, param index
