@@ -28,7 +28,10 @@ Request make_request(const Call& checked) {
                                 "cpu and reference backends");
   if (checked.tangent_dtype == kBF16)
     throw std::invalid_argument("the CUDA kernels store fp32/fp64 tangent rows only; bf16 tangents run on the "
-                                "reference backend");
+                                "cpu, triton and reference backends");
+  if (checked.param_round != kRoundNearest)
+    throw std::invalid_argument("the CUDA kernels store bf16 parameters rounded to nearest only; "
+                                "kahan_sum and bf16_stochastic_round run on the cpu, triton and reference backends");
   Request r;
   r.call = checked;
   r.n_learn = num_learned(checked.learn_mask);
