@@ -66,7 +66,7 @@ def make_optimizer(name: str, dtype: str, params: list[torch.Tensor],
     extra = dict(tangent_dtype=DTYPES[tangents]) if learns(name) else {}
     opt = getattr(mada_fused, cfg.cls)(params, lr=1e-3, state_dtype=DTYPES[dtype], **extra, **cfg.kwargs)
     # The peak counts the backend's temporaries too: say which one ``auto`` picks.
-    return opt, backends.resolve("auto", device, params[0].dtype, DTYPES[dtype], DTYPES[tangents]).name
+    return opt, backends.resolve("auto", device, params[0].dtype, DTYPES[dtype], tangent_dtype=DTYPES[tangents]).name
 
 
 def _tensors(obj: Any, seen: set[int], out: list[torch.Tensor]) -> None:

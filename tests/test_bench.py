@@ -151,7 +151,7 @@ def test_memory_counts_each_optimizers_state_bytes(capsys):
     rows = memory.rows_for(("adamod", "mada_full"), layers=2, width=64, batch=4, device=torch.device("cpu"))
     got = {(r["config"], r["state_dtype"], r["tangents"]): r for r in rows}
     # AdamW: m, v fp32. AdaMod: m, v, s. Full MADA: m, v, n, g', l, vb at the state
-    # dtype and six tangent rows at the tangent dtype (docs/spec.md 5.2).
+    # dtype and six tangent rows at the tangent dtype (docs/spec.md 5.3).
     expected = {("adamw", "fp32", "-"): 8, ("adamod", "fp32", "-"): 12, ("adamod", "bf16", "-"): 6,
                 ("mada_full", "fp32", "fp32"): 48, ("mada_full", "fp32", "bf16"): 6 * 4 + 6 * 2,
                 ("mada_full", "bf16", "fp32"): 6 * 2 + 6 * 4, ("mada_full", "bf16", "bf16"): 24}

@@ -206,7 +206,7 @@ def test_cuda_kernels_store_the_cpu_bits_with_missing_grads_and_unaligned_params
     kernels' scalar path), one has 2053 elements (a chunk boundary and a scalar tail), and
     one has no grad on steps 2 and 4 (its segment is skipped and its step count lags, which
     the rounding keys read). MADA's learning case once more with bf16 tangent rows (section
-    5.2). Its coefficients are frozen (hyper_lr = 0): the CPU sums the hyper-gradient in fp32
+    5.3). Its coefficients are frozen (hyper_lr = 0): the CPU sums the hyper-gradient in fp32
     lanes, the kernels in float64, so a learning run's coefficients part in their last bits
     (the hyper-gradients themselves agree to 1e-5)."""
     shapes = [(37,), (2053,), (8, 33), (5,)]
@@ -253,7 +253,7 @@ def test_cuda_kernels_store_the_cpu_bits_with_missing_grads_and_unaligned_params
 @pytest.mark.parametrize("state_dtype", [torch.float32, BF16], ids=lambda d: "state_" + str(d)[6:])
 @pytest.mark.parametrize("dtype", [torch.float32, BF16, torch.float16], ids=lambda d: str(d)[6:])
 def test_cuda_kernels_store_the_reference_bf16_tangent_rows(dtype, state_dtype, order, learn):
-    """tangent_dtype=bfloat16 (docs/spec.md section 5.2), with either state dtype and either
+    """tangent_dtype=bfloat16 (docs/spec.md section 5.3), with either state dtype and either
     hyper order (the exact order's dot pass reads the bf16 rows too). hyper_lr = 0 keeps the
     coefficients where they start, so a row element's draw is the only way the backends can
     part. A learned subset checks that a row draws the bits of its coefficient (buffer 7 + j),

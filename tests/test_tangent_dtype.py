@@ -1,4 +1,4 @@
-"""bf16 tangent rows (MADA's ``tangent_dtype=torch.bfloat16``, docs/spec.md section 5.2).
+"""bf16 tangent rows (MADA's ``tangent_dtype=torch.bfloat16``, docs/spec.md section 5.3).
 
 What is checked, and against what:
 - the stored bits against the spec's formula in plain Python integers (tests/test_state_dtype.py's
@@ -76,7 +76,7 @@ def _pattern(t: torch.Tensor) -> torch.Tensor:
 
 
 def _spec_rows(opt, params, f32_rows: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
-    """Each parameter's bf16 rows as spec 5.2 stores its fp32 rows, in plain Python integers, at
+    """Each parameter's bf16 rows as spec 5.3 stores its fp32 rows, in plain Python integers, at
     the flat offsets of ``opt``'s bucket (bf16 rows align parameters to 8 elements, fp32 to 4)."""
     bucket = opt._buckets[0]
     learn = [COEFFICIENTS.index(n) for n in opt._hyper.cfg.learn]
@@ -227,7 +227,7 @@ def test_state_dict_resumes_bitwise(state_dtype):
 
 
 def test_checkpoints_convert_between_fp32_and_bf16_rows():
-    """fp32 -> bf16 rounds to nearest even, once; bf16 -> fp32 widens exactly (spec 5.1, 5.2)."""
+    """fp32 -> bf16 rounds to nearest even, once; bf16 -> fp32 widens exactly (spec 5.1, 5.3)."""
     grads = _grads(3, SHAPES)
     f32_opt, f32_params = _run("reference", grads, tangent_dtype=F32)
     params = [torch.nn.Parameter(p.detach().clone()) for p in f32_params]
@@ -248,7 +248,7 @@ def test_checkpoints_convert_between_fp32_and_bf16_rows():
 
 # -- memory, dtypes, refusals -------------------------------------------------------------------
 def test_full_mada_keeps_24_bytes_per_parameter_with_bf16_state_and_rows():
-    """MADA's defaults learn all six: m, v, n, g', l, vb and six rows (spec 5.2)."""
+    """MADA's defaults learn all six: m, v, n, g', l, vb and six rows (spec 5.3)."""
     got = {}
     for sd, td in ((F32, F32), (BF16, F32), (F32, BF16), (BF16, BF16)):
         p = torch.nn.Parameter(torch.zeros(1024))

@@ -96,8 +96,10 @@ _TY = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", tor
        torch.int64: "i64"}
 
 
-@pytest.mark.parametrize("case, storage", [("full_mod", {}), ("diffmod", {}),
-                                           ("full_mod", dict(state_dtype=torch.bfloat16, tangent_dtype=torch.bfloat16))])
+_BF16_STORAGE = dict(state_dtype=torch.bfloat16, tangent_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("case, storage", [("full_mod", {}), ("diffmod", {}), ("full_mod", _BF16_STORAGE)])
 def test_compiles_for_hopper_vectorised(interpret, monkeypatch, case, storage):
     """Triton compiles for sm_90 on the host: the kernels the interpreter checked also build
     natively (bf16 state and tangent rows too), the aligned fast path uses 16-byte accesses, and

@@ -1,4 +1,4 @@
-// Kernel instantiations for float parameters with bf16 tangent rows (docs/spec.md section 5.2):
+// Kernel instantiations for float parameters with bf16 tangent rows (docs/spec.md section 5.3):
 // the MADA variants that write tangents and the dot pass (the others read no rows).
 #include "cuda/kernel_table.cuh"
 

@@ -23,6 +23,9 @@ int64_t chunk_for(int64_t total) {
 }  // namespace
 
 Request make_request(const Call& checked) {
+  if (checked.param_round != kRoundNearest)
+    throw std::invalid_argument("the CUDA kernels store bf16 parameters rounded to nearest only; "
+                                "kahan_sum and bf16_stochastic_round run on the cpu, triton and reference backends");
   Request r;
   r.call = checked;
   r.n_learn = num_learned(checked.learn_mask);

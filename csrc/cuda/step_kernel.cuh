@@ -28,7 +28,7 @@ template <> __device__ __forceinline__ __half from_state<__half>(float x) { retu
 
 // How state (Call::state_dtype) and tangent rows (Call::tangent_dtype) are
 // stored: as the compute type S, or, for fp32 compute with bf16 storage (SB), as
-// bf16 bit patterns (docs/spec.md sections 5.1 and 5.2).
+// bf16 bit patterns (docs/spec.md sections 5.1 and 5.3).
 // A bf16 value reaches put() already rounded to a bf16 value by the math's
 // storage policy (mada::StoreBf16Sr, which round() makes for an element), so
 // put() truncates exactly and load() widens exactly. Raw uint16_t bits rather
