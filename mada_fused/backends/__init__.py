@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from ..flat_state import STATE_8BIT, state_dtype_name
 from .base import Backend
 
 NAMES: tuple[str, ...] = ("reference", "cpu", "cuda", "triton", "cuda_on_cpu")
@@ -85,7 +86,7 @@ def check_state_dtype(request: str, state_dtype: torch.dtype) -> None:
     """Refuse, at construction, a named backend that cannot store ``state_dtype``."""
     if request != "auto" and state_dtype not in load(request).state_dtypes:
         able = [n for n in available() if state_dtype in load(n).state_dtypes]
-        raise ValueError(f"backend {request!r} cannot store {state_dtype} optimizer state yet; "
+        raise ValueError(f"backend {request!r} cannot store {state_dtype_name(state_dtype)} optimizer state yet; "
                          f"backends that can: {able} (or backend='auto')")
 
 
@@ -111,8 +112,8 @@ def resolve(request: str, device: torch.device, dtype: torch.dtype,
         # slower than the reference: only an explicit backend='triton' gets it.
         if (backend.supports(device, dtype) and state_dtype in backend.state_dtypes
                 and (name != "triton" or device.type == "cuda")):
-            if name == "reference" and device.type != "cpu" and state_dtype == torch.bfloat16:
-                warnings.warn(f"no fused backend stores {state_dtype} state on {device.type} yet: "
+            if name == "reference" and device.type != "cpu" and state_dtype in (torch.bfloat16, STATE_8BIT):
+                warnings.warn(f"no fused backend stores {state_dtype_name(state_dtype)} state on {device.type} yet: "
                               "these parameters step on the (slow) reference backend", stacklevel=4)
             return backend
     raise AssertionError("the reference backend supports every device")  # pragma: no cover
