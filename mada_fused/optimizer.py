@@ -55,7 +55,7 @@ def _frozen(value: Any) -> Hashable:
 CONFIG_CACHE_SIZE = 64
 
 
-def _by_key(params: list[torch.Tensor], state_dtype: torch.dtype) -> list[list[torch.Tensor]]:
+def _by_key(params: list[torch.Tensor], state_dtype: torch.dtype = torch.float32) -> list[list[torch.Tensor]]:
     """``params`` grouped by (device, dtype, bucket state dtype), in order of first
     appearance (8-bit state keeps small parameters apart, in fp32)."""
     groups: dict[tuple[torch.device, torch.dtype, torch.dtype], list[torch.Tensor]] = {}
