@@ -15,13 +15,18 @@
 namespace mada_abi {
 
 // Bumped whenever a layout or a code below changes meaning.
-constexpr int kVersion = 3;  // 2: maximize applies to kAdamodStep too; 3: Call::state_dtype, Call::sr_seed
+constexpr int kVersion = 4;  // 2: maximize applies to kAdamodStep too; 3: Call::state_dtype, Call::sr_seed;
+                             // 4: kQ8 state, Call::scales
 
 // Parameter (and gradient) dtypes, and (Call::state_dtype) how the state
 // buffers are stored. Arithmetic is float64 for kF64 parameters, whose state is
 // kF64 too, and float32 for the others, whose state is kF32 or kBF16 (stored
 // with stochastic rounding, docs/spec.md section 5.1; tangent rows stay kF32).
 enum Dtype : int32_t { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3, kNumDtypes = 4 };
+// Call::state_dtype only: 8-bit codes (uint8) with one fp32 scale per 256 elements
+// in Call::scales (docs/spec.md section 5.2); every segment offset a multiple of 256.
+constexpr int32_t kQ8 = 4;
+constexpr int64_t kQ8BlockElems = 256;
 
 // Passes. kMadaDot is hyper_order="exact"'s reduction-only pass: it adds
 // sum(g * tangent row) into dot_out and changes nothing else.
@@ -38,7 +43,7 @@ constexpr uint32_t kAdamodVariants = 2;
 // The state dtypes a parameter dtype allows: its compute dtype, or bf16 for the
 // float32 ones.
 constexpr bool state_dtype_ok(int32_t dtype, int32_t state_dtype) {
-  return dtype == kF64 ? state_dtype == kF64 : (state_dtype == kF32 || state_dtype == kBF16);
+  return dtype == kF64 ? state_dtype == kF64 : (state_dtype == kF32 || state_dtype == kBF16 || state_dtype == kQ8);
 }
 
 // State slots of Call::state, in this order.
@@ -104,6 +109,7 @@ struct Call {
   const double* wd;       // (num_groups,) float64
   const double* steps;    // (num_params,) float64, already incremented for this step
   void* state[kMaxSlots];  // MadaSlot or AdamodSlot order, of state_dtype
+  void* scales[kMaxSlots];  // kQ8 state: each slot's fp32 block scales (state_numel / 256); else 0
   void* tangents;         // (num_learned, tan_stride) rows of the compute dtype
   int64_t tan_stride;     // elements from one tangent row to the next, >= state_numel
   double consts[kNumConsts];  // MadaConst or AdamodConst

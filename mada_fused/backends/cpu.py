@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import torch
 
+from ..flat_state import STATE_8BIT
 from . import BackendUnavailable
 from .native import DTYPE_CODES, NativeBackend
 
 
 class CpuBackend(NativeBackend):
     name = "cpu"
-    state_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
+    state_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16, STATE_8BIT))
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return torch.device(device).type == "cpu" and dtype in DTYPE_CODES
