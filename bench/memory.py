@@ -2,14 +2,16 @@
 
 ``python -m bench.memory`` builds an MLP (``--layers`` x Linear(``--width``,
 ``--width``), fp32 parameters) and, for torch's AdamW and each of this
-package's configurations with fp32 and bf16 state, reports:
+package's configurations with fp32, bf16 and 8-bit state, reports:
 
 - ``state B/param``: the bytes of per-element state the optimizer keeps for
   each parameter element, summed over its per-parameter state tensors
   (``optimizer.state[p]``, tangent rows included, step counters not) and
   divided by the parameter count. Views are disjoint, so nothing is counted
   twice; for sizes that are multiples of 16 bytes this is the exact
-  per-element cost (m, v, ... at ``state_dtype``, tangent rows at fp32).
+  per-element cost (m, v, ... at ``state_dtype``, tangent rows at fp32; 8-bit
+  state counts its codes and its fp32 block scales, and parameters under 4,096
+  elements keep fp32 state there).
 - ``alloc B/param``: every distinct storage the optimizer holds (flat buckets
   with their alignment and page padding, step counters, MADA's coefficient
   state), the real allocations, over the parameter count.
@@ -33,7 +35,7 @@ import torch
 
 from .step import CONFIGS as STEP_CONFIGS
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "8bit": "8bit"}
 OURS = ("adam_corner", "mada_full", "mada_mod", "avgrad", "adamod", "diffmod")
 
 
@@ -52,11 +54,13 @@ def make_optimizer(name: str, dtype: str, params: list[torch.Tensor],
         return _adamw(params, device)
     import mada_fused
     from mada_fused import backends
+    from mada_fused.flat_state import STATE_8BIT
 
     cfg = STEP_CONFIGS[name]
     opt = getattr(mada_fused, cfg.cls)(params, lr=1e-3, state_dtype=DTYPES[dtype], **cfg.kwargs)
     # The peak counts the backend's temporaries too: say which one ``auto`` picks.
-    return opt, backends.resolve("auto", device, params[0].dtype, DTYPES[dtype]).name
+    bucket_dtype = STATE_8BIT if dtype == "8bit" else DTYPES[dtype]
+    return opt, backends.resolve("auto", device, params[0].dtype, bucket_dtype).name
 
 
 def _tensors(obj: Any, seen: set[int], out: list[torch.Tensor]) -> None:
@@ -154,7 +158,7 @@ def measure(name: str, dtype: str, layers: int, width: int, batch: int, device: 
 
 def rows_for(configs: tuple[str, ...], layers: int, width: int, batch: int, device: torch.device,
              progress: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
-    """AdamW first, then each of ``configs`` with fp32 and bf16 state; each row's peak
+    """AdamW first, then each of ``configs`` with each state dtype; each row's peak
     also relative to AdamW's."""
     cases = [("adamw", "fp32")] + [(c, d) for c in configs for d in DTYPES]
     rows = []

@@ -285,8 +285,10 @@ void mada_split(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const
   }
 }
 
+// Not inlined: the fp32 pass and q8_blocks call the same body (one copy per variant: the
+// build stays as fast as without 8-bit state).
 template <int D, bool SB, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI>
-void mada_piece(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
+__attribute__((noinline)) void mada_piece(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
                 int64_t lo, int64_t hi, typename Param<D>::T sign, double (*lanes)[kLanes]) {
   if constexpr (!TAN && !B3 && !LI && !YOGI) {
     with_grad_scale<typename Param<D>::T>(c.c.grad_scale, [&](auto scaled, auto scale) {
@@ -376,7 +378,7 @@ void mada_entry(const Pass& c) {
 // One segment part [lo, hi) of AdaMod or DiffMod: a short chain, so one loop
 // with the gradient read in place, as mada_short.
 template <int D, bool SB, bool DIFF, bool SCALED>
-void adamod_piece(const Pass& c, const AdamodScalars<typename Param<D>::T>& k,
+__attribute__((noinline)) void adamod_piece(const Pass& c, const AdamodScalars<typename Param<D>::T>& k,
                   const SegRow& r, int64_t lo, int64_t hi, typename Param<D>::T scale,
                   typename Param<D>::T sign) {
   using T = typename Param<D>::T;
