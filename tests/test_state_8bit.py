@@ -266,7 +266,9 @@ def _assert_same_state(a: dict, b: dict, adamod: bool) -> None:
 FUSED = [
     *(pytest.param("cpu", dtype, case, marks=needs_cpu, id=f"cpu-{case}-{str(dtype)[6:]}")
       for case in CASES for dtype in (torch.float32, torch.bfloat16)),
+    # The Triton interpreter (CPU tensors) is slow: every case on fp32 parameters, one on bf16.
     *(pytest.param("triton", torch.float32, case, marks=needs_triton, id=f"triton-{case}") for case in CASES),
+    pytest.param("triton", torch.bfloat16, "mada_full", marks=needs_triton, id="triton-mada_full-bfloat16"),
 ]
 
 
@@ -365,6 +367,19 @@ def test_a_corrupt_8bit_checkpoint_is_refused_and_changes_nothing(corrupt, why):
     with pytest.raises(ValueError, match=why):
         opt.load_state_dict(sd)
     spec.assert_unchanged(snap, opt, params)
+
+
+def test_adam_state_converts_into_an_8bit_optimizer():
+    """convert.from_adam's layout holds small and large parameters in one bucket: loading splits it."""
+    from mada_fused.convert import from_adam
+    params = [torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(10))]
+    adam = torch.optim.Adam(params, lr=1e-2)
+    spec.run_steps(adam, params, [[torch.randn(5000), torch.randn(10)]] * 2)
+    opt = AdaMod(params, lr=1e-2, state_dtype="8bit")
+    opt.load_state_dict(from_adam(adam.state_dict(), opt))
+    assert opt.state[params[0]]["m"].dtype == torch.uint8 and opt.state[params[1]]["m"].dtype == torch.float32
+    got = quant8.dequantize(opt.state[params[0]]["m"], opt.state[params[0]]["m_scale"], True)
+    assert torch.equal(got, _model_quantize(adam.state[params[0]]["exp_avg"], True).float())
 
 
 # -- backends and refusals -------------------------------------------------------------------------
