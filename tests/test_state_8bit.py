@@ -317,7 +317,7 @@ def test_state_dict_resumes_bitwise(case):
     half, hp = _run(case, grads[:2])
     cls, kw = CASES[case]
     params = [torch.nn.Parameter(p.detach().clone()) for p in hp]
-    fresh = cls(params, lr=1e-2, state_dtype="8bit", **kw)
+    fresh = cls(params, lr=1e-2, backend="reference", state_dtype="8bit", **kw)
     fresh.load_state_dict(copy.deepcopy(half.state_dict()))
     spec.run_steps(fresh, params, grads[2:])
     spec.deep_equal(fresh.state_dict(), whole.state_dict())

@@ -285,8 +285,8 @@ void mada_split(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const
   }
 }
 
-// Not inlined: the fp32 pass and q8_blocks call the same body (one copy per variant: the
-// build stays as fast as without 8-bit state).
+// Not inlined: the fp32 pass and q8_blocks call the same body (one copy per variant,
+// not two; the 8-bit path added 15 % to an object's compile time, bench/RESULTS.md).
 template <int D, bool SB, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI>
 __attribute__((noinline)) void mada_piece(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
                 int64_t lo, int64_t hi, typename Param<D>::T sign, double (*lanes)[kLanes]) {
