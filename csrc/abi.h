@@ -15,8 +15,9 @@
 namespace mada_abi {
 
 // Bumped whenever a layout or a code below changes meaning.
-constexpr int kVersion = 4;  // 2: maximize applies to kAdamodStep too; 3: Call::state_dtype, Call::sr_seed;
-                             // 4: kQ8 state, Call::scales
+constexpr int kVersion = 5;  // 2: maximize applies to kAdamodStep too; 3: Call::state_dtype, Call::sr_seed;
+                             // 4 (purebf16): Call::param_round, Call::comp
+                             // 5: kQ8 state, Call::scales
 
 // Parameter (and gradient) dtypes, and (Call::state_dtype) how the state
 // buffers are stored. Arithmetic is float64 for kF64 parameters, whose state is
@@ -24,9 +25,15 @@ constexpr int kVersion = 4;  // 2: maximize applies to kAdamodStep too; 3: Call:
 // with stochastic rounding, docs/spec.md section 5.1; tangent rows stay kF32).
 enum Dtype : int32_t { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3, kNumDtypes = 4 };
 // Call::state_dtype only: 8-bit codes (uint8) with one fp32 scale per 256 elements
-// in Call::scales (docs/spec.md section 5.2); every segment offset a multiple of 256.
+// in Call::scales (docs/spec.md section 5.3); every segment offset a multiple of 256.
 constexpr int32_t kQ8 = 4;
 constexpr int64_t kQ8BlockElems = 256;
+
+// How a step stores a bf16 parameter's new value (Call::param_round, docs/spec.md
+// section 5.2): round to nearest even (every other parameter dtype, always);
+// stochastically (bf16_stochastic_round=True); or with Kahan summation
+// (kahan_sum=True), whose bf16 compensation buffer is Call::comp.
+enum ParamRound : int32_t { kRoundNearest = 0, kRoundStochastic = 1, kRoundKahan = 2, kNumParamRounds = 3 };
 
 // Passes. kMadaDot is hyper_order="exact"'s reduction-only pass: it adds
 // sum(g * tangent row) into dot_out and changes nothing else.
@@ -100,7 +107,9 @@ struct Call {
   int32_t maximize;       // 1: the processed gradient is -grad (every pass)
   int32_t vbar_detach;    // 1: d N / d v = rho, as in the authors' code (MADA)
   int32_t state_dtype;    // Dtype of the state buffers (see Dtype)
-  uint32_t sr_seed;       // seed of bf16 state's stochastic rounding
+  uint32_t sr_seed;       // seed of bf16 state's (and kRoundStochastic parameters') stochastic rounding
+  int32_t param_round;    // ParamRound; not kRoundNearest only for kBF16 parameters
+  uint32_t reserved;      // 0: keeps the 64-bit fields 8-byte aligned (room for one more 32-bit field)
   int64_t device;         // CUDA device index; the CPU ignores it
   int64_t state_numel;    // elements of each flat state buffer: every segment lies inside
   int64_t num_groups;     // entries of lr and wd
@@ -109,6 +118,7 @@ struct Call {
   const double* wd;       // (num_groups,) float64
   const double* steps;    // (num_params,) float64, already incremented for this step
   void* state[kMaxSlots];  // MadaSlot or AdamodSlot order, of state_dtype
+  void* comp;             // (state_numel,) bf16 Kahan compensation (kRoundKahan), else 0
   void* scales[kMaxSlots];  // kQ8 state: each slot's fp32 block scales (state_numel / 256); else 0
   void* tangents;         // (num_learned, tan_stride) rows of the compute dtype
   int64_t tan_stride;     // elements from one tangent row to the next, >= state_numel

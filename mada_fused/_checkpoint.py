@@ -15,6 +15,7 @@ import torch
 
 from . import _checks, quant8
 from .distributed import local_shape, local_tensor
+from .flat_state import KAHAN_COMP, param_round_for
 
 if TYPE_CHECKING:
     from .optimizer import FusedOptimizer
@@ -78,19 +79,25 @@ def check(opt: FusedOptimizer, sd: Mapping[str, Any], params: list[torch.Tensor]
 
 def _param_state(opt: FusedOptimizer, st: Any, p: torch.Tensor, i: int) -> Mapping[str, Any]:
     """Parameter ``i``'s saved state, checked, with ``step`` as a tensor. A buffer is
-    values (any float dtype) or 8-bit codes with their ``{name}_scale`` (docs/spec.md 5.2),
+    values (any float dtype) or 8-bit codes with their ``{name}_scale`` (docs/spec.md 5.3),
     whatever this optimizer's state dtype: loading converts."""
     expected = {"step": ()} | {n: tuple(p.shape) for n in opt._state_names()}
     if opt._num_tangents():
         expected["tangents"] = (opt._num_tangents(), *p.shape)
-    if isinstance(st, Mapping):
-        for n in opt._state_names():
-            if isinstance(st.get(n), torch.Tensor) and st[n].dtype == quant8.CODE_DTYPE:
-                expected[f"{n}_scale"] = (quant8.num_blocks(p.numel()),)
-    if not isinstance(st, Mapping) or set(st) != set(expected):
+    # Kahan summation's compensation may be there or not, whatever this optimizer keeps:
+    # absent, it starts at 0; kept by the checkpoint only, it is dropped (docs/spec.md 5.2).
+    given = set(st) - {KAHAN_COMP} if isinstance(st, Mapping) else set()
+    for n in opt._state_names():
+        if isinstance(st, Mapping) and isinstance(st.get(n), torch.Tensor) and st[n].dtype == quant8.CODE_DTYPE:
+            expected[f"{n}_scale"] = (quant8.num_blocks(p.numel()),)
+    if not isinstance(st, Mapping) or given != set(expected):
         got = sorted(st) if isinstance(st, Mapping) else type(st).__name__
         raise ValueError(f"state of parameter {i} has entries {got}, expected {sorted(expected)}")
-    st = {**st, "step": _step_tensor(st["step"], i)}
+    keep = KAHAN_COMP in st and param_round_for(p.dtype, opt._param_round) == "kahan"
+    if keep:
+        expected[KAHAN_COMP] = tuple(p.shape)
+    st = {k: v for k, v in st.items() if k != KAHAN_COMP or keep}
+    st["step"] = _step_tensor(st["step"], i)
     for name, shape in expected.items():
         t = st[name]
         codes = isinstance(t, torch.Tensor) and name in opt._state_names() and t.dtype == quant8.CODE_DTYPE
@@ -148,3 +155,5 @@ def _values(name: str, t: torch.Tensor, i: int) -> None:
             raise ValueError(f"state[{i}]['step'] must be a whole number >= 0, got {step}")
     elif name in _NON_NEGATIVE and not bool((t >= 0).all()):
         raise ValueError(f"state[{i}][{name!r}] holds negative or NaN values: the checkpoint is corrupt")
+    elif name == KAHAN_COMP and not bool(t.isfinite().all()):
+        raise ValueError(f"state[{i}][{name!r}] holds inf or NaN values: the checkpoint is corrupt")

@@ -14,7 +14,7 @@ from ._lru import LruCache
 from .distributed import local_shape
 
 
-# How a bucket marks 8-bit blockwise state (``state_dtype="8bit"``, docs/spec.md 5.2):
+# How a bucket marks 8-bit blockwise state (``state_dtype="8bit"``, docs/spec.md 5.3):
 # its buffers hold uint8 codes, with fp32 scales beside them.
 STATE_8BIT = torch.uint8
 # What the optimizers' ``state_dtype`` may ask for (docs/spec.md sections 5.1, 5.2).
@@ -44,6 +44,18 @@ def state_dtype_for(param_dtype: torch.dtype, requested: torch.dtype = torch.flo
 def compute_dtype_for(state_dtype: torch.dtype) -> torch.dtype:
     # bf16 and 8-bit state are storage only: arithmetic and tangent rows stay fp32.
     return torch.float64 if state_dtype == torch.float64 else torch.float32
+
+
+# How a step stores a bf16 parameter's new value (docs/spec.md section 5.2; abi.PARAM_ROUNDS).
+PARAM_ROUNDS: tuple[str, ...] = ("nearest", "stochastic", "kahan")
+# The state entry of Kahan summation's compensation (optimi's name).
+KAHAN_COMP = "kahan_comp"
+
+
+def param_round_for(param_dtype: torch.dtype, requested: str = "nearest") -> str:
+    # Stochastic rounding and Kahan summation are for bf16 parameters; the others
+    # (fp32, fp64, fp16) store their new values as without them, as in torchao and optimi.
+    return requested if param_dtype == torch.bfloat16 else "nearest"
 
 
 # Host buffers: where each stream starts within a 4 KiB page. Large allocations
@@ -107,6 +119,8 @@ class Bucket:
     ``tangent_dtype`` (the compute dtype: fp32 when the state is bf16)
     whose rows are contiguous (on the host they are padded further apart: its
     row stride is ``tangents.stride(0)``).
+    ``comp`` is Kahan summation's bf16 compensation, one element per state
+    element (``param_round == "kahan"`` only, else None).
     With 8-bit state (``state_dtype`` STATE_8BIT) the buffers hold uint8 codes,
     ``scales[name]`` one fp32 scale per quant8.BLOCK elements, and every offset
     is a multiple of quant8.BLOCK, so no block holds two parameters (nor two
@@ -122,18 +136,23 @@ class Bucket:
         state_names: tuple[str, ...],
         num_tangents: int,
         state_dtype: torch.dtype = torch.float32,
+        param_round: str = "nearest",
     ) -> None:
         first = params[0]
         self.device = first.device
         self.dtype = first.dtype
         self.state_dtype = bucket_state_dtype(first, state_dtype)
+        self.param_round = param_round_for(first.dtype, param_round)
         self.tangent_dtype = compute_dtype_for(self.state_dtype)
         self.params = list(params)
         self.built_for = [(p.dtype, p.device, p.shape) for p in self.params]
         # A DTensor parameter (FSDP2) keeps state for its local shard only.
         self.shapes = [local_shape(p) for p in self.params]
         self.offsets: list[int] = []
-        vec = ALIGN // min(self.state_dtype.itemsize, self.tangent_dtype.itemsize)
+        # The narrowest stream sets the alignment unit (a Kahan compensation is bf16).
+        narrowest = min(self.state_dtype.itemsize, self.tangent_dtype.itemsize,
+                        torch.bfloat16.itemsize if self.param_round == "kahan" else 8)
+        vec = ALIGN // narrowest
         if self.quantized:
             vec = quant8.BLOCK
         total = 0
@@ -147,13 +166,18 @@ class Bucket:
             name: _placed(total, _FIRST_SLOT + k, opts) if host else torch.zeros(total, **opts)
             for k, name in enumerate(state_names)
         }
+        self.comp = None
+        if self.param_round == "kahan":
+            opts_c = dict(opts, dtype=torch.bfloat16)
+            slot = _FIRST_SLOT + len(state_names)
+            self.comp = _placed(total, slot, opts_c) if host else torch.zeros(total, **opts_c)
         self.scales = {
             name: torch.zeros(total // quant8.BLOCK, device=self.device, dtype=torch.float32)
             for name in (state_names if self.quantized else ())
         }
         self.tangents = None
         if num_tangents:
-            slot = _FIRST_SLOT + len(state_names)
+            slot = _FIRST_SLOT + len(state_names) + (self.comp is not None)
             opts = dict(opts, dtype=self.tangent_dtype)
             self.tangents = (_placed_rows(num_tangents, total, slot, opts) if host
                              else torch.zeros(num_tangents, total, **opts))
@@ -170,6 +194,8 @@ class Bucket:
             out[name] = buf[lo:hi].view(shape)
         for name, buf in self.scales.items():
             out[f"{name}_scale"] = buf[lo // quant8.BLOCK : lo // quant8.BLOCK + quant8.num_blocks(hi - lo)]
+        if self.comp is not None:
+            out[KAHAN_COMP] = self.comp[lo:hi].view(shape)
         if self.tangents is not None:
             out["tangents"] = self.tangents[:, lo:hi].view(len(self.tangents), *shape)
         return out
@@ -180,17 +206,19 @@ class Bucket:
 
     def copy_state(self, i: int, src: "Bucket", j: int) -> None:
         """Parameter ``i``'s state := parameter ``j``'s in ``src``, converted to this
-        bucket's state dtype and device (as load_state_dict converts)."""
+        bucket's state dtype and device (as load_state_dict converts). A Kahan
+        compensation only one side keeps starts at 0, or is dropped."""
         self.load(i, src.views(j))
 
     def load(self, i: int, saved: dict[str, torch.Tensor]) -> None:
         """Parameter ``i``'s state := ``saved`` (views' names; a buffer either as values
-        or as 8-bit codes with ``{name}_scale``), converted (docs/spec.md 5.1, 5.2):
-        8-bit codes to and from this bucket's kind only through fp32 values, and 8-bit
-        to 8-bit as the very same codes and scales."""
+        or as 8-bit codes with ``{name}_scale``), converted (docs/spec.md 5.1, 5.3):
+        8-bit codes to and from other state dtypes through fp32 values, and 8-bit to
+        8-bit as the very same codes and scales. An entry only one side has (a Kahan
+        compensation) is left at 0, or dropped."""
         mine = self.views(i)
         for name, t in saved.items():
-            if name.endswith("_scale"):
+            if name.endswith("_scale") or name not in mine:
                 continue
             if t.dtype == STATE_8BIT:
                 scale = saved[f"{name}_scale"]
@@ -214,6 +242,8 @@ class Bucket:
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the bucket owns (for snapshot/restore)."""
         out = list(self.buffers.values()) + list(self.scales.values()) + [self.steps]
+        if self.comp is not None:
+            out.append(self.comp)
         if self.tangents is not None:
             out.append(self.tangents)
         return out

@@ -162,17 +162,17 @@ def _scenarios(rank: int, mesh, ckpt_dir: str) -> dict:
         coefs = run_manual(opt, live, manual_grads(F64), cut)
         return dict(coefs=coefs, params=[p.detach() for p in live] if explicit else [full(p) for p in live])
 
-    def dcp_resume(name):
+    def dcp_resume(name, dtype=F64, **extra):
         cls, kw = (MADA, MADA_KW) if name == "MADA" else OTHERS[name]
-        data, where = batches(F64), os.path.join(ckpt_dir, name)
-        m = _fsdp(mesh, F64)
-        opt = cls(m.parameters(), **kw)
+        data, where = batches(dtype), os.path.join(ckpt_dir, name + str(dtype))
+        m = _fsdp(mesh, dtype)
+        opt = cls(m.parameters(), **kw, **extra)
         train(m, opt, data[:5], rank, WORLD)
         sd = {"model": get_model_state_dict(m), "optim": md.get_optimizer_state_dict(m, opt)}
         dcp.save(sd, checkpoint_id=where)
         straight = train(m, opt, data[5:], rank, WORLD)
-        m2 = _fsdp(mesh, F64)  # back at the initial weights
-        opt2 = cls(m2.parameters(), **kw)  # fresh: no state until set_optimizer_state_dict
+        m2 = _fsdp(mesh, dtype)  # back at the initial weights
+        opt2 = cls(m2.parameters(), **kw, **extra)  # fresh: no state until set_optimizer_state_dict
         sd = {"model": get_model_state_dict(m2), "optim": md.get_optimizer_state_dict(m2, opt2)}
         dcp.load(sd, checkpoint_id=where)
         set_model_state_dict(m2, sd["model"])
@@ -182,7 +182,8 @@ def _scenarios(rank: int, mesh, ckpt_dir: str) -> dict:
         same_state = all(torch.equal(md.local_tensor(a), md.local_tensor(b))
                          for p, q in pairs for a, b in zip(opt.state[p].values(), opt2.state[q].values()))
         same_params = all(torch.equal(p.to_local(), q.to_local()) for p, q in pairs)
-        return dict(coefs=torch.stack([straight, resumed]), same_state=same_state, same_params=same_params)
+        return dict(coefs=torch.stack([straight, resumed]), same_state=same_state, same_params=same_params,
+                    names=sorted(opt2.state[m2[0].weight]))
 
     def mixed_rejected():
         m = _fsdp(mesh, F64)
@@ -201,7 +202,8 @@ def _scenarios(rank: int, mesh, ckpt_dir: str) -> dict:
             ("ddp", ddp_mada), ("hsdp", lambda: fsdp_mada(F64, hsdp)),
             ("dtensor", lambda: manual(False)), ("explicit_group", lambda: manual(True)),
             ("mixed", mixed_rejected), *[(f"other_{n}", lambda n=n: fsdp_other(n)) for n in OTHERS],
-            *[(f"dcp_{n}", lambda n=n: dcp_resume(n)) for n in ("MADA", "AdaMod")]]
+            *[(f"dcp_{n}", lambda n=n: dcp_resume(n)) for n in ("MADA", "AdaMod")],
+            ("dcp_kahan", lambda: dcp_resume("AdaMod", torch.bfloat16, kahan_sum=True))]
     for name, job in jobs:
         try:
             out[name] = job()
@@ -319,12 +321,13 @@ def test_hand_sharded_params_match_single_process(ranks, name):
         assert_rel(g, want.detach(), 1e-10, f"parameter {i}")
 
 
-@pytest.mark.parametrize("name", ["MADA", "AdaMod"])
+@pytest.mark.parametrize("name", ["MADA", "AdaMod", "kahan"])  # kahan: bf16 params, kahan_comp sharded too
 def test_dcp_save_and_resume_is_bit_exact(ranks, name):
     for r, res in enumerate(result(ranks, f"dcp_{name}")):
         straight, resumed = res["coefs"]
         assert torch.equal(straight, resumed), f"rank {r}: coefficients after resuming differ"
         assert res["same_params"] and res["same_state"], f"rank {r}: parameters or state differ after resuming"
+        assert ("kahan_comp" in res["names"]) == (name == "kahan")
 
 
 def test_mixed_sharded_and_plain_params_are_rejected_when_learning(ranks):

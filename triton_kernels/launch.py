@@ -31,7 +31,7 @@ from collections import OrderedDict
 import torch
 import triton
 
-from ..backends.abi import ADAMOD_STATE, MADA_STATE
+from ..backends.abi import ADAMOD_STATE, MADA_STATE, PARAM_ROUNDS
 from ..backends.segments import pack
 
 _MADA, _ADAMOD = 0, 1
@@ -198,12 +198,14 @@ def _launch(kind: int, bucket, seg, scalars, coef, consts, *, states, flags: dic
         qsc = _const(tuple(bucket.scales[n].data_ptr() if n in bucket.scales else 0 for n in names),
                      bucket.device, torch.int64)
     tan = bucket.tangents if bucket.tangents is not None else dummy
+    comp = bucket.comp if bucket.comp is not None else dummy
     scale, found = scalars.grad_scale, scalars.found_inf
-    args = (lay.table, seg.params[0], *ptrs, tan, bucket.tangent_stride, coef, scalars.lr, scalars.weight_decay,
+    args = (lay.table, seg.params[0], *ptrs, comp, tan, bucket.tangent_stride, coef, scalars.lr, scalars.weight_decay,
             bucket.steps, consts, dummy if scale is None else scale, dummy if found is None else found,
             lay.partial, lay.n_chunks)
     meta = dict(KIND=kind, NL=nl, NLP=triton.next_power_of_2(max(nl, 1)), HAS_SCALE=scale is not None,
-                HAS_INF=found is not None, SR=bucket.state_dtype == torch.bfloat16, T_ALIGNED=lay.t_aligned, S_VEC=lay.s_vec, CHUNK=chunk,
+                HAS_INF=found is not None, SR=bucket.state_dtype == torch.bfloat16,
+                PROUND=PARAM_ROUNDS[bucket.param_round], T_ALIGNED=lay.t_aligned, S_VEC=lay.s_vec, CHUNK=chunk,
                 Q8=q8, **flags)
     fn = kernels(interp).fused_step
     block, warps = (_INTERP_BLOCK, 1) if interp else _config()

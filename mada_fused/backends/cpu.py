@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..flat_state import STATE_8BIT
+from ..flat_state import PARAM_ROUNDS, STATE_8BIT
 from . import BackendUnavailable
 from .native import DTYPE_CODES, NativeBackend
 
@@ -24,6 +24,7 @@ from .native import DTYPE_CODES, NativeBackend
 class CpuBackend(NativeBackend):
     name = "cpu"
     state_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16, STATE_8BIT))
+    param_rounds = frozenset(PARAM_ROUNDS)
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return torch.device(device).type == "cpu" and dtype in DTYPE_CODES
