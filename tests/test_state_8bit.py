@@ -281,6 +281,54 @@ def test_fused_backends_store_the_reference_codes_and_scales(backend, dtype, cas
     _assert_same_state(a, b, CASES[case][0] in (AdaMod, DiffMod))
 
 
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu), pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("mode", [dict(kahan_sum=True), dict(bf16_stochastic_round=True)], ids=["kahan", "sr"])
+@pytest.mark.parametrize("case", ["adamod", "diffmod"])
+def test_bf16_params_without_master_weights_over_8bit_state(backend, mode, case, monkeypatch):
+    """spec 5.2's parameter stores on top of 8-bit state: the fused backends step a block at
+    its flat offset, so the Kahan compensation and the parameter's random bits are the
+    reference's. AdaMod and DiffMod form every value by the reference's operations: all bits equal."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    grads = _grads(3 if backend == "cpu" else 1, shapes=[(4097,), (70, 81)])
+    (oa, pa), (ob, pb) = (_run(case, grads, b, torch.bfloat16, **mode) for b in ("reference", backend))
+    for p, q in zip(pa, pb):
+        assert torch.equal(p.view(torch.int16), q.view(torch.int16))
+    spec.deep_equal(_stored(oa, pa), _stored(ob, pb))
+    assert oa.state[pa[0]]["m"].dtype == torch.uint8
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", [0, 1], ids=["mada_full", "diffmod"])
+def test_triton_compiles_the_8bit_state_path(kind):
+    """The compiled kernel (not only the interpreter) takes the 8-bit path: compiled to TTIR for
+    an H100 target (no GPU needed), every state buffer's codes and scales stored in both the
+    unmasked and the masked block, and a max-reduction per 256 elements forming the scales."""
+    import triton
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton has no NVIDIA compiler")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mada_fused.triton_kernels import launch
+
+    fn = launch.kernels(False).fused_step
+    ptr = dict(table="*i64", coef="*fp64", steps="*fp64", consts="*fp64", partial="*fp64", qsc="*i64",
+               tan="*fp32", ptype="*fp32", scale_p="*fp32", inf_p="*fp32", lr_p="*fp64", wd_p="*fp64")
+    mada = kind == 0
+    meta = dict(KIND=kind, STEP=True, DOT=mada, ROWS=sum(k << (3 * k) for k in range(6)) if mada else 0,
+                NL=6 if mada else 0, NLP=8 if mada else 1, HAS_BETA3=mada, HAS_VBAR=mada, HAS_LION=mada,
+                HAS_MOD=mada, VBAR_DETACH=False, MAXIMIZE=False, DIFF=not mada, HAS_SCALE=False, HAS_INF=False,
+                SR=False, PROUND=0, ALIGNED=True, T_ALIGNED=True, S_VEC=16, CHUNK=8192, BLOCK=1024, Q8=True)
+    sig = {n: "i32" if n in ("tstride", "n_chunks", "first", "seed") else ptr.get(n, "*u8")
+           for n in fn.arg_names if n not in meta}
+    src = ASTSource(fn=fn, signature=sig | {k: "constexpr" for k in meta}, constexprs=meta)
+    ttir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm["ttir"]
+    buffers = 7 if mada else 4
+    # codes and scales of each buffer, the parameter (and MADA's six tangent rows), per block kind
+    assert ttir.count("tt.store") >= 2 * (2 * buffers + 1)
+    assert "tt.reduce" in ttir and "tt.reshape" in ttir
+
+
 @needs_cpu
 @pytest.mark.parametrize("case", ["mada_full", "mada_adam_corner", "diffmod"])
 def test_cpu_codes_do_not_depend_on_the_thread_count(case):

@@ -113,10 +113,15 @@ def _st(ptr, offs, x, mask, MASKED: tl.constexpr):
 
 @_device
 def _grad(gp_, po, mask, scale, m_p, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, SR: tl.constexpr,
-          MASKED: tl.constexpr):
-    """The processed gradient, in the arithmetic dtype (m_p's, fp32 for bf16 state):
+          Q8: tl.constexpr, MASKED: tl.constexpr):
+    """The processed gradient, in the arithmetic dtype (m_p's, fp32 for bf16 and 8-bit state):
     unscaled, negated for maximize."""
-    g = _ld(gp_, po, mask, MASKED).to(tl.float32 if SR else m_p.dtype.element_ty)
+    ct = m_p.dtype.element_ty
+    if SR:
+        ct = tl.float32
+    if Q8:
+        ct = tl.float32
+    g = _ld(gp_, po, mask, MASKED).to(ct)
     if HAS_SCALE:
         g = _div(g, scale)
     if MAXIMIZE:
@@ -453,7 +458,7 @@ def _mada_block(pp, gp_, st, qs, keys, pio, tan, tstride, po, so, mask, acc, k, 
                 MASKED: tl.constexpr, BLOCK: tl.constexpr):
     m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p = st
     comp_p, pkey = pio
-    g = _grad(gp_, po, mask, scale, m_p, HAS_SCALE, MAXIMIZE, SR or Q8, MASKED)
+    g = _grad(gp_, po, mask, scale, m_p, HAS_SCALE, MAXIMIZE, SR, Q8, MASKED)
     if DOT:
         # sum(g * T) with the previous step's tangents, before they are overwritten.
         # Products of two fp32 values are exact in fp64; the sums stay in fp64.
@@ -527,7 +532,7 @@ def _adamod_block(pp, gp_, st, qs, keys, pio, po, so, mask, k, scale, DIFF: tl.c
                   MASKED: tl.constexpr, BLOCK: tl.constexpr):
     m_p, v_p, s_p, gprev_p = st
     comp_p, pkey = pio
-    g = _grad(gp_, po, mask, scale, m_p, HAS_SCALE, MAXIMIZE, SR or Q8, MASKED)
+    g = _grad(gp_, po, mask, scale, m_p, HAS_SCALE, MAXIMIZE, SR, Q8, MASKED)
     theta = _load_param(pp, po, comp_p, so, mask, g.dtype, PROUND, MASKED)
     gprev = g  # g_prev starts at 0 in the state; only DiffMod has it
     if DIFF:
@@ -574,7 +579,11 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, comp_p, tan
     group = tl.load(row + 4)
     if HAS_INF:  # a skipped step touches nothing: every block falls outside the chunk
         count = tl.where(tl.load(inf_p) != 0, 0, count)
-    ct = tl.float32 if SR or Q8 else m_p.dtype.element_ty  # bf16 and 8-bit state: fp32 arithmetic
+    ct = m_p.dtype.element_ty
+    if SR:  # bf16 state: fp32 arithmetic
+        ct = tl.float32
+    if Q8:  # 8-bit state: fp32 arithmetic
+        ct = tl.float32
     one = 1.0
     # Scalars in float64 (powers especially), rounded once to the compute type.
     t = tl.maximum(tl.load(steps + tl.load(row + 5)), one)  # t >= 1 except on a skipped step
