@@ -4,7 +4,7 @@
 on bench.train's tasks and, before every step, forms each learned coefficient's
 hyper-gradient ``h = sum(g * tangent row)`` three ways: from the fp32 rows the optimizer
 keeps, from the rows rounded to bf16, and from the rows through the 8-bit signed code of
-docs/spec.md 5.3 (mada_fused.quant8, per 256 elements; parameters under 4,096 elements keep
+docs/spec.md 5.4 (mada_fused.quant8, per 256 elements; parameters under 4,096 elements keep
 fp32 rows). The rows are du/dk of the last step only (one-step truncation), so this is exactly
 the ``h`` a run with stored low-precision rows would see at that step. Reported per
 coefficient over the steps after warm-up: the correlation with the fp32 ``h``, the median

@@ -79,7 +79,7 @@ def check(opt: FusedOptimizer, sd: Mapping[str, Any], params: list[torch.Tensor]
 
 def _param_state(opt: FusedOptimizer, st: Any, p: torch.Tensor, i: int) -> Mapping[str, Any]:
     """Parameter ``i``'s saved state, checked, with ``step`` as a tensor. A buffer is
-    values (any float dtype) or 8-bit codes with their ``{name}_scale`` (docs/spec.md 5.3),
+    values (any float dtype) or 8-bit codes with their ``{name}_scale`` (docs/spec.md 5.4),
     whatever this optimizer's state dtype: loading converts."""
     expected = {"step": ()} | {n: tuple(p.shape) for n in opt._state_names()}
     if opt._num_tangents():

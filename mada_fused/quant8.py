@@ -1,4 +1,4 @@
-"""8-bit blockwise optimizer state (``state_dtype="8bit"``, docs/spec.md section 5.3).
+"""8-bit blockwise optimizer state (``state_dtype="8bit"``, docs/spec.md section 5.4).
 
 Each state buffer is stored as one uint8 code per element and one fp32 scale per block
 of :data:`BLOCK` elements. The scale is a power of two (the block's largest magnitude
@@ -25,7 +25,7 @@ BLOCK = 256  # elements per scale; every parameter's state starts on a block bou
 MIN_NUMEL = 4096  # parameters with fewer elements keep fp32 state (as bitsandbytes)
 MANTISSA = 3
 CODE_DTYPE = torch.uint8
-# Buffers that are never negative take the unsigned map (docs/spec.md 5.3).
+# Buffers that are never negative take the unsigned map (docs/spec.md 5.4).
 UNSIGNED = frozenset(("v", "vb", "s"))
 _EXP_MASK = 0x7F800000
 _MIN_NORMAL_BITS = 1 << 23  # 2^-126: the least scale; smaller magnitudes store code 0

@@ -1,4 +1,4 @@
-"""8-bit blockwise optimizer state (``state_dtype="8bit"``, docs/spec.md section 5.3).
+"""8-bit blockwise optimizer state (``state_dtype="8bit"``, docs/spec.md section 5.4).
 
 What is checked, and against what:
 - the code maps against a float64 model written from the spec's text (nearest code value

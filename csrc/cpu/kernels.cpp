@@ -125,7 +125,7 @@ T* slot_ptr(void* const* state, int i, int64_t offset) {
 
 #include "block_parts.inc"
 
-// 8-bit state (docs/spec.md 5.3) is a storage policy around the fp32 passes,
+// 8-bit state (docs/spec.md 5.4) is a storage policy around the fp32 passes,
 // not a copy of them: each 256-element block of a segment part is decoded into
 // fp32 scratch, stepped by the fp32 piece as if the scratch were the state, and
 // every buffer is encoded back with its block's new scale. The piece sees the
@@ -236,6 +236,7 @@ void mada_split(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const
   S* __restrict__ vb = slot_ptr<S>(c.c.state, kVb, r.offset);
   S* __restrict__ s = slot_ptr<S>(c.c.state, kS, r.offset);
   const SrKeys<SB> keys(c.c, r);
+  const TanKeys tkeys(c.c, r);
   const ParamIo<D, R> pio(c.c, r);
   alignas(64) T gbuf[kBlock];
   alignas(64) T tbuf[mada::kNumCoef][kBlock];
@@ -275,16 +276,7 @@ void mada_split(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const
     const int64_t at = r.offset + b0;
     // The stored rows are still the previous step's tangents: reduce, then overwrite.
     if (c.c.dot_out) dot_rows<T>(c, gbuf, nb, at, lanes);
-    if (TAN)
-      for (int j = 0; j < c.num_learn; ++j) {
-        // Constant size for full blocks: g++ expands a variable-size copy into
-        // `rep movsq`, whose start-up cost dominated the whole tangent pass.
-        T* row = static_cast<T*>(c.c.tangents) + j * c.c.tan_stride + at;
-        if (nb == kBlock)
-          std::memcpy(row, tbuf[c.learn[j]], sizeof(T) * kBlock);
-        else
-          std::memcpy(row, tbuf[c.learn[j]], sizeof(T) * nb);
-      }
+    if (TAN) store_rows<T>(c, tbuf, nb, at, tkeys);
   }
 }
 
