@@ -54,7 +54,7 @@ constexpr uint32_t kAdamodVariants = 2;
 constexpr bool state_dtype_ok(int32_t dtype, int32_t state_dtype) {
   return dtype == kF64 ? state_dtype == kF64 : (state_dtype == kF32 || state_dtype == kBF16 || state_dtype == kQ8);
 }
-// Tangent rows follow the same rule.
+// Tangent rows follow the same rule, 8-bit codes aside.
 constexpr bool tangent_dtype_ok(int32_t dtype, int32_t tangent_dtype) {
   return tangent_dtype != kQ8 && state_dtype_ok(dtype, tangent_dtype);  // 8-bit codes are state only
 }

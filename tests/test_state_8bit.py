@@ -330,6 +330,21 @@ def test_triton_compiles_the_8bit_state_path(kind):
 
 
 @needs_cpu
+def test_cpu_8bit_state_with_bf16_tangent_rows():
+    """Full MADA at 18.1 bytes per parameter (spec 5.3's bf16 rows over 8-bit state): the cpu
+    backend stores the reference's codes and scales, and rows within a bf16 ulp of them."""
+    grads = _grads(4)
+    a = _stored(*_run("mada_full", grads, "reference", tangent_dtype=torch.bfloat16))
+    b = _stored(*_run("mada_full", grads, "cpu", tangent_dtype=torch.bfloat16))
+    for key, x in a.items():
+        if key[1] == "tangents":
+            assert x.dtype == b[key].dtype == torch.bfloat16 and x.isfinite().all()
+            torch.testing.assert_close(x.float(), b[key].float(), rtol=2**-7, atol=1e-3 * x.float().abs().max().item())
+            b[key] = x
+    _assert_same_state(a, b, adamod=False)
+
+
+@needs_cpu
 @pytest.mark.parametrize("case", ["mada_full", "mada_adam_corner", "diffmod"])
 def test_cpu_codes_do_not_depend_on_the_thread_count(case):
     """More than one 64K chunk, segments of odd sizes: two threads split inside a segment,
