@@ -286,3 +286,17 @@ def test_bf16_param_rounding_runs_in_the_cpu_extension_and_the_cuda_planner_refu
     else:
         with pytest.raises(ValueError, match="rounded to nearest only"):
             ext.plan_info(call.packed())
+
+
+@pytest.mark.parametrize("name", ["_C_cuda", "_C_cuda_on_cpu"])
+def test_the_cuda_planner_refuses_8bit_state_by_name(name):
+    ext = _ext(name)
+    call = Call()
+    call.state = [torch.zeros(N, dtype=torch.uint8) for _ in range(4)]
+    call.scales = [torch.ones(-(-N // 256)) for _ in range(4)]
+    call.fixed.update(state_dtype=abi.STATE_8BIT, state=[t.data_ptr() for t in call.state],
+                      scales=[t.data_ptr() for t in call.scales])
+    before = [t.clone() for t in call.state]
+    with pytest.raises(ValueError, match="8-bit state"):
+        ext.plan_info(call.packed())
+    assert all(torch.equal(a, b) for a, b in zip(call.state, before))

@@ -151,17 +151,25 @@ def test_memory_counts_each_optimizers_state_bytes(capsys):
     rows = memory.rows_for(("adamod", "mada_full"), layers=2, width=64, batch=4, device=torch.device("cpu"))
     got = {(r["config"], r["state_dtype"], r["tangents"]): r for r in rows}
     # AdamW: m, v fp32. AdaMod: m, v, s. Full MADA: m, v, n, g', l, vb at the state
-    # dtype and six tangent rows at the tangent dtype (docs/spec.md 5.3).
-    expected = {("adamw", "fp32", "-"): 8, ("adamod", "fp32", "-"): 12, ("adamod", "bf16", "-"): 6,
-                ("mada_full", "fp32", "fp32"): 48, ("mada_full", "fp32", "bf16"): 6 * 4 + 6 * 2,
-                ("mada_full", "bf16", "fp32"): 6 * 2 + 6 * 4, ("mada_full", "bf16", "bf16"): 24}
-    assert {k: r["state_per_param"] for k, r in got.items()} == expected
+    # dtype and six tangent rows at the tangent dtype (docs/spec.md 5.3). 8-bit (5.4): each
+    # 64 x 64 weight's buffers 1 byte per element plus an fp32 scale per 256; the 64-element
+    # biases keep fp32 state (under 4,096 elements).
     n = 2 * (64 * 64 + 64)
+    q8 = 2 * (64 * 64 + 4 * 16)
+    expected = {("adamw", "fp32", "-"): 8, ("adamod", "fp32", "-"): 12, ("adamod", "bf16", "-"): 6,
+                ("adamod", "8bit", "-"): (3 * q8 + 3 * 4 * 128) / n,
+                ("mada_full", "fp32", "fp32"): 48, ("mada_full", "fp32", "bf16"): 6 * 4 + 6 * 2,
+                ("mada_full", "bf16", "fp32"): 6 * 2 + 6 * 4, ("mada_full", "bf16", "bf16"): 24,
+                ("mada_full", "8bit", "fp32"): (6 * q8 + 6 * 4 * 128 + 6 * 4 * n) / n,
+                ("mada_full", "8bit", "bf16"): (6 * q8 + 6 * 4 * 128 + 6 * 2 * n) / n}
+    assert {k: r["state_per_param"] for k, r in got.items()} == pytest.approx(expected, rel=1e-12)
     for r in rows:
         assert r["params"] == n
         # The real allocations hold at least the state (ours add page padding per buffer,
-        # AdamW its step counters), and during the step the parameters and the state are live.
-        assert r["state_bytes"] <= r["allocated_bytes"] <= r["state_bytes"] + 16 * 4096
+        # AdamW its step counters; 8-bit state two buckets, small parameters' fp32 one beside),
+        # and during the step the parameters and the state are live.
+        buckets = 2 if r["state_dtype"] == "8bit" else 1
+        assert r["state_bytes"] <= r["allocated_bytes"] <= r["state_bytes"] + buckets * 16 * 4096
         assert r["peak_bytes"] >= 4 * n + r["state_bytes"]
     assert got["adamw", "fp32", "-"]["peak_over_adamw_bytes"] == 0
     memory.main(["--quick", "--configs", "adamod"])

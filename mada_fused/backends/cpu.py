@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from ..flat_state import PARAM_ROUNDS
+from ..flat_state import PARAM_ROUNDS, STATE_8BIT
 from . import BackendUnavailable
 from .native import DTYPE_CODES, NativeBackend
 
 
 class CpuBackend(NativeBackend):
     name = "cpu"
+    state_dtypes = NativeBackend.state_dtypes | {STATE_8BIT}
     param_rounds = frozenset(PARAM_ROUNDS)
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
