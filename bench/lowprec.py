@@ -113,7 +113,7 @@ def markdown(by_task: dict[str, dict[tuple[str, str], dict]], steps: dict[str, i
         n = next(iter(by_row.values()))["n_seeds"]
         out += [f"## {task}: storage precision, {steps[task]} steps, {n} seed(s) (final val loss, mean +- seed sd)", "",
                 "| optimizer | row | params | final val | - fp32 row | in fp32 sds | paired by seed (lower) "
-                "| target |", "|---|---|---|---:|---:|---:|---:|---|"]
+                "| target | s/run (CPU s) |", "|---|---|---|---:|---:|---:|---:|---|---:|"]
         for (o, v), r in by_row.items():
             base = baseline_of(o, by_row)
             diff = ksd = paired = target = ""
@@ -122,7 +122,8 @@ def markdown(by_task: dict[str, dict[tuple[str, str], dict]], steps: dict[str, i
                 d = [a - b for a, b in zip(r["final_val_seeds"], base["final_val_seeds"])]
                 paired = f"{statistics.fmean(d):+.4f} ({sum(x < -1e-4 for x in d)}/{len(d)})"
             out.append(f"| {o} | {v} | {str(VARIANTS[v].param_dtype).removeprefix('torch.')} | "
-                       f"{_fmt(r['final_val'], r['final_val_sd'])} | {diff} | {ksd} | {paired} | {target} |")
+                       f"{_fmt(r['final_val'], r['final_val_sd'])} | {diff} | {ksd} | {paired} | {target} | "
+                       f"{r['time_s']:.1f} ({r['cpu_s']:.1f}) |")
         out.append("")
     if skipped:
         out += ["Skipped (this build lacks the option): " + "; ".join(

@@ -158,8 +158,13 @@ def _worker_init() -> None:
 
 def run_all(specs: list[dict], jobs: int) -> list[dict]:
     """Runs in order of specs (results too); a spawn pool keeps OpenMP out of forked children."""
-    if jobs <= 1:
-        return [train_run(s) for s in specs]
+    if jobs <= 1:  # one thread here too: two threads on small models ran 10-50x slower on a loaded VM
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return [train_run(s) for s in specs]
+        finally:
+            torch.set_num_threads(threads)
     from bench import train as this  # by module name, not __main__, so spawned children can import it
 
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=this._worker_init) as ex:
@@ -237,7 +242,7 @@ def summarize(args: argparse.Namespace, runs: list[dict], index: dict) -> dict:
             res["_lowprec"].setdefault(key[1], {})[key[2:]] = r
     if "lowprec" in args.experiments:  # for the JSON: row names as strings
         res["lowprec"] = {t: {f"{o}|{v}": {k: r[k] for k in ("final_val", "final_val_sd", "final_val_seeds",
-                                                             "final_train", "diverged", "time_s")}
+                                                             "final_train", "diverged", "time_s", "cpu_s")}
                               for (o, v), r in by_row.items()} for t, by_row in res["_lowprec"].items()}
     if "grid" in args.experiments:
         opts = args.grid_optims
