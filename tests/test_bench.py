@@ -118,8 +118,8 @@ def test_paired_reports_b_over_a_in_both_allocation_orders(monkeypatch, capsys):
     orders = []
 
     def fake_measure(cases, floor_of, numel, pairs, warmup):
-        orders.append([c for c, _, _ in cases])
-        return [[seconds[c]] * pairs for c, _, _ in cases] + [[0.5] * pairs]
+        orders.append([c for c, *_ in cases])
+        return [[seconds[c]] * pairs for c, *_ in cases] + [[0.5] * pairs]
 
     monkeypatch.setattr(paired, "measure", fake_measure)
     assert paired.main(["adam_corner:cpu", "adamw:torch_fused", "--pairs", "3"]) == 0
@@ -134,7 +134,8 @@ def test_paired_runs_and_rejects_bad_cases(capsys):
     pytest.importorskip("mada_fused._C_cpu", reason="the C++ CPU extension is not built")
     paired = pytest.importorskip("bench.paired")
     for bad in ("adamw:cpu", "adam_corner:torch_fused", "nope:cpu", "adam_corner", "adam_corner:cuda",
-                "adam_corner:nope", "adamw:torch_fused:bf16", "adam_corner:cpu:fp16"):
+                "adam_corner:nope", "adamw:torch_fused:bf16", "adam_corner:cpu:fp16", "adamod:cpu:bf16:bf16",
+                "mada_full:cpu:bf16:bf16:bf16"):
         with pytest.raises(SystemExit):
             paired.main([bad, "adamw:torch_fused"])
     assert paired.main(["adam_corner:cpu", "adamw:torch_fused", "--size", "4K", "--pairs", "3",
@@ -147,10 +148,16 @@ def test_paired_times_a_state_dtype_against_fp32():
     step their own parameters from the same start."""
     pytest.importorskip("mada_fused._C_cpu", reason="the C++ CPU extension is not built")
     paired = pytest.importorskip("bench.paired")
-    assert paired.parse_case("mada_full:cpu:bf16") == ("mada_full", "cpu", "bf16")
-    assert paired.parse_case("mada_full:cpu") == ("mada_full", "cpu", "fp32")
+    assert paired.parse_case("mada_full:cpu:bf16") == ("mada_full", "cpu", "bf16", "fp32")
+    assert paired.parse_case("mada_full:cpu") == ("mada_full", "cpu", "fp32", "fp32")
+    assert paired.parse_case("mada_full:cpu:fp32:bf16") == ("mada_full", "cpu", "fp32", "bf16")
+    assert paired.case_name("mada_full", "cpu", "fp32", "bf16") == "mada_full:cpu:fp32:bf16"
+    assert paired.case_name("mada_full", "cpu", "bf16", "fp32") == "mada_full:cpu:bf16"
     cfg = paired.case_config("mada_full", "bf16")
     assert cfg.kwargs["state_dtype"] == torch.bfloat16 and "state_dtype" not in step.CONFIGS["mada_full"].kwargs
+    assert "tangent_dtype" not in cfg.kwargs and "state_dtype" not in paired.case_config("mada_full").kwargs
+    both = paired.case_config("mada_full", "8bit", "bf16").kwargs
+    assert both["state_dtype"] == "8bit" and both["tangent_dtype"] == torch.bfloat16
     init, grad = torch.randn(4096), torch.randn(4096)
     opts = [step.one_param_optimizer(paired.case_config("mada_full", d), "cpu", init, grad) for d in ("fp32", "bf16")]
     for o in opts:
