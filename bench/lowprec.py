@@ -93,6 +93,10 @@ def baseline_of(opt: str, by_row: dict[tuple[str, str], dict]) -> dict | None:
     return by_row.get(("AdamW-corner" if opt == "AdamW" else opt, "fp32"))
 
 
+def signed(d: float) -> str:
+    return f"{d:+.4f}" if abs(d) >= 1e-3 or d == 0 else f"{d:+.1e}"  # bf16 state moves the 5th digit
+
+
 def verdict(r: dict, base: dict, target: float | None) -> tuple[str, str, str]:
     """(difference of the means, in fp32-row sds, verdict against the target)."""
     d = r["final_val"] - base["final_val"]
@@ -102,8 +106,8 @@ def verdict(r: dict, base: dict, target: float | None) -> tuple[str, str, str]:
     k = abs(d) / sd if sd > 0 else math.inf
     ksd = f"{d / sd:+.2f}" if sd > 0 else "n/a (1 seed)"
     if target is None or sd == 0:
-        return f"{d:+.4f}", ksd, "-"
-    return f"{d:+.4f}", ksd, f"{'meets' if k <= target else 'misses'} (<= {target:g} sd)"
+        return signed(d), ksd, "-"
+    return signed(d), ksd, f"{'meets' if k <= target else 'misses'} (<= {target:g} sd)"
 
 
 def markdown(by_task: dict[str, dict[tuple[str, str], dict]], steps: dict[str, int],
@@ -117,10 +121,12 @@ def markdown(by_task: dict[str, dict[tuple[str, str], dict]], steps: dict[str, i
         for (o, v), r in by_row.items():
             base = baseline_of(o, by_row)
             diff = ksd = paired = target = ""
-            if base is not None and base is not r:
+            if base is r:
+                target = "(baseline)"
+            elif base is not None:
                 diff, ksd, target = verdict(r, base, VARIANTS[v].target_sd)
                 d = [a - b for a, b in zip(r["final_val_seeds"], base["final_val_seeds"])]
-                paired = f"{statistics.fmean(d):+.4f} ({sum(x < -1e-4 for x in d)}/{len(d)})"
+                paired = f"{signed(statistics.fmean(d))} ({sum(x < -1e-4 for x in d)}/{len(d)})"
             out.append(f"| {o} | {v} | {str(VARIANTS[v].param_dtype).removeprefix('torch.')} | "
                        f"{_fmt(r['final_val'], r['final_val_sd'])} | {diff} | {ksd} | {paired} | {target} | "
                        f"{r['time_s']:.1f} ({r['cpu_s']:.1f}) |")
