@@ -1,10 +1,10 @@
 """`python -m bench.train --experiments lowprec`: what storing less costs in final loss.
 
 Rows, per optimizer: everything fp32 (the baseline); bf16 state; bf16 state and bf16
-tangents (MADA); 8-bit state, alone and with bf16 tangents (MADA); and bf16 parameters without fp32 master weights, rounded
-to nearest (plain: why the other two exist), with a Kahan compensation buffer, or
-stochastically rounded (their state stays fp32, so those rows show the parameter
-rounding alone). Every row is compared with its optimizer's fp32 row in units of that
+tangents (MADA); 8-bit state, alone and with bf16 tangents (MADA); and bf16 parameters
+without fp32 master weights, rounded to nearest (plain: why the other two exist), with a
+Kahan compensation buffer, or stochastically rounded (their state stays fp32, so those
+rows show the parameter rounding alone). Every row is compared with its optimizer's fp32 row in units of that
 row's seed-to-seed standard deviation: issue #19's targets are bf16 state within one,
 8-bit within two, Kahan within one. A row whose option this build lacks is skipped,
 with the reason the optimizer gave, so the experiment runs at every stage of the work.
