@@ -63,7 +63,8 @@ def case_config(config: str, state: str = "fp32", tangents: str = "fp32") -> Con
 
 
 def case_name(config: str, backend: str, state: str, tangents: str) -> str:
-    return ":".join([config, backend] + ([state, tangents] if tangents != "fp32" else [state] if state != "fp32" else []))
+    dtypes = [state, tangents] if tangents != "fp32" else [state] if state != "fp32" else []
+    return ":".join([config, backend, *dtypes])
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:

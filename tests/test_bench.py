@@ -229,7 +229,8 @@ def test_lowprec_rows_skip_what_the_build_lacks_and_judge_against_fp32():
               ("AdamW-corner", "bf16-state"): _agg(1.05, 0.1, [0.95, 1.15]),
               ("AdamW-corner", "8bit-state"): _agg(1.25, 0.1, [1.0, 1.5])}
     md = "\n".join(lowprec.markdown({"digits": by_row}, {"digits": 20}, skipped))
-    assert "| AdamW-corner | bf16-state | float32 | 1.0500 +- 0.1000 | +0.0500 | +0.50 | +0.0500 (0/2) | meets (<= 1 sd) | 1.0 (0.5) |" in md
+    assert ("| AdamW-corner | bf16-state | float32 | 1.0500 +- 0.1000 | +0.0500 | +0.50 | +0.0500 (0/2) "
+            "| meets (<= 1 sd) | 1.0 (0.5) |") in md
     assert "| 8bit-state | float32 | 1.2500 +- 0.1000 | +0.2500 | +2.50 | +0.2500 (0/2) | misses (<= 2 sd) |" in md
     assert "| AdamW | fp32 | float32 | 1.0100 +- 0.1000 | +0.0100 | +0.10 |" in md  # against the corner
     assert "MADA bf16-params+kahan (TypeError" in md
