@@ -15,13 +15,20 @@
 namespace mada_abi {
 
 // Bumped whenever a layout or a code below changes meaning.
-constexpr int kVersion = 3;  // 2: maximize applies to kAdamodStep too; 3: Call::state_dtype, Call::sr_seed
+constexpr int kVersion = 4;  // 2: maximize applies to kAdamodStep too; 3: Call::state_dtype, Call::sr_seed;
+                             // 4 (purebf16): Call::param_round, Call::comp
 
 // Parameter (and gradient) dtypes, and (Call::state_dtype) how the state
 // buffers are stored. Arithmetic is float64 for kF64 parameters, whose state is
 // kF64 too, and float32 for the others, whose state is kF32 or kBF16 (stored
 // with stochastic rounding, docs/spec.md section 5.1; tangent rows stay kF32).
 enum Dtype : int32_t { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3, kNumDtypes = 4 };
+
+// How a step stores a bf16 parameter's new value (Call::param_round, docs/spec.md
+// section 5.2): round to nearest even (every other parameter dtype, always);
+// stochastically (bf16_stochastic_round=True); or with Kahan summation
+// (kahan_sum=True), whose bf16 compensation buffer is Call::comp.
+enum ParamRound : int32_t { kRoundNearest = 0, kRoundStochastic = 1, kRoundKahan = 2, kNumParamRounds = 3 };
 
 // Passes. kMadaDot is hyper_order="exact"'s reduction-only pass: it adds
 // sum(g * tangent row) into dot_out and changes nothing else.
@@ -95,7 +102,9 @@ struct Call {
   int32_t maximize;       // 1: the processed gradient is -grad (every pass)
   int32_t vbar_detach;    // 1: d N / d v = rho, as in the authors' code (MADA)
   int32_t state_dtype;    // Dtype of the state buffers (see Dtype)
-  uint32_t sr_seed;       // seed of bf16 state's stochastic rounding
+  uint32_t sr_seed;       // seed of bf16 state's (and kRoundStochastic parameters') stochastic rounding
+  int32_t param_round;    // ParamRound; not kRoundNearest only for kBF16 parameters
+  uint32_t reserved;      // 0: keeps the 64-bit fields 8-byte aligned (room for one more 32-bit field)
   int64_t device;         // CUDA device index; the CPU ignores it
   int64_t state_numel;    // elements of each flat state buffer: every segment lies inside
   int64_t num_groups;     // entries of lr and wd
@@ -104,6 +113,7 @@ struct Call {
   const double* wd;       // (num_groups,) float64
   const double* steps;    // (num_params,) float64, already incremented for this step
   void* state[kMaxSlots];  // MadaSlot or AdamodSlot order, of state_dtype
+  void* comp;             // (state_numel,) bf16 Kahan compensation (kRoundKahan), else 0
   void* tangents;         // (num_learned, tan_stride) rows of the compute dtype
   int64_t tan_stride;     // elements from one tangent row to the next, >= state_numel
   double consts[kNumConsts];  // MadaConst or AdamodConst

@@ -21,6 +21,10 @@ inline std::string check_call(Call& c) {
   if (!state_dtype_ok(c.dtype, c.state_dtype))
     return "state dtype code " + std::to_string(c.state_dtype) + " does not go with parameter dtype code " +
            std::to_string(c.dtype);
+  if (c.param_round < 0 || c.param_round >= kNumParamRounds)
+    return "unknown parameter rounding code " + std::to_string(c.param_round);
+  if (c.param_round != kRoundNearest && c.dtype != kBF16)
+    return "stochastic rounding and Kahan summation of parameters are for bf16 parameters only";
   const bool mada = c.op != kAdamodStep;
   const uint32_t variants = c.op == kMadaStep ? kMadaVariants : c.op == kAdamodStep ? kAdamodVariants : 1u;
   if (c.variant >= variants) return "bad variant bits for this op";
@@ -60,6 +64,11 @@ inline std::string check_call(Call& c) {
     c.tangents = nullptr;
   } else if (!c.tangents || c.tan_stride < c.state_numel) {
     return "this pass needs the tangent rows of the learned coefficients";
+  }
+  if (c.op == kMadaDot || c.param_round != kRoundKahan) {
+    c.comp = nullptr;  // the dot pass writes no parameter
+  } else if (!c.comp) {
+    return "Kahan summation needs the compensation buffer";
   }
   if (c.op == kMadaDot && !c.dot_out) return "the dot pass needs dot_out";
   if (c.dot_out && !tangents) return "dot_out needs tangent rows";

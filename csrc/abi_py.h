@@ -59,6 +59,8 @@ inline pybind11::dict report() {
   d["version"] = kVersion;
   d["dtypes"] = codes(make_pair("float32", kF32), make_pair("float64", kF64), make_pair("bfloat16", kBF16),
                       make_pair("float16", kF16));
+  d["param_rounds"] = codes(make_pair("nearest", kRoundNearest), make_pair("stochastic", kRoundStochastic),
+                            make_pair("kahan", kRoundKahan));
   d["ops"] = codes(make_pair("mada_step", kMadaStep), make_pair("mada_dot", kMadaDot),
                    make_pair("adamod_step", kAdamodStep));
   d["mada_bits"] = codes(make_pair("beta3", kHasBeta3), make_pair("vbar", kHasVbar), make_pair("lion", kHasLion),
@@ -80,9 +82,11 @@ inline pybind11::dict report() {
       sizeof(Call), MADA_ABI_FIELD(Call, op), MADA_ABI_FIELD(Call, variant), MADA_ABI_FIELD(Call, dtype),
       MADA_ABI_FIELD(Call, learn_mask), MADA_ABI_FIELD(Call, maximize), MADA_ABI_FIELD(Call, vbar_detach),
       MADA_ABI_FIELD(Call, state_dtype), MADA_ABI_FIELD(Call, sr_seed),
+      MADA_ABI_FIELD(Call, param_round), MADA_ABI_FIELD(Call, reserved),
       MADA_ABI_FIELD(Call, device), MADA_ABI_FIELD(Call, state_numel), MADA_ABI_FIELD(Call, num_groups),
       MADA_ABI_FIELD(Call, num_params), MADA_ABI_FIELD(Call, lr), MADA_ABI_FIELD(Call, wd),
-      MADA_ABI_FIELD(Call, steps), MADA_ABI_FIELD(Call, state), MADA_ABI_FIELD(Call, tangents),
+      MADA_ABI_FIELD(Call, steps), MADA_ABI_FIELD(Call, state), MADA_ABI_FIELD(Call, comp),
+      MADA_ABI_FIELD(Call, tangents),
       MADA_ABI_FIELD(Call, tan_stride), MADA_ABI_FIELD(Call, consts), MADA_ABI_FIELD(Call, rows),
       MADA_ABI_FIELD(Call, n_rows), MADA_ABI_FIELD(Call, coef), MADA_ABI_FIELD(Call, grad_scale),
       MADA_ABI_FIELD(Call, found_inf), MADA_ABI_FIELD(Call, dot_out), MADA_ABI_FIELD(Call, stream),

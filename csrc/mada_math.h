@@ -147,6 +147,33 @@ struct StoreBf16Sr {  // bf16 state: stochastic rounding
 enum MadaBuf : int { kBufM = 0, kBufV, kBufN, kBufGPrev, kBufL, kBufVb, kBufS, kNumMadaBufs };
 enum AdamodBuf : int { kBufAm = 0, kBufAv, kBufAs, kBufAgPrev, kNumAdamodBufs };
 
+// -- bf16 parameters without fp32 master weights (docs/spec.md section 5.2) ------
+// The hash's buffer number of a bf16 parameter's own stochastic rounding
+// (bf16_stochastic_round): after the state (0-6) and the tangent rows (7-12).
+enum : int { kBufParam = 13 };
+
+// x rounded to the nearest bf16 value, ties to even (returned as a float, so
+// storing it is a plain truncation); every NaN becomes the quiet NaN 0x7FC0.
+MADA_HD float rne_bf16(float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  u = x != x ? 0x7FC00000u : (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  float r;
+  memcpy(&r, &u, sizeof r);
+  return r;
+}
+
+// Kahan summation (kahan_sum): a step updates the compensated weight
+// theta + comp (one fp32 sum of the two stored bf16 values); of its new value x
+// the parameter keeps rne_bf16(x) and the compensation the rounding error
+// x - rne_bf16(x) (exact in fp32), itself rounded to nearest bf16. Where the
+// stored parameter is not finite the compensation is 0: inf - inf would make
+// the next compensated weight NaN.
+MADA_HD float kahan_weight(float theta, float comp) { return theta + comp; }
+MADA_HD float kahan_comp(float x, float stored) {
+  return stored - stored == 0.0f ? rne_bf16(x - stored) : 0.0f;
+}
+
 // Host-fixed MADA constants (they never change after construction).
 struct MadaConst {
   double eps;

@@ -15,6 +15,7 @@ import torch
 
 from . import _checks
 from .distributed import local_shape, local_tensor
+from .flat_state import KAHAN_COMP, param_round_for
 
 if TYPE_CHECKING:
     from .optimizer import FusedOptimizer
@@ -81,10 +82,17 @@ def _param_state(opt: FusedOptimizer, st: Any, p: torch.Tensor, i: int) -> Mappi
     expected = {"step": ()} | {n: tuple(p.shape) for n in opt._state_names()}
     if opt._num_tangents():
         expected["tangents"] = (opt._num_tangents(), *p.shape)
-    if not isinstance(st, Mapping) or set(st) != set(expected):
+    # Kahan summation's compensation may be there or not, whatever this optimizer keeps:
+    # absent, it starts at 0; kept by the checkpoint only, it is dropped (docs/spec.md 5.2).
+    given = set(st) - {KAHAN_COMP} if isinstance(st, Mapping) else set()
+    if not isinstance(st, Mapping) or given != set(expected):
         got = sorted(st) if isinstance(st, Mapping) else type(st).__name__
         raise ValueError(f"state of parameter {i} has entries {got}, expected {sorted(expected)}")
-    st = {**st, "step": _step_tensor(st["step"], i)}
+    keep = KAHAN_COMP in st and param_round_for(p.dtype, opt._param_round) == "kahan"
+    if keep:
+        expected[KAHAN_COMP] = tuple(p.shape)
+    st = {k: v for k, v in st.items() if k != KAHAN_COMP or keep}
+    st["step"] = _step_tensor(st["step"], i)
     for name, shape in expected.items():
         t = st[name]
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
@@ -125,3 +133,5 @@ def _values(name: str, t: torch.Tensor, i: int) -> None:
             raise ValueError(f"state[{i}]['step'] must be a whole number >= 0, got {step}")
     elif name in _NON_NEGATIVE and not bool((t >= 0).all()):
         raise ValueError(f"state[{i}][{name!r}] holds negative or NaN values: the checkpoint is corrupt")
+    elif name == KAHAN_COMP and not bool(t.isfinite().all()):
+        raise ValueError(f"state[{i}][{name!r}] holds inf or NaN values: the checkpoint is corrupt")

@@ -251,3 +251,13 @@ def sr_seed(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
         raise ValueError(f"sr_seed must be an int in [0, 2**32), got {value!r}")
     return value
+
+
+def param_round(kahan_sum: Any, bf16_stochastic_round: Any) -> str:
+    """How bf16 parameters store their new values (docs/spec.md 5.2), from the two flags."""
+    kahan = flag("kahan_sum", kahan_sum)
+    sr = flag("bf16_stochastic_round", bf16_stochastic_round)
+    if kahan and sr:
+        raise ValueError("kahan_sum=True and bf16_stochastic_round=True are two ways to keep bf16 "
+                         "parameters moving without fp32 master weights: choose one")
+    return "kahan" if kahan else "stochastic" if sr else "nearest"

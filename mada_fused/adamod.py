@@ -31,8 +31,9 @@ class AdaMod(FusedOptimizer):
     with :math:`m_0 = v_0 = s_0 = 0` (no bias correction of ``s``) and decoupled
     weight decay :math:`\lambda`. Defaults: lr 1e-3, betas (0.9, 0.999), beta3
     0.999, eps 1e-8, weight_decay 0. ``maximize=True`` negates :math:`g_t`.
-    ``state_dtype`` and ``sr_seed`` as :class:`MADA`'s (``torch.bfloat16`` stores
-    the state in bf16 with stochastic rounding).
+    ``state_dtype``, ``sr_seed``, ``kahan_sum`` and ``bf16_stochastic_round`` as
+    :class:`MADA`'s (``torch.bfloat16`` stores the state in bf16 with stochastic
+    rounding; the last two keep bf16 parameters moving without fp32 master weights).
 
     As in torch.optim.AdamW, ``lr`` may be a float or a 1-element tensor, and
     each parameter group may set its own ``lr``, ``betas``, ``beta3``, ``eps``,
@@ -59,6 +60,8 @@ class AdaMod(FusedOptimizer):
         maximize: bool = False,
         state_dtype: torch.dtype = torch.float32,
         sr_seed: int = 0,
+        kahan_sum: bool = False,
+        bf16_stochastic_round: bool = False,
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
@@ -68,8 +71,9 @@ class AdaMod(FusedOptimizer):
         # DiffMod passes its len_memory as ``beta3``: the value of its _MEMORY option.
         defaults = {"lr": lr, "betas": _checks.host_pair("betas", betas), self._MEMORY: beta3, "eps": eps,
                     "weight_decay": weight_decay, "maximize": maximize}
-        super().__init__(params, defaults, backend, state_dtype=state_dtype, sr_seed=sr_seed, foreach=foreach,
-                         capturable=capturable, differentiable=differentiable, fused=fused, amsgrad=amsgrad)
+        super().__init__(params, defaults, backend, state_dtype=state_dtype, sr_seed=sr_seed, kahan_sum=kahan_sum,
+                         bf16_stochastic_round=bf16_stochastic_round, foreach=foreach, capturable=capturable,
+                         differentiable=differentiable, fused=fused, amsgrad=amsgrad)
 
     def _memory(self, group: Mapping[str, Any]) -> float:
         """beta3, the memory of the clip on the step size."""
@@ -124,6 +128,8 @@ class DiffMod(AdaMod):
         maximize: bool = False,
         state_dtype: torch.dtype = torch.float32,
         sr_seed: int = 0,
+        kahan_sum: bool = False,
+        bf16_stochastic_round: bool = False,
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
@@ -131,7 +137,8 @@ class DiffMod(AdaMod):
         amsgrad: bool = False,
     ) -> None:
         super().__init__(params, lr, betas, len_memory, eps, weight_decay, backend, maximize=maximize,
-                         state_dtype=state_dtype, sr_seed=sr_seed, foreach=foreach, capturable=capturable,
+                         state_dtype=state_dtype, sr_seed=sr_seed, kahan_sum=kahan_sum,
+                         bf16_stochastic_round=bf16_stochastic_round, foreach=foreach, capturable=capturable,
                          differentiable=differentiable, fused=fused, amsgrad=amsgrad)
 
     def _memory(self, group: Mapping[str, Any]) -> float:

@@ -28,6 +28,18 @@ def compute_dtype_for(state_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if state_dtype == torch.float64 else torch.float32
 
 
+# How a step stores a bf16 parameter's new value (docs/spec.md section 5.2; abi.PARAM_ROUNDS).
+PARAM_ROUNDS: tuple[str, ...] = ("nearest", "stochastic", "kahan")
+# The state entry of Kahan summation's compensation (optimi's name).
+KAHAN_COMP = "kahan_comp"
+
+
+def param_round_for(param_dtype: torch.dtype, requested: str = "nearest") -> str:
+    # Stochastic rounding and Kahan summation are for bf16 parameters; the others
+    # (fp32, fp64, fp16) store their new values as without them, as in torchao and optimi.
+    return requested if param_dtype == torch.bfloat16 else "nearest"
+
+
 # Host buffers: where each stream starts within a 4 KiB page. Large allocations
 # are page-aligned, so a bucket's state buffers (and tangent rows a page multiple
 # apart) would all start at the same page offset, and the fused CPU pass, which
@@ -89,6 +101,8 @@ class Bucket:
     ``tangent_dtype`` (the compute dtype: fp32 when the state is bf16)
     whose rows are contiguous (on the host they are padded further apart: its
     row stride is ``tangents.stride(0)``).
+    ``comp`` is Kahan summation's bf16 compensation, one element per state
+    element (``param_round == "kahan"`` only, else None).
     ``steps[i]`` counts parameter ``i``'s successful steps. ``built_for[i]``
     is the (dtype, device, shape) parameter ``i`` had when its state was made:
     the optimizer checks every step that it still has them.
@@ -100,18 +114,23 @@ class Bucket:
         state_names: tuple[str, ...],
         num_tangents: int,
         state_dtype: torch.dtype = torch.float32,
+        param_round: str = "nearest",
     ) -> None:
         first = params[0]
         self.device = first.device
         self.dtype = first.dtype
         self.state_dtype = state_dtype_for(first.dtype, state_dtype)
+        self.param_round = param_round_for(first.dtype, param_round)
         self.tangent_dtype = compute_dtype_for(self.state_dtype)
         self.params = list(params)
         self.built_for = [(p.dtype, p.device, p.shape) for p in self.params]
         # A DTensor parameter (FSDP2) keeps state for its local shard only.
         self.shapes = [local_shape(p) for p in self.params]
         self.offsets: list[int] = []
-        vec = ALIGN // min(self.state_dtype.itemsize, self.tangent_dtype.itemsize)
+        # The narrowest stream sets the alignment unit (a Kahan compensation is bf16).
+        narrowest = min(self.state_dtype.itemsize, self.tangent_dtype.itemsize,
+                        torch.bfloat16.itemsize if self.param_round == "kahan" else 8)
+        vec = ALIGN // narrowest
         total = 0
         for shape in self.shapes:
             self.offsets.append(total)
@@ -123,9 +142,14 @@ class Bucket:
             name: _placed(total, _FIRST_SLOT + k, opts) if host else torch.zeros(total, **opts)
             for k, name in enumerate(state_names)
         }
+        self.comp = None
+        if self.param_round == "kahan":
+            opts_c = dict(opts, dtype=torch.bfloat16)
+            slot = _FIRST_SLOT + len(state_names)
+            self.comp = _placed(total, slot, opts_c) if host else torch.zeros(total, **opts_c)
         self.tangents = None
         if num_tangents:
-            slot = _FIRST_SLOT + len(state_names)
+            slot = _FIRST_SLOT + len(state_names) + (self.comp is not None)
             opts = dict(opts, dtype=self.tangent_dtype)
             self.tangents = (_placed_rows(num_tangents, total, slot, opts) if host
                              else torch.zeros(num_tangents, total, **opts))
@@ -140,16 +164,20 @@ class Bucket:
         out = {"step": self.steps[i]}
         for name, buf in self.buffers.items():
             out[name] = buf[lo:hi].view(shape)
+        if self.comp is not None:
+            out[KAHAN_COMP] = self.comp[lo:hi].view(shape)
         if self.tangents is not None:
             out["tangents"] = self.tangents[:, lo:hi].view(len(self.tangents), *shape)
         return out
 
     def copy_state(self, i: int, src: "Bucket", j: int) -> None:
         """Parameter ``i``'s state := parameter ``j``'s in ``src``, converted to this
-        bucket's state dtype and device (as load_state_dict converts)."""
-        mine = self.views(i)
-        for name, t in src.views(j).items():
-            mine[name].copy_(t)
+        bucket's state dtype and device (as load_state_dict converts). A Kahan
+        compensation only one side keeps starts at 0, or is dropped."""
+        theirs = src.views(j)
+        for name, t in self.views(i).items():
+            if name in theirs:
+                t.copy_(theirs[name])
 
     @property
     def tangent_stride(self) -> int:
@@ -159,6 +187,8 @@ class Bucket:
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the bucket owns (for snapshot/restore)."""
         out = list(self.buffers.values()) + [self.steps]
+        if self.comp is not None:
+            out.append(self.comp)
         if self.tangents is not None:
             out.append(self.tangents)
         return out

@@ -154,6 +154,13 @@ class MADA(FusedOptimizer):
             parameters keep fp64 state. ``"8bit"`` is not implemented yet.
         sr_seed: seed of that rounding's random bits (default 0, so runs repeat
             bit for bit); saved in the state_dict.
+        kahan_sum: for bf16 parameters trained without fp32 master weights: keep
+            each new value's rounding error in a bf16 compensation buffer
+            (``state[p]["kahan_comp"]``, as optimi) and add it back at the next
+            step (docs/spec.md section 5.2). bf16_stochastic_round: store each
+            new bf16 parameter value with stochastic rounding instead (as
+            torchao), seeded by ``sr_seed``. Not both; either is a no-op for
+            parameters of other dtypes.
     """
 
     def __init__(
@@ -182,6 +189,8 @@ class MADA(FusedOptimizer):
         *,
         state_dtype: torch.dtype = torch.float32,
         sr_seed: int = 0,
+        kahan_sum: bool = False,
+        bf16_stochastic_round: bool = False,
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
@@ -222,7 +231,8 @@ class MADA(FusedOptimizer):
         self._group_coef: LruCache[torch.Tensor] = LruCache(CONFIG_CACHE_SIZE)  # AVGrad's per-group betas
         defaults = dict(lr=lr, weight_decay=weight_decay, eps=eps, betas=(beta1, beta2), maximize=maximize)
         super().__init__(params, {k: defaults[k] for k in self._DEFAULTS}, backend, state_dtype=state_dtype,
-                         sr_seed=sr_seed, foreach=foreach, capturable=capturable, differentiable=differentiable,
+                         sr_seed=sr_seed, kahan_sum=kahan_sum, bf16_stochastic_round=bf16_stochastic_round,
+                         foreach=foreach, capturable=capturable, differentiable=differentiable,
                          fused=fused, amsgrad=amsgrad)
         device = self.param_groups[0]["params"][0].device
         self._hyper = HyperState(hyper, values, device)
@@ -439,6 +449,8 @@ class AVGrad(MADA):
         maximize: bool = False,
         state_dtype: torch.dtype = torch.float32,
         sr_seed: int = 0,
+        kahan_sum: bool = False,
+        bf16_stochastic_round: bool = False,
         foreach: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
@@ -448,6 +460,7 @@ class AVGrad(MADA):
         super().__init__(
             params, lr=lr, betas=betas, rho=0.0, eps=eps, weight_decay=weight_decay,
             learn=(), maximize=maximize, backend=backend, state_dtype=state_dtype, sr_seed=sr_seed,
+            kahan_sum=kahan_sum, bf16_stochastic_round=bf16_stochastic_round,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused, amsgrad=amsgrad,
         )
 

@@ -18,7 +18,7 @@ from . import _checkpoint, _checks, backends
 from .backends.base import Backend, DeviceScalars, Segments
 from .distributed import local_pair, local_tensor, param_state
 from ._lru import LruCache
-from .flat_state import Bucket, state_dtype_for
+from .flat_state import Bucket, param_round_for, state_dtype_for
 
 @dataclass(frozen=True)
 class Work:
@@ -82,20 +82,24 @@ class FusedOptimizer(torch.optim.Optimizer):
     _GLOBAL_WHY = ""
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str, *,
-                 state_dtype: torch.dtype = torch.float32, sr_seed: int = 0, **switches: Any) -> None:
+                 state_dtype: torch.dtype = torch.float32, sr_seed: int = 0, kahan_sum: bool = False,
+                 bf16_stochastic_round: bool = False, **switches: Any) -> None:
         """``defaults``: lr, weight_decay and the _GROUP_OPTIONS; ``state_dtype`` and
         ``sr_seed``: how the state is stored, and the seed of its stochastic rounding
-        (docs/spec.md 5.1); ``switches``: torch.optim.AdamW's fused, foreach,
-        capturable, differentiable, amsgrad."""
+        (docs/spec.md 5.1); ``kahan_sum``, ``bf16_stochastic_round``: how bf16
+        parameters store their new values (docs/spec.md 5.2); ``switches``:
+        torch.optim.AdamW's fused, foreach, capturable, differentiable, amsgrad."""
         _checks.learning_rate("lr", defaults["lr"], read_tensor=True)
         _checks.non_negative("weight_decay", defaults["weight_decay"])
         self._state_dtype = _checks.state_dtype(state_dtype)
         self._sr_seed = _checks.sr_seed(sr_seed)
+        self._param_round = _checks.param_round(kahan_sum, bf16_stochastic_round)
         request, self._fused_only = _checks.adamw_switches(backend, **switches)
         self._backend_request = backends.check_name(request)
         if self._fused_only and self._backend_request == "reference":  # from the environment
             raise ValueError(f"fused=True, but {backends.ENV_VAR}=reference asks for the unfused backend")
         backends.check_state_dtype(self._backend_request, self._state_dtype)
+        backends.check_param_round(self._backend_request, self._param_round)
         # Checked group configurations, by their option values (_configs).
         self._config_cache: LruCache[Hashable] = LruCache(CONFIG_CACHE_SIZE)
         self._group_config(defaults)
@@ -247,7 +251,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         backend = self._backend_for.get((device, dtype))
         if backend is None:
             state_dtype = state_dtype_for(dtype, self._state_dtype)
-            backend = backends.resolve(self._backend_request, device, dtype, state_dtype)
+            param_round = param_round_for(dtype, self._param_round)
+            backend = backends.resolve(self._backend_request, device, dtype, state_dtype, param_round)
             if self._fused_only and backend.name == "reference":
                 raise ValueError(f"fused=True, but no fused backend can step {dtype} parameters with "
                                  f"{state_dtype} state on {device} "
@@ -329,7 +334,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- buckets ----------------------------------------------------------------
     def _new_bucket(self, params: list[torch.Tensor]) -> Bucket:
-        return Bucket(params, self._state_names(), self._num_tangents(), self._state_dtype)
+        return Bucket(params, self._state_names(), self._num_tangents(), self._state_dtype, self._param_round)
 
     def _install(self, buckets: list[Bucket]) -> None:
         """Make ``buckets`` the optimizer's state (each built and filled beforehand)."""
@@ -476,7 +481,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             bucket = self._new_bucket([params[i] for i in members])
             for j, i in enumerate(members):
                 for name, dst in bucket.views(j).items():
-                    dst.copy_(local_tensor(saved_state[i][name]))
+                    if name in saved_state[i]:  # a Kahan compensation the checkpoint lacks starts at 0
+                        dst.copy_(local_tensor(saved_state[i][name]))
             buckets.append(bucket)
         # From here on nothing can fail half-way.
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):

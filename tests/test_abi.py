@@ -144,6 +144,12 @@ def _spoil(call: Call, case: str) -> None:
         step["dot_out"] = 0
     elif case == "adamod learns":
         fixed.update(op=abi.ADAMOD_STEP, variant=0)
+    elif case == "param round":
+        fixed["param_round"] = len(abi.PARAM_ROUNDS)
+    elif case == "param round of fp32":  # the call's parameters are fp32
+        fixed["param_round"] = abi.PARAM_ROUNDS["stochastic"]
+    elif case == "kahan without comp":
+        fixed.update(dtype=abi.DTYPES["bfloat16"], param_round=abi.PARAM_ROUNDS["kahan"], comp=0)
     else:
         raise AssertionError(case)
 
@@ -155,7 +161,8 @@ CASES = {
     "null param": "null address", "state buffer": "state buffer", "tangent rows": "tangent rows",
     "row stride": "tangent rows", "coefficients": "coefficients", "no lr": "lr, weight_decay and steps",
     "dot without rows": "dot_out needs tangent rows", "dot pass without dot_out": "needs dot_out",
-    "adamod learns": "AdaMod learns",
+    "adamod learns": "AdaMod learns", "param round": "unknown parameter rounding",
+    "param round of fp32": "bf16 parameters only", "kahan without comp": "compensation buffer",
 }
 
 
@@ -229,4 +236,23 @@ def test_bf16_state_runs_in_the_cpu_extension_and_the_cuda_planner_refuses_it(na
         assert call.state[0].any() and call.state[1].any()  # m and v were written
     else:
         with pytest.raises(ValueError, match="fp32/fp64 state only"):
+            ext.plan_info(call.packed())
+
+
+@pytest.mark.parametrize("round_", ["stochastic", "kahan"])
+@pytest.mark.parametrize("name", ["_C_cpu", "_C_cuda", "_C_cuda_on_cpu"])
+def test_bf16_param_rounding_runs_in_the_cpu_extension_and_the_cuda_planner_refuses_it(name, round_):
+    ext = _ext(name)
+    call = Call()
+    call.p, call.g = call.p.to(torch.bfloat16), call.g.to(torch.bfloat16)
+    call.comp = torch.zeros(N, dtype=torch.bfloat16)
+    call.row.update(param=call.p.data_ptr(), grad=call.g.data_ptr())
+    call.fixed.update(dtype=abi.DTYPES["bfloat16"], param_round=abi.PARAM_ROUNDS[round_],
+                      comp=call.comp.data_ptr() if round_ == "kahan" else 0)
+    before = call.p.clone()
+    if name == "_C_cpu":
+        ext.run(call.packed())
+        assert not torch.equal(call.p, before) and (round_ != "kahan" or call.comp.any())
+    else:
+        with pytest.raises(ValueError, match="rounded to nearest only"):
             ext.plan_info(call.packed())

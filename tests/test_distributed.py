@@ -165,18 +165,18 @@ def _scenarios(rank: int, mesh, ckpt_dir: str) -> dict:
         coefs = run_manual(opt, live, manual_grads(F64), cut)
         return dict(coefs=coefs, params=[p.detach() for p in live] if explicit else [full(p) for p in live])
 
-    def dcp_resume(name, dtype=F64, storage=None):
+    def dcp_resume(name, dtype=F64, **extra):
         cls, kw = (MADA, MADA_KW) if name == "MADA" else OTHERS[name]
-        data, where = batches(dtype), os.path.join(ckpt_dir, name + ("_bf16" if storage else ""))
+        data, where = batches(dtype), os.path.join(ckpt_dir, name + str(dtype) + str(extra.get("state_dtype", "")))
         m = _fsdp(mesh, dtype)
-        opt = cls(m.parameters(), **kw, **(storage or {}))
+        opt = cls(m.parameters(), **kw, **extra)
         train(m, opt, data[:5], rank, WORLD)
         sd = {"model": get_model_state_dict(m), "optim": md.get_optimizer_state_dict(m, opt)}
         dcp.save(sd, checkpoint_id=where)
         straight = train(m, opt, data[5:], rank, WORLD)
         m2 = _fsdp(mesh, dtype)  # back at the initial weights
         # fresh: no state until set_optimizer_state_dict, and the default sr_seed until then too
-        opt2 = cls(m2.parameters(), **kw, **({"state_dtype": storage["state_dtype"]} if storage else {}))
+        opt2 = cls(m2.parameters(), **kw, **{k: v for k, v in extra.items() if k != "sr_seed"})
         sd = {"model": get_model_state_dict(m2), "optim": md.get_optimizer_state_dict(m2, opt2)}
         dcp.load(sd, checkpoint_id=where)
         set_model_state_dict(m2, sd["model"])
@@ -186,9 +186,9 @@ def _scenarios(rank: int, mesh, ckpt_dir: str) -> dict:
         same_state = all(torch.equal(md.local_tensor(a), md.local_tensor(b))
                          for p, q in pairs for a, b in zip(opt.state[p].values(), opt2.state[q].values()))
         same_params = all(torch.equal(p.to_local(), q.to_local()) for p, q in pairs)
-        dtypes = {k: str(v.dtype) for k, v in opt2.state[m2[0].weight].items()}
         return dict(coefs=torch.stack([straight, resumed]), same_state=same_state, same_params=same_params,
-                    dtypes=dtypes)
+                    names=sorted(opt2.state[m2[0].weight]),
+                    dtypes={k: str(v.dtype) for k, v in opt2.state[m2[0].weight].items()})
 
     def mixed_rejected():
         m = _fsdp(mesh, F64)
@@ -208,8 +208,9 @@ def _scenarios(rank: int, mesh, ckpt_dir: str) -> dict:
             ("dtensor", lambda: manual(False)), ("explicit_group", lambda: manual(True)),
             ("mixed", mixed_rejected), *[(f"other_{n}", lambda n=n: fsdp_other(n)) for n in OTHERS],
             *[(f"dcp_{n}", lambda n=n: dcp_resume(n)) for n in ("MADA", "AdaMod")],
+            ("dcp_kahan", lambda: dcp_resume("AdaMod", BF16, kahan_sum=True)),
             ("fsdp_bf16_state", lambda: fsdp_mada(F32, **BF16_STATE)),
-            *[(f"dcp_{n}_bf16_state", lambda n=n: dcp_resume(n, F32, BF16_STATE)) for n in ("MADA", "AdaMod")]]
+            *[(f"dcp_{n}_bf16_state", lambda n=n: dcp_resume(n, F32, **BF16_STATE)) for n in ("MADA", "AdaMod")]]
     for name, job in jobs:
         try:
             out[name] = job()
@@ -350,16 +351,17 @@ def test_hand_sharded_params_match_single_process(ranks, name):
         assert_rel(g, want.detach(), 1e-10, f"parameter {i}")
 
 
-@pytest.mark.parametrize("state", ["", "_bf16_state"], ids=["fp64", "bf16_state"])
-@pytest.mark.parametrize("name", ["MADA", "AdaMod"])
+# kahan: bf16 params, kahan_comp sharded too. bf16 state: saved and loaded as bf16, and the
+# stochastic rounding's seed with it (the resumed optimizer is built with the default seed).
+@pytest.mark.parametrize("name,state", [("MADA", "float64"), ("AdaMod", "float64"), ("kahan", "float32"),
+                                        ("MADA_bf16_state", "bfloat16"), ("AdaMod_bf16_state", "bfloat16")])
 def test_dcp_save_and_resume_is_bit_exact(ranks, name, state):
-    """bf16 state: saved and loaded as bf16, and the stochastic rounding's seed with it
-    (the resumed optimizer is built with the default seed)."""
-    for r, res in enumerate(result(ranks, f"dcp_{name}{state}")):
+    for r, res in enumerate(result(ranks, f"dcp_{name}")):
         straight, resumed = res["coefs"]
         assert torch.equal(straight, resumed), f"rank {r}: coefficients after resuming differ"
         assert res["same_params"] and res["same_state"], f"rank {r}: parameters or state differ after resuming"
-        assert res["dtypes"]["m"] == ("torch.bfloat16" if state else "torch.float64")
+        assert ("kahan_comp" in res["names"]) == (name == "kahan")
+        assert res["dtypes"]["m"] == f"torch.{state}"
 
 
 def test_mixed_sharded_and_plain_params_are_rejected_when_learning(ranks):

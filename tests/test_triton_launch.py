@@ -82,7 +82,8 @@ def test_tangent_row_offset_is_64_bit():
     ptr = dict(table="*i64", coef="*fp64", steps="*fp64", consts="*fp64", partial="*fp64")
     meta = dict(KIND=0, STEP=True, DOT=True, ROWS=sum(k << (3 * k) for k in range(6)), NL=6, NLP=8,
                 HAS_BETA3=True, HAS_VBAR=True, HAS_LION=True, HAS_MOD=True, VBAR_DETACH=False, MAXIMIZE=False,
-                DIFF=False, HAS_SCALE=False, HAS_INF=False, SR=False, ALIGNED=False, T_ALIGNED=False, S_VEC=4, CHUNK=8192,
+                DIFF=False, HAS_SCALE=False, HAS_INF=False, SR=False, PROUND=0, ALIGNED=False, T_ALIGNED=False,
+                S_VEC=4, CHUNK=8192,
                 BLOCK=1024)
     sig = {n: "i32" if n in ("tstride", "n_chunks", "first", "seed") else ptr.get(n, "*fp32")
            for n in fn.arg_names if n not in meta}

@@ -28,6 +28,9 @@ ADAMOD = tl.constexpr(1)
 # Canonical coefficient order, as csrc/mada_math.h's enum Coef.
 B1, B2, B3, RHO, C, GAMMA = (tl.constexpr(i) for i in range(6))
 NO_ROW = tl.constexpr(7)  # 3-bit field in ROWS: coefficient not learned
+# How a bf16 parameter's new value is stored (PROUND; csrc/abi.h ParamRound, docs/spec.md 5.2).
+ROUND_NEAREST, ROUND_STOCHASTIC, ROUND_KAHAN = (tl.constexpr(i) for i in range(3))
+K_BUF_PARAM = tl.constexpr(13)  # mada_math.h kBufParam: the hash's buffer number of the parameter
 
 
 def _device(fn):
@@ -184,6 +187,44 @@ def _round(x, keys, so, b: tl.constexpr, SR: tl.constexpr):
     return x
 
 
+# bf16 parameters without fp32 master weights (docs/spec.md section 5.2): mada_math.h's
+# rne_bf16, kahan_weight, kahan_comp, and the load and store of a parameter under PROUND.
+@_device
+def _rne_bf16(x):
+    u = x.to(tl.uint32, bitcast=True)
+    u = tl.where(x != x, 0x7FC00000, (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000)
+    return u.to(tl.float32, bitcast=True)
+
+
+@_device
+def _kahan_weight(theta, comp):
+    return theta + comp
+
+
+@_device
+def _kahan_comp(x, stored):
+    return tl.where(stored - stored == 0.0, _rne_bf16(x - stored), 0.0)
+
+
+@_device
+def _load_param(pp, po, comp_p, so, mask, ct: tl.constexpr, PROUND: tl.constexpr, MASKED: tl.constexpr):
+    theta = _ld(pp, po, mask, MASKED).to(ct)
+    if PROUND == ROUND_KAHAN:
+        theta = _kahan_weight(theta, _ld(comp_p, so, mask, MASKED).to(ct))
+    return theta
+
+
+@_device
+def _store_param(pp, po, theta, comp_p, pkey, so, mask, PROUND: tl.constexpr, MASKED: tl.constexpr):
+    if PROUND == ROUND_STOCHASTIC:
+        theta = _sr_bf16(theta, _sr_bits(pkey, so))
+    if PROUND == ROUND_KAHAN:
+        stored = _rne_bf16(theta)
+        _st(comp_p, so, _kahan_comp(theta, stored), mask, MASKED)
+        theta = stored
+    _st(pp, po, theta, mask, MASKED)  # a bf16 value already, or rounded to nearest here
+
+
 @_device
 def _make_mada_scalars(coef, consts, lr, decay, t, ct: tl.constexpr, VBAR_DETACH: tl.constexpr):
     """mada_math.h's MadaScalars, in its order: read in float64 (powers especially), rounded once to ct.
@@ -314,12 +355,13 @@ def _mada_tangents(k, g, m0, v0, n0, new, mid, etah, clipped, sq, D):
 
 
 @_device
-def _mada_block(pp, gp_, st, keys, tan, tstride, po, so, mask, acc, k, scale,
+def _mada_block(pp, gp_, st, keys, pio, tan, tstride, po, so, mask, acc, k, scale,
                 STEP: tl.constexpr, DOT: tl.constexpr, ROWS: tl.constexpr, NL: tl.constexpr,
                 NLP: tl.constexpr, HAS_BETA3: tl.constexpr, HAS_VBAR: tl.constexpr,
                 HAS_LION: tl.constexpr, HAS_MOD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                HAS_SCALE: tl.constexpr, SR: tl.constexpr, MASKED: tl.constexpr):
+                HAS_SCALE: tl.constexpr, SR: tl.constexpr, PROUND: tl.constexpr, MASKED: tl.constexpr):
     m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p = st
+    comp_p, pkey = pio
     g = _grad(gp_, po, mask, scale, m_p, HAS_SCALE, MAXIMIZE, SR, MASKED)
     if DOT:
         # sum(g * T) with the previous step's tangents, before they are overwritten.
@@ -329,7 +371,7 @@ def _mada_block(pp, gp_, st, keys, tan, tstride, po, so, mask, acc, k, scale,
             prod = g.to(tl.float64) * _ld(tan + r * tstride, so, mask, MASKED).to(tl.float64)
             acc += tl.where(rows == r, tl.reduce(prod, 0, tl.standard._sum_combine), 0.0)
     if STEP:
-        theta = _ld(pp, po, mask, MASKED).to(g.dtype)
+        theta = _load_param(pp, po, comp_p, so, mask, g.dtype, PROUND, MASKED)
         m0 = _ld(m_p, so, mask, MASKED).to(g.dtype)  # bf16 state widens exactly
         v0 = _ld(v_p, so, mask, MASKED).to(g.dtype)
         zero = tl.full(g.shape, 0.0, g.dtype)  # state a configuration lacks
@@ -358,7 +400,7 @@ def _mada_block(pp, gp_, st, keys, tan, tstride, po, so, mask, acc, k, scale,
             _st(vb_p, so, vb, mask, MASKED)
         if HAS_MOD:
             _st(s_p, so, s, mask, MASKED)
-        _st(pp, po, theta, mask, MASKED)
+        _store_param(pp, po, theta, comp_p, pkey, so, mask, PROUND, MASKED)
         if NL > 0:
             tb1, tb2, tb3, trho, tc, tgam = _mada_tangents(k, g, m0, v0, n0, new, mid, etah, clipped, sq, D)
             _tangent(tan, tstride, so, tb1, mask, ROWS, B1, MASKED)
@@ -389,11 +431,12 @@ def _adamod_element(k, g, theta, m0, v0, s0, gprev, keys, so, DIFF: tl.constexpr
 
 
 @_device
-def _adamod_block(pp, gp_, st, keys, po, so, mask, k, scale, DIFF: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, SR: tl.constexpr, MASKED: tl.constexpr):
+def _adamod_block(pp, gp_, st, keys, pio, po, so, mask, k, scale, DIFF: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, SR: tl.constexpr, PROUND: tl.constexpr, MASKED: tl.constexpr):
     m_p, v_p, s_p, gprev_p = st
+    comp_p, pkey = pio
     g = _grad(gp_, po, mask, scale, m_p, HAS_SCALE, MAXIMIZE, SR, MASKED)
-    theta = _ld(pp, po, mask, MASKED).to(g.dtype)
+    theta = _load_param(pp, po, comp_p, so, mask, g.dtype, PROUND, MASKED)
     gprev = g  # g_prev starts at 0 in the state; only DiffMod has it
     if DIFF:
         gprev = _ld(gprev_p, so, mask, MASKED).to(g.dtype)
@@ -405,17 +448,18 @@ def _adamod_block(pp, gp_, st, keys, po, so, mask, k, scale, DIFF: tl.constexpr,
     _st(s_p, so, s, mask, MASKED)
     if DIFF:
         _st(gprev_p, so, _round(g, keys, so, 3, SR), mask, MASKED)
-    _st(pp, po, theta, mask, MASKED)
+    _store_param(pp, po, theta, comp_p, pkey, so, mask, PROUND, MASKED)
 
 
 @triton.jit
-def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, tan, tstride,
+def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, comp_p, tan, tstride,
                coef, lr_p, wd_p, steps, consts, scale_p, inf_p, partial, n_chunks, first, seed,
                KIND: tl.constexpr, STEP: tl.constexpr, DOT: tl.constexpr, ROWS: tl.constexpr,
                NL: tl.constexpr, NLP: tl.constexpr, HAS_BETA3: tl.constexpr, HAS_VBAR: tl.constexpr,
                HAS_LION: tl.constexpr, HAS_MOD: tl.constexpr, VBAR_DETACH: tl.constexpr,
                MAXIMIZE: tl.constexpr, DIFF: tl.constexpr, HAS_SCALE: tl.constexpr,
-               HAS_INF: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr, T_ALIGNED: tl.constexpr, S_VEC: tl.constexpr,
+               HAS_INF: tl.constexpr, SR: tl.constexpr, PROUND: tl.constexpr, ALIGNED: tl.constexpr,
+               T_ALIGNED: tl.constexpr, S_VEC: tl.constexpr,
                CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = first + tl.program_id(0)  # this launch covers table rows first, first + 1, ...
     row = table + pid * 6  # param addr, grad addr, state offset, count, group, param index
@@ -453,6 +497,7 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, tan, tstrid
     keys = (_sr_key(seed32, step32, 0), _sr_key(seed32, step32, 1), _sr_key(seed32, step32, 2),
             _sr_key(seed32, step32, 3), _sr_key(seed32, step32, 4), _sr_key(seed32, step32, 5),
             _sr_key(seed32, step32, 6))
+    pio = (comp_p, _sr_key(seed32, step32, K_BUF_PARAM))  # how the parameter is read and stored
     if KIND == MADA:
         k = _make_mada_scalars(coef, consts, lr, decay, t, ct, VBAR_DETACH)
         st = (m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p)
@@ -465,16 +510,20 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, tan, tstrid
         mask = po < count
         if start + BLOCK <= count:
             if KIND == MADA:
-                acc = _mada_block(pp, gp_, st, keys, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT, ROWS, NL,
-                                  NLP, HAS_BETA3, HAS_VBAR, HAS_LION, HAS_MOD, MAXIMIZE, HAS_SCALE, SR, False)
+                acc = _mada_block(pp, gp_, st, keys, pio, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT, ROWS,
+                                  NL, NLP, HAS_BETA3, HAS_VBAR, HAS_LION, HAS_MOD, MAXIMIZE, HAS_SCALE, SR, PROUND,
+                                  False)
             else:
-                _adamod_block(pp, gp_, st, keys, po, so, mask, k, scale, DIFF, MAXIMIZE, HAS_SCALE, SR, False)
+                _adamod_block(pp, gp_, st, keys, pio, po, so, mask, k, scale, DIFF, MAXIMIZE, HAS_SCALE, SR, PROUND,
+                              False)
         elif start < count:
             if KIND == MADA:
-                acc = _mada_block(pp, gp_, st, keys, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT, ROWS, NL,
-                                  NLP, HAS_BETA3, HAS_VBAR, HAS_LION, HAS_MOD, MAXIMIZE, HAS_SCALE, SR, True)
+                acc = _mada_block(pp, gp_, st, keys, pio, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT, ROWS,
+                                  NL, NLP, HAS_BETA3, HAS_VBAR, HAS_LION, HAS_MOD, MAXIMIZE, HAS_SCALE, SR, PROUND,
+                                  True)
             else:
-                _adamod_block(pp, gp_, st, keys, po, so, mask, k, scale, DIFF, MAXIMIZE, HAS_SCALE, SR, True)
+                _adamod_block(pp, gp_, st, keys, pio, po, so, mask, k, scale, DIFF, MAXIMIZE, HAS_SCALE, SR, PROUND,
+                              True)
     if DOT:
         # One fp64 partial per (learned row, chunk); launch.py sums them in a fixed order.
         rows = tl.arange(0, NLP)

@@ -31,7 +31,7 @@ from collections import OrderedDict
 import torch
 import triton
 
-from ..backends.abi import MADA_STATE
+from ..backends.abi import MADA_STATE, PARAM_ROUNDS
 from ..backends.segments import pack
 
 _MADA, _ADAMOD = 0, 1
@@ -190,12 +190,14 @@ def _launch(kind: int, bucket, seg, scalars, coef, consts, *, states, flags: dic
     dummy = bucket.steps  # stands in for pointers a variant never dereferences
     ptrs = [bucket.buffers.get(n, dummy) if n else dummy for n in states]
     tan = bucket.tangents if bucket.tangents is not None else dummy
+    comp = bucket.comp if bucket.comp is not None else dummy
     scale, found = scalars.grad_scale, scalars.found_inf
-    args = (lay.table, seg.params[0], *ptrs, tan, bucket.tangent_stride, coef, scalars.lr, scalars.weight_decay,
+    args = (lay.table, seg.params[0], *ptrs, comp, tan, bucket.tangent_stride, coef, scalars.lr, scalars.weight_decay,
             bucket.steps, consts, dummy if scale is None else scale, dummy if found is None else found,
             lay.partial, lay.n_chunks)
     meta = dict(KIND=kind, NL=nl, NLP=triton.next_power_of_2(max(nl, 1)), HAS_SCALE=scale is not None,
-                HAS_INF=found is not None, SR=bucket.state_dtype == torch.bfloat16, T_ALIGNED=lay.t_aligned, S_VEC=lay.s_vec, CHUNK=chunk, **flags)
+                HAS_INF=found is not None, SR=bucket.state_dtype == torch.bfloat16,
+                PROUND=PARAM_ROUNDS[bucket.param_round], T_ALIGNED=lay.t_aligned, S_VEC=lay.s_vec, CHUNK=chunk, **flags)
     fn = kernels(interp).fused_step
     block, warps = (_INTERP_BLOCK, 1) if interp else _config()
     # Triton launches on the current device.

@@ -125,7 +125,7 @@ T* slot_ptr(void* const* state, int i, int64_t offset) {
 // each element start to end in one loop, the gradient read in place. No block
 // scratch: the two-loop split below only adds traffic for these (measured 7 %
 // slower at Adam's corner).
-template <int D, bool SB, bool VB, bool MO, bool SCALED>
+template <int D, int R, bool SB, bool VB, bool MO, bool SCALED>
 void mada_short(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
                 int64_t lo, int64_t hi, typename Param<D>::T sign, typename Param<D>::T scale) {
   using T = typename Param<D>::T;
@@ -139,6 +139,7 @@ void mada_short(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const
   S* __restrict__ vb = slot_ptr<S>(c.c.state, kVb, r.offset);
   S* __restrict__ s = slot_ptr<S>(c.c.state, kS, r.offset);
   const SrKeys<SB> keys(c.c, r);
+  const ParamIo<D, R> pio(c.c, r);
 #pragma GCC ivdep
   for (int64_t i = lo; i < hi; ++i) {
     MadaState<T> st{};
@@ -148,8 +149,7 @@ void mada_short(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const
     const auto round = keys.at(r.offset + i);
     const auto x = mada::mada_moments<T, false, VB, false, MO, false, false>(
         k, processed_grad<D, SCALED>(grad[i], scale, sign), st, round);
-    param[i] = Param<D>::store(mada::mada_apply<T, false, VB, false, MO, false>(
-        k, Param<D>::load(param[i]), x, st, nullptr, round));
+    pio.store(param, i, mada::mada_apply<T, false, VB, false, MO, false>(k, pio.load(param, i), x, st, nullptr, round));
     m[i] = St::put(st.m), v[i] = St::put(st.v);
     if (VB) vb[i] = St::put(st.vb);
     if (MO) s[i] = St::put(st.s);
@@ -161,7 +161,7 @@ void mada_short(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const
 // (two short dependency chains that out-of-order execution overlaps, instead
 // of one long one: 15-25 % faster with the Yogi or Adan terms), then the
 // hyper-gradient partial sums and the new tangent rows.
-template <int D, bool SB, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI>
+template <int D, int R, bool SB, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI>
 void mada_split(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
                 int64_t lo, int64_t hi, typename Param<D>::T sign, double (*lanes)[kLanes]) {
   using T = typename Param<D>::T;
@@ -178,6 +178,7 @@ void mada_split(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const
   S* __restrict__ vb = slot_ptr<S>(c.c.state, kVb, r.offset);
   S* __restrict__ s = slot_ptr<S>(c.c.state, kS, r.offset);
   const SrKeys<SB> keys(c.c, r);
+  const ParamIo<D, R> pio(c.c, r);
   alignas(64) T gbuf[kBlock];
   alignas(64) T tbuf[mada::kNumCoef][kBlock];
   Stash<T, B3, VB, LI, TAN, YOGI> mid;
@@ -207,8 +208,8 @@ void mada_split(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const
       if (TAN && B3) st.n = St::load(n[i]);
       if (TAN && VB) st.vb = St::load(vb[i]);
       T tan[mada::kNumCoef] = {};
-      param[i] = Param<D>::store(mada::mada_apply<T, B3, VB, LI, MO, TAN>(
-          k, Param<D>::load(param[i]), mid.get(j, k, gbuf[j], st), st, tan, keys.at(r.offset + i)));
+      pio.store(param, i, mada::mada_apply<T, B3, VB, LI, MO, TAN>(
+          k, pio.load(param, i), mid.get(j, k, gbuf[j], st), st, tan, keys.at(r.offset + i)));
       if (MO) s[i] = St::put(st.s);
       if (TAN)
         for (int q = 0; q < mada::kNumCoef; ++q) tbuf[q][j] = tan[q];
@@ -229,15 +230,15 @@ void mada_split(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const
   }
 }
 
-template <int D, bool SB, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI>
+template <int D, int R, bool SB, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI>
 void mada_piece(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
                 int64_t lo, int64_t hi, typename Param<D>::T sign, double (*lanes)[kLanes]) {
   if constexpr (!TAN && !B3 && !LI && !YOGI) {
     with_grad_scale<typename Param<D>::T>(c.c.grad_scale, [&](auto scaled, auto scale) {
-      mada_short<D, SB, VB, MO, decltype(scaled)::value>(c, k, r, lo, hi, sign, scale);
+      mada_short<D, R, SB, VB, MO, decltype(scaled)::value>(c, k, r, lo, hi, sign, scale);
     });
   } else {
-    mada_split<D, SB, B3, VB, LI, MO, TAN, YOGI>(c, k, r, lo, hi, sign, lanes);
+    mada_split<D, R, SB, B3, VB, LI, MO, TAN, YOGI>(c, k, r, lo, hi, sign, lanes);
   }
 }
 
@@ -256,8 +257,8 @@ void mada_dot_piece(const Pass& c, const SegRow& r, int64_t lo, int64_t hi,
 
 // One MADA pass for one flag combination; STEP = false is the dot-only pass
 // (hyper_order="exact"), instantiated once rather than inside every variant.
-// SB: the state is stored in bf16.
-template <int D, bool SB, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI, bool STEP = true>
+// R: the ParamRound of the parameter stores; SB: the state is stored in bf16.
+template <int D, int R, bool SB, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI, bool STEP = true>
 void mada_pass(const Pass& c) {
   using T = typename Param<D>::T;
   const double* k = c.c.consts;
@@ -271,7 +272,7 @@ void mada_pass(const Pass& c) {
   run_chunks<MadaScalars<T>>(c, rows, total, [&](const SegRow& r, int64_t lo, int64_t hi,
                                                    Chunk<MadaScalars<T>>& ch) {
     if constexpr (STEP)
-      mada_piece<D, SB, B3, VB, LI, MO, TAN, YOGI>(c, ch.scalars(c.c, r, make), r, lo, hi, sign,
+      mada_piece<D, R, SB, B3, VB, LI, MO, TAN, YOGI>(c, ch.scalars(c.c, r, make), r, lo, hi, sign,
                                                    ch.lanes);
     else
       mada_dot_piece<D>(c, r, lo, hi, sign, ch.lanes);
@@ -279,39 +280,41 @@ void mada_pass(const Pass& c) {
   for (int j = 0; j < rows; ++j) c.c.dot_out[j] += total[j];
 }
 
-using MadaFn = void (*)(const Pass&);
+using PassFn = void (*)(const Pass&);
 
 // Flag bits: abi.h's MadaBits (1 beta3, 2 vbar, 4 lion, 8 mod, 16 tangents),
 // 32, "c is 1 and not learned" (the Yogi term compiles out), and 64, bf16
 // state (float compute types only). Learning configurations keep the Yogi
 // term (bit 32 ignored): it is a small part of their work, and 16 more
-// variants would cost build time for nothing.
+// variants would cost build time for nothing. F / 128 is the ParamRound (bf16
+// parameters only: rounds_for).
 template <int D, int F>
 void mada_flags(const Pass& c) {
   constexpr bool tan = (F & 16) != 0, yogi = tan || (F & 32) == 0;
   constexpr bool sb = (F & 64) != 0 && D != kF64;
-  mada_pass<D, sb, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0, (F & 8) != 0, tan, yogi>(c);
+  mada_pass<D, F / 128, sb, (F & 1) != 0, (F & 2) != 0, (F & 4) != 0, (F & 8) != 0, tan, yogi>(c);
 }
 template <int D, int... F>
-constexpr std::array<MadaFn, sizeof...(F)> mada_table(std::integer_sequence<int, F...>) {
+constexpr std::array<PassFn, sizeof...(F)> mada_table(std::integer_sequence<int, F...>) {
   return {{&mada_flags<D, F>...}};
 }
 
 template <int D>
 void mada_entry(const Pass& c) {
   if (c.c.found_inf && *c.c.found_inf != 0.0f) return;  // GradScaler skip: touch nothing
-  if (c.c.op == kMadaDot) return mada_pass<D, false, false, false, false, false, false, true, false>(c);
+  if (c.c.op == kMadaDot)
+    return mada_pass<D, kRoundNearest, false, false, false, false, false, false, true, false>(c);
   static_assert(kMadaVariants == 32, "flag 32 comes after the MadaBits");
-  static constexpr auto table = mada_table<D>(std::make_integer_sequence<int, 128>{});
+  static constexpr auto table = mada_table<D>(std::make_integer_sequence<int, 128 * rounds_for(D)>{});
   const bool c_learned = (c.c.learn_mask >> mada::kC) & 1u;
   const int f = int(c.c.variant) | (!c_learned && c.c.coef[mada::kC] == 1.0) << 5 |
-                (c.c.state_dtype == kBF16) << 6;
+                (c.c.state_dtype == kBF16) << 6 | c.c.param_round * 128;  // abi_check.h: < rounds_for(D)
   table[f](c);
 }
 
 // One segment part [lo, hi) of AdaMod or DiffMod: a short chain, so one loop
 // with the gradient read in place, as mada_short.
-template <int D, bool SB, bool DIFF, bool SCALED>
+template <int D, int R, bool SB, bool DIFF, bool SCALED>
 void adamod_piece(const Pass& c, const AdamodScalars<typename Param<D>::T>& k,
                   const SegRow& r, int64_t lo, int64_t hi, typename Param<D>::T scale,
                   typename Param<D>::T sign) {
@@ -326,19 +329,20 @@ void adamod_piece(const Pass& c, const AdamodScalars<typename Param<D>::T>& k,
   S* __restrict__ s = slot_ptr<S>(c.c.state, kAs, r.offset);
   S* __restrict__ gp = slot_ptr<S>(c.c.state, kAgPrev, r.offset);
   const SrKeys<SB> keys(c.c, r);
+  const ParamIo<D, R> pio(c.c, r);
 #pragma GCC ivdep
   for (int64_t i = lo; i < hi; ++i) {
     T mi = St::load(m[i]), vi = St::load(v[i]), si = St::load(s[i]);
     T gprev = DIFF ? St::load(gp[i]) : T(0);
-    param[i] = Param<D>::store(mada::adamod_element<T, DIFF>(
-        k, processed_grad<D, SCALED>(grad[i], scale, sign), Param<D>::load(param[i]), mi, vi, si,
+    pio.store(param, i, mada::adamod_element<T, DIFF>(
+        k, processed_grad<D, SCALED>(grad[i], scale, sign), pio.load(param, i), mi, vi, si,
         gprev, keys.at(r.offset + i)));
     m[i] = St::put(mi), v[i] = St::put(vi), s[i] = St::put(si);
     if (DIFF) gp[i] = St::put(gprev);
   }
 }
 
-template <int D, bool SB, bool DIFF>
+template <int D, int R, bool SB, bool DIFF>
 void adamod_pass(const Pass& c) {
   using T = typename Param<D>::T;
   const T sign = grad_sign<T>(c);
@@ -351,20 +355,27 @@ void adamod_pass(const Pass& c) {
                                                     Chunk<AdamodScalars<T>>& ch) {
     const AdamodScalars<T>& k = ch.scalars(c.c, r, make);
     with_grad_scale<T>(c.c.grad_scale, [&](auto scaled, T scale) {
-      adamod_piece<D, SB, DIFF, decltype(scaled)::value>(c, k, r, lo, hi, scale, sign);
+      adamod_piece<D, R, SB, DIFF, decltype(scaled)::value>(c, k, r, lo, hi, scale, sign);
     });
   });
+}
+
+// AdaMod's passes by (ParamRound, bf16 state, DiffMod): F = 4 * round + 2 * sb + diff.
+template <int D, int F>
+void adamod_flags(const Pass& c) {
+  adamod_pass<D, F / 4, (F & 2) != 0 && D != kF64, (F & 1) != 0>(c);
+}
+template <int D, int... F>
+constexpr std::array<PassFn, sizeof...(F)> adamod_table(std::integer_sequence<int, F...>) {
+  return {{&adamod_flags<D, F>...}};
 }
 
 template <int D>
 void adamod_entry(const Pass& c) {
   if (c.c.found_inf && *c.c.found_inf != 0.0f) return;
-  constexpr bool can_sb = D != kF64;  // abi_check.h: fp64 parameters keep fp64 state
-  const bool sb = can_sb && c.c.state_dtype == kBF16;
-  if (c.c.variant & kDiff)
-    sb ? adamod_pass<D, can_sb, true>(c) : adamod_pass<D, false, true>(c);
-  else
-    sb ? adamod_pass<D, can_sb, false>(c) : adamod_pass<D, false, false>(c);
+  static constexpr auto table = adamod_table<D>(std::make_integer_sequence<int, 4 * rounds_for(D)>{});
+  // abi_check.h: fp64 parameters keep fp64 state; param_round < rounds_for(D)
+  table[c.c.param_round * 4 + (c.c.state_dtype == kBF16) * 2 + int(c.c.variant & kDiff)](c);
 }
 
 template <int D>

@@ -89,10 +89,22 @@ def check_state_dtype(request: str, state_dtype: torch.dtype) -> None:
                          f"backends that can: {able} (or backend='auto')")
 
 
+_ROUND_OPTION = {"stochastic": "bf16_stochastic_round=True", "kahan": "kahan_sum=True"}
+
+
+def check_param_round(request: str, param_round: str) -> None:
+    """Refuse, at construction, a named backend that cannot store bf16 parameters as
+    ``param_round`` asks (flat_state.PARAM_ROUNDS)."""
+    if request != "auto" and param_round not in load(request).param_rounds:
+        able = [n for n in available() if param_round in load(n).param_rounds]
+        raise ValueError(f"backend {request!r} does not implement {_ROUND_OPTION[param_round]} yet; "
+                         f"backends that do: {able} (or backend='auto')")
+
+
 def resolve(request: str, device: torch.device, dtype: torch.dtype,
-            state_dtype: torch.dtype = torch.float32) -> Backend:
+            state_dtype: torch.dtype = torch.float32, param_round: str = "nearest") -> Backend:
     """The backend that steps a (device, dtype) bucket whose state is stored as
-    ``state_dtype``, for a checked request."""
+    ``state_dtype`` and whose parameters as ``param_round``, for a checked request."""
     if request != "auto":
         backend = load(request)
         if not backend.supports(device, dtype):
@@ -101,6 +113,7 @@ def resolve(request: str, device: torch.device, dtype: torch.dtype,
                 f"use backend='auto' or one of {available()}"
             )
         check_state_dtype(request, state_dtype)
+        check_param_round(request, param_round)
         return backend
     for name in _AUTO_ORDER:
         try:
@@ -110,9 +123,13 @@ def resolve(request: str, device: torch.device, dtype: torch.dtype,
         # Triton on a CPU tensor is its interpreter, a debugging aid many times
         # slower than the reference: only an explicit backend='triton' gets it.
         if (backend.supports(device, dtype) and state_dtype in backend.state_dtypes
-                and (name != "triton" or device.type == "cuda")):
+                and param_round in backend.param_rounds and (name != "triton" or device.type == "cuda")):
             if name == "reference" and device.type != "cpu" and state_dtype == torch.bfloat16:
                 warnings.warn(f"no fused backend stores {state_dtype} state on {device.type} yet: "
                               "these parameters step on the (slow) reference backend", stacklevel=4)
+            elif name == "reference" and device.type != "cpu" and param_round != "nearest":
+                warnings.warn(f"no fused backend implements {_ROUND_OPTION[param_round]} on {device.type} "
+                              "here (Triton is not installed): these parameters step on the (slow) reference "
+                              "backend", stacklevel=4)
             return backend
     raise AssertionError("the reference backend supports every device")  # pragma: no cover

@@ -25,7 +25,10 @@ Arithmetic is float64 for float64 params and float32 otherwise. The state is
 stored in ``bucket.state_dtype``: the compute dtype, or bfloat16, which a
 backend rounds stochastically (docs/spec.md section 5.1) and lists in its
 ``state_dtypes``. Parameters of lower precision are read, updated in the
-compute dtype and rounded once on the way back.
+compute dtype and rounded once on the way back: to nearest, or, for bf16
+parameters, as ``bucket.param_round`` says (docs/spec.md section 5.2:
+stochastically, or with Kahan summation into ``bucket.comp``), which a backend
+lists in its ``param_rounds``.
 """
 from __future__ import annotations
 
@@ -97,6 +100,7 @@ class Segments:
 class Backend(Protocol):
     name: str
     state_dtypes: frozenset[torch.dtype]  # the bucket state dtypes it can store
+    param_rounds: frozenset[str]  # how it can store bf16 parameters (flat_state.PARAM_ROUNDS)
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether this backend can step a bucket of this device and dtype."""

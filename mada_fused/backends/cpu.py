@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..flat_state import PARAM_ROUNDS
 from . import BackendUnavailable
 from .native import DTYPE_CODES, NativeBackend
 
@@ -23,6 +24,7 @@ from .native import DTYPE_CODES, NativeBackend
 class CpuBackend(NativeBackend):
     name = "cpu"
     state_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
+    param_rounds = frozenset(PARAM_ROUNDS)
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return torch.device(device).type == "cpu" and dtype in DTYPE_CODES

@@ -40,6 +40,9 @@ class NativeBackend:
     # bf16 state needs the stochastic-rounding store in the kernels: the CPU
     # extension has it (CpuBackend), the CUDA kernels not yet (csrc/cuda/plan.cpp refuses it).
     state_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64))
+    # Stochastic rounding and Kahan summation of bf16 parameters: the CPU kernels
+    # have them (CpuBackend), the CUDA kernels not yet (csrc/cuda/plan.cpp refuses them).
+    param_rounds: frozenset[str] = frozenset(("nearest",))
 
     def __init__(self, ext) -> None:
         self._ext = ext
@@ -121,6 +124,8 @@ class NativeBackend:
             self._check("steps", bucket.steps, dev, _F64, len(bucket.params))
             for name, buf in bucket.buffers.items():
                 self._check(f"state {name!r}", buf, dev, bucket.state_dtype, bucket.numel)
+            if bucket.comp is not None:
+                self._check("kahan_comp", bucket.comp, dev, torch.bfloat16, bucket.numel)
             if bucket.tangents is not None:
                 segments.check_rows(self.name, "tangents", bucket.tangents, dev, bucket.tangent_dtype, bucket.numel)
             known = self._known[bucket] = {"tensors": list(map(id, tensors)), "scalars": None, "coef": None,
@@ -153,5 +158,5 @@ class NativeBackend:
             lr=sc.lr.data_ptr(), wd=sc.weight_decay.data_ptr(), steps=bucket.steps.data_ptr(),
             state=segments.addresses(bucket.buffers, state_names),
             tangents=segments.address(bucket.tangents if learn else None), tan_stride=bucket.tangent_stride,
-            consts=consts,
+            consts=consts, param_round=abi.PARAM_ROUNDS[bucket.param_round], comp=segments.address(bucket.comp),
         )

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..coefficients import COEFFICIENTS
-from ..flat_state import Bucket, compute_dtype_for
+from ..flat_state import KAHAN_COMP, PARAM_ROUNDS, Bucket, compute_dtype_for
 from . import abi
 from .base import (
     AdamodKernelConfig,
@@ -44,13 +44,32 @@ class _Slot:
         if sc.grad_scale is not None:
             g = g / sc.grad_scale.reshape(()).to(sd)
         self.grad = -g if maximize else g
+        self.param_round = bucket.param_round
+        self.comp = None if bucket.comp is None else bucket.comp[lo:hi]
         self.theta = self.param.to(sd)
+        if self.comp is not None:
+            self.theta = kahan_weight(self.theta, self.comp.to(sd))
         self.t = bucket.steps[seg.param_index[i]]
         self.lr = sc.lr[seg.groups[i]]
         self.decay = (1.0 - self.lr * sc.weight_decay[seg.groups[i]]).to(sd)
         self.skip = None if sc.found_inf is None else sc.found_inf.reshape(()) != 0
         self.round = (StoreBf16Sr(seed, self.t, buffers, lo, hi) if bucket.state_dtype == torch.bfloat16
                       else store_exact)
+        self.seed, self.lo, self.hi = seed, lo, hi
+
+    def store_param(self, theta: Tensor) -> None:
+        """Store the new parameter value as the bucket's param_round says (docs/spec.md 5.2);
+        every other dtype, and "nearest", round to nearest even on the copy."""
+        if self.param_round == "stochastic":
+            key = sr_key(torch.tensor(self.seed, dtype=torch.int64, device=self.t.device),
+                         self.t.to(torch.int64) & _U32, K_BUF_PARAM)
+            index = torch.arange(self.lo, self.hi, dtype=torch.int64, device=self.t.device)
+            theta = sr_bf16(theta, sr_bits(key, index))
+        elif self.param_round == "kahan":
+            stored = rne_bf16(theta)
+            self.write(self.comp, kahan_comp(theta, stored))
+            theta = stored
+        self.write(self.param, theta)
 
     def write(self, dst: torch.Tensor, new: torch.Tensor) -> None:
         """Store ``new`` unless GradScaler found an inf this step."""
@@ -91,6 +110,26 @@ def sr_bf16(x: Tensor, bits: Tensor) -> Tensor:
     u = x.view(torch.int32).to(torch.int64) & _U32
     r = torch.where(x.isnan(), u | 0x00400000, u + (bits & 0xFFFF)) >> 16  # the bf16 pattern, < 2^16
     return (r - ((r >> 15) << 16)).to(torch.int16).view(torch.bfloat16).to(torch.float32)
+
+
+# -- bf16 parameters without fp32 master weights (mada_math.h, docs/spec.md 5.2) -----------
+K_BUF_PARAM = 13  # mada_math.h kBufParam: the hash's buffer number of a parameter's own rounding
+
+
+def rne_bf16(x: Tensor) -> Tensor:
+    """fp32 ``x`` rounded to the nearest bf16 value, ties to even, as fp32 (mada_math.h: rne_bf16)."""
+    return x.to(torch.bfloat16).to(torch.float32)
+
+
+def kahan_weight(theta: Tensor, comp: Tensor) -> Tensor:
+    """The compensated weight a Kahan step updates (mada_math.h: kahan_weight)."""
+    return theta + comp
+
+
+def kahan_comp(x: Tensor, stored: Tensor) -> Tensor:
+    """The new compensation: x's rounding error, rounded to nearest bf16; 0 where the stored
+    value is not finite (mada_math.h: kahan_comp)."""
+    return torch.where(stored.isfinite(), rne_bf16(x - stored), 0.0)
 
 
 def store_exact(name: str, x: Tensor) -> Tensor:
@@ -283,7 +322,7 @@ def _mada_slot(slot: _Slot, coef: Tensor, cfg: MadaKernelConfig, want_tangents: 
             slot.write(slot.tangents[row], tan[j])
     for name, value in new.items():
         slot.write(slot.views[name], value)
-    slot.write(slot.param, theta)
+    slot.store_param(theta)
 
 
 @dataclass
@@ -324,6 +363,7 @@ class ReferenceBackend:
     name = "reference"
 
     state_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
+    param_rounds = frozenset(PARAM_ROUNDS)
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return True
@@ -348,7 +388,7 @@ class ReferenceBackend:
                                         cfg.diff, slot.round)
             for name, value in new.items():
                 slot.write(slot.views[name], value)
-            slot.write(slot.param, theta)
+            slot.store_param(theta)
 
 
 def load() -> ReferenceBackend:

@@ -15,7 +15,7 @@ import torch
 
 from . import BackendUnavailable
 from .base import AdamodKernelConfig, DeviceScalars, MadaKernelConfig, Segments
-from ..flat_state import Bucket
+from ..flat_state import PARAM_ROUNDS, Bucket
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _PKG = "mada_fused.triton_kernels"
@@ -36,6 +36,7 @@ def _import_kernels():
 class TritonBackend:
     name = "triton"
     state_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
+    param_rounds = frozenset(PARAM_ROUNDS)
 
     def __init__(self, kernels) -> None:
         self._k = kernels
