@@ -2,14 +2,16 @@
 
 ``python -m bench.memory`` builds an MLP (``--layers`` x Linear(``--width``,
 ``--width``), fp32 parameters) and, for torch's AdamW and each of this
-package's configurations with fp32 and bf16 state, reports:
+package's configurations with fp32 and bf16 state (and, for the MADA
+configurations that learn coefficients, fp32 and bf16 tangent rows), reports:
 
 - ``state B/param``: the bytes of per-element state the optimizer keeps for
   each parameter element, summed over its per-parameter state tensors
   (``optimizer.state[p]``, tangent rows included, step counters not) and
   divided by the parameter count. Views are disjoint, so nothing is counted
   twice; for sizes that are multiples of 16 bytes this is the exact
-  per-element cost (m, v, ... at ``state_dtype``, tangent rows at fp32).
+  per-element cost (m, v, ... at ``state_dtype``, tangent rows at
+  ``tangent_dtype``).
 - ``alloc B/param``: every distinct storage the optimizer holds (flat buckets
   with their alignment and page padding, step counters, MADA's coefficient
   state), the real allocations, over the parameter count.
@@ -18,8 +20,8 @@ package's configurations with fp32 and bf16 state, reports:
   (``torch.distributed._tools.mem_tracker``, as bench/grad_release.py), and
   ``torch.cuda.max_memory_allocated`` on a GPU; and the peak above AdamW's.
 
-MADA's tangent rows are always fp32 (there is no ``tangent_dtype`` yet): the
-``tangents`` column says so.
+The ``tangents`` column is the dtype MADA's tangent rows are stored in ('-' when
+a configuration learns nothing and keeps none).
 """
 from __future__ import annotations
 
@@ -45,18 +47,26 @@ def _adamw(params: list[torch.Tensor], device: torch.device) -> tuple[torch.opti
         return torch.optim.AdamW(params, lr=1e-3), "default"
 
 
+def learns(name: str) -> bool:
+    """Whether a configuration keeps tangent rows (MADA with learned coefficients)."""
+    cfg = STEP_CONFIGS[name]
+    return cfg.cls == "MADA" and cfg.kwargs.get("learn", True) != ()
+
+
 def make_optimizer(name: str, dtype: str, params: list[torch.Tensor],
-                   device: torch.device) -> tuple[torch.optim.Optimizer, str]:
-    """The optimizer of a row, and how it runs (AdamW's variant, our backend)."""
+                   device: torch.device, tangents: str = "fp32") -> tuple[torch.optim.Optimizer, str]:
+    """The optimizer of a row, and how it runs (AdamW's variant, our backend); ``tangents``:
+    the tangent rows' dtype, for configurations that keep them."""
     if name == "adamw":
         return _adamw(params, device)
     import mada_fused
     from mada_fused import backends
 
     cfg = STEP_CONFIGS[name]
-    opt = getattr(mada_fused, cfg.cls)(params, lr=1e-3, state_dtype=DTYPES[dtype], **cfg.kwargs)
+    extra = dict(tangent_dtype=DTYPES[tangents]) if learns(name) else {}
+    opt = getattr(mada_fused, cfg.cls)(params, lr=1e-3, state_dtype=DTYPES[dtype], **extra, **cfg.kwargs)
     # The peak counts the backend's temporaries too: say which one ``auto`` picks.
-    return opt, backends.resolve("auto", device, params[0].dtype, DTYPES[dtype]).name
+    return opt, backends.resolve("auto", device, params[0].dtype, DTYPES[dtype], tangent_dtype=DTYPES[tangents]).name
 
 
 def _tensors(obj: Any, seen: set[int], out: list[torch.Tensor]) -> None:
@@ -138,11 +148,12 @@ def peak_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
     return next(v for k, v in peak.items() if str(k).split(".")[-1].lower() == "total")
 
 
-def measure(name: str, dtype: str, layers: int, width: int, batch: int, device: torch.device) -> dict[str, Any]:
+def measure(name: str, dtype: str, layers: int, width: int, batch: int, device: torch.device,
+            tangents: str = "fp32") -> dict[str, Any]:
     model = make_model(layers, width, device)
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
-    opt, runs = make_optimizer(name, dtype, params, device)
+    opt, runs = make_optimizer(name, dtype, params, device, tangents)
     x = torch.randn(batch, width, device=device)
     peak = peak_bytes(model, opt, x)  # steps once first: the state exists when counted
     counted = state_bytes(opt, params)
@@ -154,13 +165,14 @@ def measure(name: str, dtype: str, layers: int, width: int, batch: int, device: 
 
 def rows_for(configs: tuple[str, ...], layers: int, width: int, batch: int, device: torch.device,
              progress: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
-    """AdamW first, then each of ``configs`` with fp32 and bf16 state; each row's peak
-    also relative to AdamW's."""
-    cases = [("adamw", "fp32")] + [(c, d) for c in configs for d in DTYPES]
+    """AdamW first, then each of ``configs`` with fp32 and bf16 state (and tangent rows, where
+    it keeps them); each row's peak also relative to AdamW's."""
+    cases = [("adamw", "fp32", "fp32")] + [(c, d, t) for c in configs for d in DTYPES
+                                           for t in (DTYPES if learns(c) else ("fp32",))]
     rows = []
-    for name, dtype in cases:
-        progress(f"{name} {dtype}")
-        rows.append(measure(name, dtype, layers, width, batch, device))
+    for name, dtype, tangents in cases:
+        progress(f"{name} {dtype} {tangents}")
+        rows.append(measure(name, dtype, layers, width, batch, device, tangents))
     base = rows[0]["peak_bytes"]
     for r in rows:
         r["peak_over_adamw_bytes"] = r["peak_bytes"] - base

@@ -15,13 +15,16 @@
 namespace mada_abi {
 
 // Bumped whenever a layout or a code below changes meaning.
-constexpr int kVersion = 4;  // 2: maximize applies to kAdamodStep too; 3: Call::state_dtype, Call::sr_seed;
-                             // 4 (purebf16): Call::param_round, Call::comp
+// 2: maximize applies to kAdamodStep too; 3: Call::state_dtype, Call::sr_seed;
+// 4 (purebf16): Call::param_round, Call::comp; 5: Call::tangent_dtype (bf16
+// tangent rows), in the place of 4's reserved field.
+constexpr int kVersion = 5;
 
-// Parameter (and gradient) dtypes, and (Call::state_dtype) how the state
-// buffers are stored. Arithmetic is float64 for kF64 parameters, whose state is
-// kF64 too, and float32 for the others, whose state is kF32 or kBF16 (stored
-// with stochastic rounding, docs/spec.md section 5.1; tangent rows stay kF32).
+// Parameter (and gradient) dtypes, and (Call::state_dtype, Call::tangent_dtype)
+// how the state buffers and the tangent rows are stored. Arithmetic is float64
+// for kF64 parameters, whose state and tangents are kF64 too, and float32 for
+// the others, whose state and tangents are each kF32 or kBF16 (stored with
+// stochastic rounding, docs/spec.md sections 5.1 and 5.3).
 enum Dtype : int32_t { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3, kNumDtypes = 4 };
 
 // How a step stores a bf16 parameter's new value (Call::param_round, docs/spec.md
@@ -47,6 +50,8 @@ constexpr uint32_t kAdamodVariants = 2;
 constexpr bool state_dtype_ok(int32_t dtype, int32_t state_dtype) {
   return dtype == kF64 ? state_dtype == kF64 : (state_dtype == kF32 || state_dtype == kBF16);
 }
+// Tangent rows follow the same rule.
+constexpr bool tangent_dtype_ok(int32_t dtype, int32_t tangent_dtype) { return state_dtype_ok(dtype, tangent_dtype); }
 
 // State slots of Call::state, in this order.
 enum MadaSlot : int { kM = 0, kV, kN, kGPrev, kL, kVb, kS, kNumMadaSlots };
@@ -102,9 +107,9 @@ struct Call {
   int32_t maximize;       // 1: the processed gradient is -grad (every pass)
   int32_t vbar_detach;    // 1: d N / d v = rho, as in the authors' code (MADA)
   int32_t state_dtype;    // Dtype of the state buffers (see Dtype)
-  uint32_t sr_seed;       // seed of bf16 state's (and kRoundStochastic parameters') stochastic rounding
+  uint32_t sr_seed;       // seed of the stochastic rounding of bf16 state, tangent rows and kRoundStochastic parameters
   int32_t param_round;    // ParamRound; not kRoundNearest only for kBF16 parameters
-  uint32_t reserved;      // 0: keeps the 64-bit fields 8-byte aligned (room for one more 32-bit field)
+  int32_t tangent_dtype;  // Dtype of the tangent rows (see Dtype)
   int64_t device;         // CUDA device index; the CPU ignores it
   int64_t state_numel;    // elements of each flat state buffer: every segment lies inside
   int64_t num_groups;     // entries of lr and wd
@@ -114,7 +119,7 @@ struct Call {
   const double* steps;    // (num_params,) float64, already incremented for this step
   void* state[kMaxSlots];  // MadaSlot or AdamodSlot order, of state_dtype
   void* comp;             // (state_numel,) bf16 Kahan compensation (kRoundKahan), else 0
-  void* tangents;         // (num_learned, tan_stride) rows of the compute dtype
+  void* tangents;         // (num_learned, tan_stride) rows of tangent_dtype
   int64_t tan_stride;     // elements from one tangent row to the next, >= state_numel
   double consts[kNumConsts];  // MadaConst or AdamodConst
   // -- per step

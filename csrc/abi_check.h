@@ -21,6 +21,9 @@ inline std::string check_call(Call& c) {
   if (!state_dtype_ok(c.dtype, c.state_dtype))
     return "state dtype code " + std::to_string(c.state_dtype) + " does not go with parameter dtype code " +
            std::to_string(c.dtype);
+  if (!tangent_dtype_ok(c.dtype, c.tangent_dtype))
+    return "tangent dtype code " + std::to_string(c.tangent_dtype) + " does not go with parameter dtype code " +
+           std::to_string(c.dtype);
   if (c.param_round < 0 || c.param_round >= kNumParamRounds)
     return "unknown parameter rounding code " + std::to_string(c.param_round);
   if (c.param_round != kRoundNearest && c.dtype != kBF16)

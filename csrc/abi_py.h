@@ -82,7 +82,7 @@ inline pybind11::dict report() {
       sizeof(Call), MADA_ABI_FIELD(Call, op), MADA_ABI_FIELD(Call, variant), MADA_ABI_FIELD(Call, dtype),
       MADA_ABI_FIELD(Call, learn_mask), MADA_ABI_FIELD(Call, maximize), MADA_ABI_FIELD(Call, vbar_detach),
       MADA_ABI_FIELD(Call, state_dtype), MADA_ABI_FIELD(Call, sr_seed),
-      MADA_ABI_FIELD(Call, param_round), MADA_ABI_FIELD(Call, reserved),
+      MADA_ABI_FIELD(Call, param_round), MADA_ABI_FIELD(Call, tangent_dtype),
       MADA_ABI_FIELD(Call, device), MADA_ABI_FIELD(Call, state_numel), MADA_ABI_FIELD(Call, num_groups),
       MADA_ABI_FIELD(Call, num_params), MADA_ABI_FIELD(Call, lr), MADA_ABI_FIELD(Call, wd),
       MADA_ABI_FIELD(Call, steps), MADA_ABI_FIELD(Call, state), MADA_ABI_FIELD(Call, comp),

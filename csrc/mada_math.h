@@ -145,6 +145,11 @@ struct StoreBf16Sr {  // bf16 state: stochastic rounding
   MADA_HD float operator()(int buffer, float x) const { return sr_bf16(x, sr_bits(key[buffer], index)); }
 };
 enum MadaBuf : int { kBufM = 0, kBufV, kBufN, kBufGPrev, kBufL, kBufVb, kBufS, kNumMadaBufs };
+// bf16 tangent rows (tangent_dtype=bfloat16, docs/spec.md section 5.3) draw
+// their bits as a buffer after the state: coefficient j's row (Coef order, not
+// its row rank) is buffer kBufTan0 + j. A tangent is never read in the step
+// that forms it, so it is rounded only where it is stored.
+constexpr int kBufTan0 = kNumMadaBufs;
 enum AdamodBuf : int { kBufAm = 0, kBufAv, kBufAs, kBufAgPrev, kNumAdamodBufs };
 
 // -- bf16 parameters without fp32 master weights (docs/spec.md section 5.2) ------

@@ -246,6 +246,13 @@ def state_dtype(value: Any) -> torch.dtype:
     return value
 
 
+def tangent_dtype(value: Any) -> torch.dtype:
+    """MADA's ``tangent_dtype`` argument: fp32 (default) or bf16 storage of the tangent rows."""
+    if value not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"tangent_dtype must be torch.float32 or torch.bfloat16, got {value!r}")
+    return value
+
+
 def sr_seed(value: Any) -> int:
     """The seed of bf16 state's stochastic rounding: a uint32."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:

@@ -13,18 +13,19 @@ from ._lru import LruCache
 from .distributed import local_shape
 
 
-# What the optimizers' ``state_dtype`` may ask for (docs/spec.md section 5.1).
+# What the optimizers' ``state_dtype`` and MADA's ``tangent_dtype`` may ask for
+# (docs/spec.md sections 5.1 and 5.3).
 STATE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 
 
 def state_dtype_for(param_dtype: torch.dtype, requested: torch.dtype = torch.float32) -> torch.dtype:
-    # fp64 params (the test oracle) keep fp64 state whatever was asked; the others
-    # store their state in the requested dtype (fp32 by default, whatever the param's).
+    # fp64 params (the test oracle) keep fp64 state and tangents whatever was asked;
+    # the others store them in the requested dtype (fp32 by default, whatever the param's).
     return torch.float64 if param_dtype == torch.float64 else requested
 
 
 def compute_dtype_for(state_dtype: torch.dtype) -> torch.dtype:
-    # bf16 state is storage only: arithmetic and tangent rows stay fp32.
+    # bf16 state or tangents are storage only: the arithmetic stays fp32.
     return torch.float64 if state_dtype == torch.float64 else torch.float32
 
 
@@ -98,7 +99,7 @@ class Bucket:
     owns elements ``offsets[i] : offsets[i] + params[i].numel()``, each offset
     and ``numel`` a multiple of 16 bytes (the elements between are zero
     padding, see ALIGN). Tangents are one ``(num_learned, numel)`` buffer of
-    ``tangent_dtype`` (the compute dtype: fp32 when the state is bf16)
+    ``tangent_dtype`` (fp32 or bf16, as asked; fp64 for fp64 parameters)
     whose rows are contiguous (on the host they are padded further apart: its
     row stride is ``tangents.stride(0)``).
     ``comp`` is Kahan summation's bf16 compensation, one element per state
@@ -115,13 +116,14 @@ class Bucket:
         num_tangents: int,
         state_dtype: torch.dtype = torch.float32,
         param_round: str = "nearest",
+        tangent_dtype: torch.dtype = torch.float32,
     ) -> None:
         first = params[0]
         self.device = first.device
         self.dtype = first.dtype
         self.state_dtype = state_dtype_for(first.dtype, state_dtype)
         self.param_round = param_round_for(first.dtype, param_round)
-        self.tangent_dtype = compute_dtype_for(self.state_dtype)
+        self.tangent_dtype = state_dtype_for(first.dtype, tangent_dtype)
         self.params = list(params)
         self.built_for = [(p.dtype, p.device, p.shape) for p in self.params]
         # A DTensor parameter (FSDP2) keeps state for its local shard only.

@@ -150,8 +150,13 @@ class MADA(FusedOptimizer):
             dimensions of the mesh for sharded DTensors (FSDP2).
         state_dtype: how the state buffers are stored: ``torch.float32`` (default)
             or ``torch.bfloat16``, written with stochastic rounding (docs/spec.md
-            section 5.1); arithmetic and tangent rows stay fp32, and fp64
-            parameters keep fp64 state. ``"8bit"`` is not implemented yet.
+            section 5.1); arithmetic stays fp32, and fp64 parameters keep fp64
+            state. ``"8bit"`` is not implemented yet.
+        tangent_dtype: how the tangent rows (one per learned coefficient) are
+            stored: ``torch.float32`` (default) or ``torch.bfloat16``, written
+            with stochastic rounding (docs/spec.md section 5.3); fp64 parameters
+            keep fp64 tangents. Full MADA with bf16 state and tangents keeps 24
+            bytes per parameter, against 48 in fp32.
         sr_seed: seed of that rounding's random bits (default 0, so runs repeat
             bit for bit); saved in the state_dict.
         kahan_sum: for bf16 parameters trained without fp32 master weights: keep
@@ -188,6 +193,7 @@ class MADA(FusedOptimizer):
         process_group: Any = None,
         *,
         state_dtype: torch.dtype = torch.float32,
+        tangent_dtype: torch.dtype = torch.float32,
         sr_seed: int = 0,
         kahan_sum: bool = False,
         bf16_stochastic_round: bool = False,
@@ -232,8 +238,8 @@ class MADA(FusedOptimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, eps=eps, betas=(beta1, beta2), maximize=maximize)
         super().__init__(params, {k: defaults[k] for k in self._DEFAULTS}, backend, state_dtype=state_dtype,
                          sr_seed=sr_seed, kahan_sum=kahan_sum, bf16_stochastic_round=bf16_stochastic_round,
-                         foreach=foreach, capturable=capturable, differentiable=differentiable,
-                         fused=fused, amsgrad=amsgrad)
+                         tangent_dtype=tangent_dtype, foreach=foreach, capturable=capturable,
+                         differentiable=differentiable, fused=fused, amsgrad=amsgrad)
         device = self.param_groups[0]["params"][0].device
         self._hyper = HyperState(hyper, values, device)
         self._has_tangents = False  # host-side: no tangents before the first step
@@ -448,6 +454,7 @@ class AVGrad(MADA):
         *,
         maximize: bool = False,
         state_dtype: torch.dtype = torch.float32,
+        tangent_dtype: torch.dtype = torch.float32,
         sr_seed: int = 0,
         kahan_sum: bool = False,
         bf16_stochastic_round: bool = False,
@@ -460,7 +467,7 @@ class AVGrad(MADA):
         super().__init__(
             params, lr=lr, betas=betas, rho=0.0, eps=eps, weight_decay=weight_decay,
             learn=(), maximize=maximize, backend=backend, state_dtype=state_dtype, sr_seed=sr_seed,
-            kahan_sum=kahan_sum, bf16_stochastic_round=bf16_stochastic_round,
+            kahan_sum=kahan_sum, bf16_stochastic_round=bf16_stochastic_round, tangent_dtype=tangent_dtype,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused, amsgrad=amsgrad,
         )
 

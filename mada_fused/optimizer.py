@@ -83,22 +83,27 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], backend: str, *,
                  state_dtype: torch.dtype = torch.float32, sr_seed: int = 0, kahan_sum: bool = False,
-                 bf16_stochastic_round: bool = False, **switches: Any) -> None:
-        """``defaults``: lr, weight_decay and the _GROUP_OPTIONS; ``state_dtype`` and
-        ``sr_seed``: how the state is stored, and the seed of its stochastic rounding
-        (docs/spec.md 5.1); ``kahan_sum``, ``bf16_stochastic_round``: how bf16
-        parameters store their new values (docs/spec.md 5.2); ``switches``:
-        torch.optim.AdamW's fused, foreach, capturable, differentiable, amsgrad."""
+                 bf16_stochastic_round: bool = False, tangent_dtype: torch.dtype = torch.float32,
+                 **switches: Any) -> None:
+        """``defaults``: lr, weight_decay and the _GROUP_OPTIONS; ``state_dtype``,
+        ``tangent_dtype`` and ``sr_seed``: how the state and the tangent rows are
+        stored, and the seed of their stochastic rounding (docs/spec.md 5.1, 5.3);
+        ``kahan_sum``, ``bf16_stochastic_round``: how bf16 parameters store their
+        new values (docs/spec.md 5.2); ``switches``: torch.optim.AdamW's fused,
+        foreach, capturable, differentiable, amsgrad."""
         _checks.learning_rate("lr", defaults["lr"], read_tensor=True)
         _checks.non_negative("weight_decay", defaults["weight_decay"])
         self._state_dtype = _checks.state_dtype(state_dtype)
         self._sr_seed = _checks.sr_seed(sr_seed)
         self._param_round = _checks.param_round(kahan_sum, bf16_stochastic_round)
+        tangent_dtype = _checks.tangent_dtype(tangent_dtype)
+        # Without learned coefficients there are no tangent rows to store: no backend is refused for them.
+        self._tangent_dtype = tangent_dtype if self._num_tangents() else torch.float32
         request, self._fused_only = _checks.adamw_switches(backend, **switches)
         self._backend_request = backends.check_name(request)
         if self._fused_only and self._backend_request == "reference":  # from the environment
             raise ValueError(f"fused=True, but {backends.ENV_VAR}=reference asks for the unfused backend")
-        backends.check_state_dtype(self._backend_request, self._state_dtype)
+        backends.check_state_dtype(self._backend_request, self._state_dtype, self._tangent_dtype)
         backends.check_param_round(self._backend_request, self._param_round)
         # Checked group configurations, by their option values (_configs).
         self._config_cache: LruCache[Hashable] = LruCache(CONFIG_CACHE_SIZE)
@@ -252,10 +257,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         if backend is None:
             state_dtype = state_dtype_for(dtype, self._state_dtype)
             param_round = param_round_for(dtype, self._param_round)
-            backend = backends.resolve(self._backend_request, device, dtype, state_dtype, param_round)
+            tangent_dtype = state_dtype_for(dtype, self._tangent_dtype)
+            backend = backends.resolve(self._backend_request, device, dtype, state_dtype, param_round, tangent_dtype)
             if self._fused_only and backend.name == "reference":
                 raise ValueError(f"fused=True, but no fused backend can step {dtype} parameters with "
-                                 f"{state_dtype} state on {device} "
+                                 f"{state_dtype} state and {tangent_dtype} tangents on {device} "
                                  f"here (loaded: {backends.available()}); drop fused=True to use the reference one")
             self._backend_for[device, dtype] = backend
         return backend
@@ -334,7 +340,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- buckets ----------------------------------------------------------------
     def _new_bucket(self, params: list[torch.Tensor]) -> Bucket:
-        return Bucket(params, self._state_names(), self._num_tangents(), self._state_dtype, self._param_round)
+        return Bucket(params, self._state_names(), self._num_tangents(), self._state_dtype, self._param_round,
+                      self._tangent_dtype)
 
     def _install(self, buckets: list[Bucket]) -> None:
         """Make ``buckets`` the optimizer's state (each built and filled beforehand)."""

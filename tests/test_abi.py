@@ -109,6 +109,10 @@ def _spoil(call: Call, case: str) -> None:
         fixed["dtype"] = len(abi.DTYPES)
     elif case == "state dtype":
         fixed["state_dtype"] = abi.DTYPES["float16"]
+    elif case == "tangent dtype":
+        fixed["tangent_dtype"] = abi.DTYPES["float16"]
+    elif case == "fp64 tangents":
+        fixed["tangent_dtype"] = abi.DTYPES["float64"]
     elif case == "variant":
         fixed["variant"] = 32
     elif case == "learn mask":
@@ -155,7 +159,9 @@ def _spoil(call: Call, case: str) -> None:
 
 
 CASES = {
-    "op": "unknown op", "dtype": "unknown dtype", "state dtype": "does not go with", "variant": "variant", "learn mask": "learn mask",
+    "op": "unknown op", "dtype": "unknown dtype", "state dtype": "does not go with",
+    "tangent dtype": "tangent dtype code 3 does not go with", "fp64 tangents": "tangent dtype code 1 does not go with",
+    "variant": "variant", "learn mask": "learn mask",
     "tangents bit": "tangents bit", "lacks its state": "lacks its state", "outside": "outside the flat state",
     "negative": "outside the flat state", "group": "bad group", "step counter": "parameter index",
     "null param": "null address", "state buffer": "state buffer", "tangent rows": "tangent rows",
@@ -236,6 +242,24 @@ def test_bf16_state_runs_in_the_cpu_extension_and_the_cuda_planner_refuses_it(na
         assert call.state[0].any() and call.state[1].any()  # m and v were written
     else:
         with pytest.raises(ValueError, match="fp32/fp64 state only"):
+            ext.plan_info(call.packed())
+
+
+@pytest.mark.parametrize("name", ["_C_cpu", "_C_cuda", "_C_cuda_on_cpu"])
+def test_bf16_tangent_rows_run_in_the_cpu_extension_and_the_cuda_planner_refuses_them(name):
+    ext = _ext(name)
+    call = Call()
+    call.tangents = torch.full((2, N), float("nan"), dtype=torch.bfloat16)
+    call.fixed.update(tangent_dtype=abi.DTYPES["bfloat16"], tangents=call.tangents.data_ptr())
+    if name == "_C_cpu":
+        f32 = Call()  # the same call with fp32 rows
+        f32.p.copy_(call.p), f32.g.copy_(call.g)
+        ext.run(call.packed())
+        ext.run(f32.packed())
+        assert f32.tangents[0].all()  # (du/dbeta3 is 0 at step 1: d = n = 0)
+        torch.testing.assert_close(call.tangents.float(), f32.tangents, rtol=2**-7, atol=0)  # all written
+    else:
+        with pytest.raises(ValueError, match="fp32/fp64 tangent rows only"):
             ext.plan_info(call.packed())
 
 

@@ -96,11 +96,14 @@ _TY = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", tor
        torch.int64: "i64"}
 
 
-@pytest.mark.parametrize("case", ["full_mod", "diffmod"])
-def test_compiles_for_hopper_vectorised(interpret, monkeypatch, case):
+_BF16_STORAGE = dict(state_dtype=torch.bfloat16, tangent_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("case, storage", [("full_mod", {}), ("diffmod", {}), ("full_mod", _BF16_STORAGE)])
+def test_compiles_for_hopper_vectorised(interpret, monkeypatch, case, storage):
     """Triton compiles for sm_90 on the host: the kernels the interpreter checked also build
-    natively, the aligned fast path uses 16-byte accesses, and division and square root stay
-    IEEE (Triton's plain fp32 `/`, sqrt and exp are approximate)."""
+    natively (bf16 state and tangent rows too), the aligned fast path uses 16-byte accesses, and
+    division and square root stay IEEE (Triton's plain fp32 `/`, sqrt and exp are approximate)."""
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this Triton has no NVIDIA compiler")
     from triton.backends.compiler import GPUTarget
@@ -116,7 +119,7 @@ def test_compiles_for_hopper_vectorised(interpret, monkeypatch, case):
 
     monkeypatch.setattr(launch, "kernels", lambda interpret: type("K", (), {"fused_step": Capture()}))
     ps = [torch.randn(s, dtype=torch.float32, requires_grad=True) for s in [(1024,), (64,), (32, 4)]]
-    opt = CASES[case].cls(ps, backend="triton", **CASES[case].kwargs)
+    opt = CASES[case].cls(ps, backend="triton", **CASES[case].kwargs, **storage)
     opt.grad_scale, opt.found_inf = torch.ones((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)
     for _ in range(2):  # the second MADA step reads tangents too
         for p in ps:
@@ -124,7 +127,7 @@ def test_compiles_for_hopper_vectorised(interpret, monkeypatch, case):
         opt.step()
     args, meta = seen[-1]
     meta = {k: v for k, v in meta.items() if k.isupper()} | {"CHUNK": launch._CHUNK, "BLOCK": launch.CONFIGS[0][0]}
-    assert meta["ALIGNED"] and meta["T_ALIGNED"] and meta["S_VEC"] == 4
+    assert meta["ALIGNED"] and meta["T_ALIGNED"] and meta["S_VEC"] == (8 if storage else 4)
     monkeypatch.undo()
     fn = launch.kernels(False).fused_step
     names = [n for n in fn.arg_names if n not in meta]

@@ -28,6 +28,8 @@ ADAMOD = tl.constexpr(1)
 # Canonical coefficient order, as csrc/mada_math.h's enum Coef.
 B1, B2, B3, RHO, C, GAMMA = (tl.constexpr(i) for i in range(6))
 NO_ROW = tl.constexpr(7)  # 3-bit field in ROWS: coefficient not learned
+# The hash's buffer number of coefficient j's bf16 tangent row is BUF_TAN0 + j (mada_math.h: kBufTan0).
+BUF_TAN0 = tl.constexpr(7)
 # How a bf16 parameter's new value is stored (PROUND; csrc/abi.h ParamRound, docs/spec.md 5.2).
 ROUND_NEAREST, ROUND_STOCHASTIC, ROUND_KAHAN = (tl.constexpr(i) for i in range(3))
 K_BUF_PARAM = tl.constexpr(13)  # mada_math.h kBufParam: the hash's buffer number of the parameter
@@ -125,8 +127,13 @@ def _grad(gp_, po, mask, scale, m_p, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.const
 
 
 @_device
-def _tangent(tan, tstride, so, x, mask, ROWS: tl.constexpr, K: tl.constexpr, MASKED: tl.constexpr):
+def _tangent(tan, tstride, so, x, tkeys, mask, ROWS: tl.constexpr, K: tl.constexpr, TSR: tl.constexpr,
+             MASKED: tl.constexpr):
+    """Coefficient K's du/dk into its row, if learned; TSR: a bf16 row, rounded stochastically with
+    tkeys[K] (spec 5.3: never read in this step, so rounded only here)."""
     if _row(ROWS, K) != NO_ROW:
+        if TSR:
+            x = _sr_bf16(x, _sr_bits(tkeys[K], so))
         _st(tan + _row(ROWS, K) * tstride, so, x, mask, MASKED)
 
 
@@ -355,17 +362,18 @@ def _mada_tangents(k, g, m0, v0, n0, new, mid, etah, clipped, sq, D):
 
 
 @_device
-def _mada_block(pp, gp_, st, keys, pio, tan, tstride, po, so, mask, acc, k, scale,
+def _mada_block(pp, gp_, st, keys, tkeys, pio, tan, tstride, po, so, mask, acc, k, scale,
                 STEP: tl.constexpr, DOT: tl.constexpr, ROWS: tl.constexpr, NL: tl.constexpr,
                 NLP: tl.constexpr, HAS_BETA3: tl.constexpr, HAS_VBAR: tl.constexpr,
                 HAS_LION: tl.constexpr, HAS_MOD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                HAS_SCALE: tl.constexpr, SR: tl.constexpr, PROUND: tl.constexpr, MASKED: tl.constexpr):
+                HAS_SCALE: tl.constexpr, SR: tl.constexpr, TSR: tl.constexpr, PROUND: tl.constexpr,
+                MASKED: tl.constexpr):
     m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p = st
     comp_p, pkey = pio
     g = _grad(gp_, po, mask, scale, m_p, HAS_SCALE, MAXIMIZE, SR, MASKED)
     if DOT:
         # sum(g * T) with the previous step's tangents, before they are overwritten.
-        # Products of two fp32 values are exact in fp64; the sums stay in fp64.
+        # Products of two fp32 values are exact in fp64 (bf16 rows widen exactly); the sums stay in fp64.
         rows = tl.arange(0, NLP)
         for r in tl.static_range(NL):
             prod = g.to(tl.float64) * _ld(tan + r * tstride, so, mask, MASKED).to(tl.float64)
@@ -403,15 +411,15 @@ def _mada_block(pp, gp_, st, keys, pio, tan, tstride, po, so, mask, acc, k, scal
         _store_param(pp, po, theta, comp_p, pkey, so, mask, PROUND, MASKED)
         if NL > 0:
             tb1, tb2, tb3, trho, tc, tgam = _mada_tangents(k, g, m0, v0, n0, new, mid, etah, clipped, sq, D)
-            _tangent(tan, tstride, so, tb1, mask, ROWS, B1, MASKED)
-            _tangent(tan, tstride, so, tb2, mask, ROWS, B2, MASKED)
-            _tangent(tan, tstride, so, tc, mask, ROWS, C, MASKED)
+            _tangent(tan, tstride, so, tb1, tkeys, mask, ROWS, B1, TSR, MASKED)
+            _tangent(tan, tstride, so, tb2, tkeys, mask, ROWS, B2, TSR, MASKED)
+            _tangent(tan, tstride, so, tc, tkeys, mask, ROWS, C, TSR, MASKED)
             if HAS_BETA3:
-                _tangent(tan, tstride, so, tb3, mask, ROWS, B3, MASKED)
+                _tangent(tan, tstride, so, tb3, tkeys, mask, ROWS, B3, TSR, MASKED)
             if HAS_VBAR:
-                _tangent(tan, tstride, so, trho, mask, ROWS, RHO, MASKED)
+                _tangent(tan, tstride, so, trho, tkeys, mask, ROWS, RHO, TSR, MASKED)
             if HAS_LION:
-                _tangent(tan, tstride, so, tgam, mask, ROWS, GAMMA, MASKED)
+                _tangent(tan, tstride, so, tgam, tkeys, mask, ROWS, GAMMA, TSR, MASKED)
     return acc
 
 
@@ -458,8 +466,8 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, comp_p, tan
                NL: tl.constexpr, NLP: tl.constexpr, HAS_BETA3: tl.constexpr, HAS_VBAR: tl.constexpr,
                HAS_LION: tl.constexpr, HAS_MOD: tl.constexpr, VBAR_DETACH: tl.constexpr,
                MAXIMIZE: tl.constexpr, DIFF: tl.constexpr, HAS_SCALE: tl.constexpr,
-               HAS_INF: tl.constexpr, SR: tl.constexpr, PROUND: tl.constexpr, ALIGNED: tl.constexpr,
-               T_ALIGNED: tl.constexpr, S_VEC: tl.constexpr,
+               HAS_INF: tl.constexpr, SR: tl.constexpr, TSR: tl.constexpr, PROUND: tl.constexpr,
+               ALIGNED: tl.constexpr, T_ALIGNED: tl.constexpr, S_VEC: tl.constexpr,
                CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = first + tl.program_id(0)  # this launch covers table rows first, first + 1, ...
     row = table + pid * 6  # param addr, grad addr, state offset, count, group, param index
@@ -497,6 +505,10 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, comp_p, tan
     keys = (_sr_key(seed32, step32, 0), _sr_key(seed32, step32, 1), _sr_key(seed32, step32, 2),
             _sr_key(seed32, step32, 3), _sr_key(seed32, step32, 4), _sr_key(seed32, step32, 5),
             _sr_key(seed32, step32, 6))
+    # and of the tangent rows, by canonical coefficient index (spec 5.3).
+    tkeys = (_sr_key(seed32, step32, BUF_TAN0 + 0), _sr_key(seed32, step32, BUF_TAN0 + 1),
+             _sr_key(seed32, step32, BUF_TAN0 + 2), _sr_key(seed32, step32, BUF_TAN0 + 3),
+             _sr_key(seed32, step32, BUF_TAN0 + 4), _sr_key(seed32, step32, BUF_TAN0 + 5))
     pio = (comp_p, _sr_key(seed32, step32, K_BUF_PARAM))  # how the parameter is read and stored
     if KIND == MADA:
         k = _make_mada_scalars(coef, consts, lr, decay, t, ct, VBAR_DETACH)
@@ -510,17 +522,17 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, comp_p, tan
         mask = po < count
         if start + BLOCK <= count:
             if KIND == MADA:
-                acc = _mada_block(pp, gp_, st, keys, pio, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT, ROWS,
-                                  NL, NLP, HAS_BETA3, HAS_VBAR, HAS_LION, HAS_MOD, MAXIMIZE, HAS_SCALE, SR, PROUND,
-                                  False)
+                acc = _mada_block(pp, gp_, st, keys, tkeys, pio, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT,
+                                  ROWS, NL, NLP, HAS_BETA3, HAS_VBAR, HAS_LION, HAS_MOD, MAXIMIZE, HAS_SCALE, SR, TSR,
+                                  PROUND, False)
             else:
                 _adamod_block(pp, gp_, st, keys, pio, po, so, mask, k, scale, DIFF, MAXIMIZE, HAS_SCALE, SR, PROUND,
                               False)
         elif start < count:
             if KIND == MADA:
-                acc = _mada_block(pp, gp_, st, keys, pio, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT, ROWS,
-                                  NL, NLP, HAS_BETA3, HAS_VBAR, HAS_LION, HAS_MOD, MAXIMIZE, HAS_SCALE, SR, PROUND,
-                                  True)
+                acc = _mada_block(pp, gp_, st, keys, tkeys, pio, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT,
+                                  ROWS, NL, NLP, HAS_BETA3, HAS_VBAR, HAS_LION, HAS_MOD, MAXIMIZE, HAS_SCALE, SR, TSR,
+                                  PROUND, True)
             else:
                 _adamod_block(pp, gp_, st, keys, pio, po, so, mask, k, scale, DIFF, MAXIMIZE, HAS_SCALE, SR, PROUND,
                               True)

@@ -82,7 +82,8 @@ class _Layout:
 
     def __init__(self, seg, bucket, chunk: int):
         pes = seg.params[0].element_size()
-        ses = torch.empty((), dtype=bucket.state_dtype).element_size()
+        # The narrowest stream sets the 16-byte vector (the bucket aligns offsets to it: flat_state.ALIGN).
+        ses = min(bucket.state_dtype.itemsize, bucket.tangent_dtype.itemsize)
         if any(o < 0 or o + n > bucket.numel for o, n in zip(seg.offsets, seg.numels)):
             raise ValueError(f"triton backend: a segment lies outside the bucket's {bucket.numel} state elements")
         # One row per parameter (the shared SegRow layout, contiguity checked), then one per
@@ -128,7 +129,7 @@ def _refuse_in_capture(what: str) -> None:
 
 def _layout(seg, bucket, chunk: int) -> _Layout:
     # Everything _Layout reads: the tangent stride sets the T_ALIGNED promise, the bucket size the bound check.
-    key = (bucket.device, bucket.state_dtype, chunk, bucket.numel, bucket.tangent_stride,
+    key = (bucket.device, bucket.state_dtype, bucket.tangent_dtype, chunk, bucket.numel, bucket.tangent_stride,
            tuple(p.data_ptr() for p in seg.params), tuple(g.data_ptr() for g in seg.grads), tuple(seg.offsets),
            tuple(seg.numels), tuple(seg.groups), tuple(seg.param_index))
     capturing = _capturing(bucket.device)
@@ -197,7 +198,8 @@ def _launch(kind: int, bucket, seg, scalars, coef, consts, *, states, flags: dic
             lay.partial, lay.n_chunks)
     meta = dict(KIND=kind, NL=nl, NLP=triton.next_power_of_2(max(nl, 1)), HAS_SCALE=scale is not None,
                 HAS_INF=found is not None, SR=bucket.state_dtype == torch.bfloat16,
-                PROUND=PARAM_ROUNDS[bucket.param_round], T_ALIGNED=lay.t_aligned, S_VEC=lay.s_vec, CHUNK=chunk, **flags)
+                TSR=bucket.tangent_dtype == torch.bfloat16, PROUND=PARAM_ROUNDS[bucket.param_round],
+                T_ALIGNED=lay.t_aligned, S_VEC=lay.s_vec, CHUNK=chunk, **flags)
     fn = kernels(interp).fused_step
     block, warps = (_INTERP_BLOCK, 1) if interp else _config()
     # Triton launches on the current device.

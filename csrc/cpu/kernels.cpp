@@ -178,6 +178,7 @@ void mada_split(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const
   S* __restrict__ vb = slot_ptr<S>(c.c.state, kVb, r.offset);
   S* __restrict__ s = slot_ptr<S>(c.c.state, kS, r.offset);
   const SrKeys<SB> keys(c.c, r);
+  const TanKeys tkeys(c.c, r);
   const ParamIo<D, R> pio(c.c, r);
   alignas(64) T gbuf[kBlock];
   alignas(64) T tbuf[mada::kNumCoef][kBlock];
@@ -217,16 +218,7 @@ void mada_split(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const
     const int64_t at = r.offset + b0;
     // The stored rows are still the previous step's tangents: reduce, then overwrite.
     if (c.c.dot_out) dot_rows<T>(c, gbuf, nb, at, lanes);
-    if (TAN)
-      for (int j = 0; j < c.num_learn; ++j) {
-        // Constant size for full blocks: g++ expands a variable-size copy into
-        // `rep movsq`, whose start-up cost dominated the whole tangent pass.
-        T* row = static_cast<T*>(c.c.tangents) + j * c.c.tan_stride + at;
-        if (nb == kBlock)
-          std::memcpy(row, tbuf[c.learn[j]], sizeof(T) * kBlock);
-        else
-          std::memcpy(row, tbuf[c.learn[j]], sizeof(T) * nb);
-      }
+    if (TAN) store_rows<T>(c, tbuf, nb, at, tkeys);
   }
 }
 

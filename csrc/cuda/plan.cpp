@@ -26,6 +26,9 @@ Request make_request(const Call& checked) {
   if (checked.state_dtype == kBF16)
     throw std::invalid_argument("the CUDA kernels store fp32/fp64 state only; bf16 state runs on the "
                                 "cpu and reference backends");
+  if (checked.tangent_dtype == kBF16)
+    throw std::invalid_argument("the CUDA kernels store fp32/fp64 tangent rows only; bf16 tangents run on the "
+                                "cpu, triton and reference backends");
   if (checked.param_round != kRoundNearest)
     throw std::invalid_argument("the CUDA kernels store bf16 parameters rounded to nearest only; "
                                 "kahan_sum and bf16_stochastic_round run on the cpu, triton and reference backends");

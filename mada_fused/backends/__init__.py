@@ -81,12 +81,17 @@ def check_name(name: str) -> str:
     return name
 
 
-def check_state_dtype(request: str, state_dtype: torch.dtype) -> None:
-    """Refuse, at construction, a named backend that cannot store ``state_dtype``."""
-    if request != "auto" and state_dtype not in load(request).state_dtypes:
-        able = [n for n in available() if state_dtype in load(n).state_dtypes]
-        raise ValueError(f"backend {request!r} cannot store {state_dtype} optimizer state yet; "
-                         f"backends that can: {able} (or backend='auto')")
+def check_state_dtype(request: str, state_dtype: torch.dtype, tangent_dtype: torch.dtype = torch.float32) -> None:
+    """Refuse, at construction, a named backend that cannot store ``state_dtype`` state
+    or ``tangent_dtype`` tangent rows."""
+    if request == "auto":
+        return
+    for what, dtype, attr in (("optimizer state", state_dtype, "state_dtypes"),
+                              ("tangent rows", tangent_dtype, "tangent_dtypes")):
+        if dtype not in getattr(load(request), attr):
+            able = [n for n in available() if dtype in getattr(load(n), attr)]
+            raise ValueError(f"backend {request!r} cannot store {dtype} {what} yet; "
+                             f"backends that can: {able} (or backend='auto')")
 
 
 _ROUND_OPTION = {"stochastic": "bf16_stochastic_round=True", "kahan": "kahan_sum=True"}
@@ -102,9 +107,11 @@ def check_param_round(request: str, param_round: str) -> None:
 
 
 def resolve(request: str, device: torch.device, dtype: torch.dtype,
-            state_dtype: torch.dtype = torch.float32, param_round: str = "nearest") -> Backend:
+            state_dtype: torch.dtype = torch.float32, param_round: str = "nearest",
+            tangent_dtype: torch.dtype = torch.float32) -> Backend:
     """The backend that steps a (device, dtype) bucket whose state is stored as
-    ``state_dtype`` and whose parameters as ``param_round``, for a checked request."""
+    ``state_dtype``, whose parameters as ``param_round`` and whose tangent rows as
+    ``tangent_dtype``, for a checked request."""
     if request != "auto":
         backend = load(request)
         if not backend.supports(device, dtype):
@@ -112,7 +119,7 @@ def resolve(request: str, device: torch.device, dtype: torch.dtype,
                 f"backend {request!r} cannot step {dtype} parameters on {device}; "
                 f"use backend='auto' or one of {available()}"
             )
-        check_state_dtype(request, state_dtype)
+        check_state_dtype(request, state_dtype, tangent_dtype)
         check_param_round(request, param_round)
         return backend
     for name in _AUTO_ORDER:
@@ -123,9 +130,11 @@ def resolve(request: str, device: torch.device, dtype: torch.dtype,
         # Triton on a CPU tensor is its interpreter, a debugging aid many times
         # slower than the reference: only an explicit backend='triton' gets it.
         if (backend.supports(device, dtype) and state_dtype in backend.state_dtypes
-                and param_round in backend.param_rounds and (name != "triton" or device.type == "cuda")):
-            if name == "reference" and device.type != "cpu" and state_dtype == torch.bfloat16:
-                warnings.warn(f"no fused backend stores {state_dtype} state on {device.type} yet: "
+                and param_round in backend.param_rounds and tangent_dtype in backend.tangent_dtypes
+                and (name != "triton" or device.type == "cuda")):
+            if name == "reference" and device.type != "cpu" and torch.bfloat16 in (state_dtype, tangent_dtype):
+                warnings.warn(f"no fused backend stores {state_dtype} state with {tangent_dtype} tangents on "
+                              f"{device.type} yet: "
                               "these parameters step on the (slow) reference backend", stacklevel=4)
             elif name == "reference" and device.type != "cpu" and param_round != "nearest":
                 warnings.warn(f"no fused backend implements {_ROUND_OPTION[param_round]} on {device.type} "

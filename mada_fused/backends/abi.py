@@ -12,8 +12,9 @@ from __future__ import annotations
 import struct
 from typing import Iterable, Sequence
 
-VERSION = 4  # 2: Call.maximize applies to ADAMOD_STEP too; 3: Call.state_dtype, Call.sr_seed;
-# 4 (purebf16): Call.param_round, Call.comp
+# 2: Call.maximize applies to ADAMOD_STEP too; 3: Call.state_dtype, Call.sr_seed;
+# 4 (purebf16): Call.param_round, Call.comp; 5: Call.tangent_dtype, in the place of 4's reserved field.
+VERSION = 5
 
 DTYPES: dict[str, int] = {"float32": 0, "float64": 1, "bfloat16": 2, "float16": 3}
 # How a bf16 parameter's new value is stored (Call.param_round, docs/spec.md 5.2).
@@ -41,7 +42,7 @@ SEG_ROW: tuple[tuple[str, str], ...] = (
 CALL_FIXED: tuple[tuple[str, str], ...] = (
     ("op", "i"), ("variant", "I"), ("dtype", "i"), ("learn_mask", "I"), ("maximize", "i"),
     ("vbar_detach", "i"), ("state_dtype", "i"), ("sr_seed", "I"), ("param_round", "i"),
-    ("reserved", "I"), ("device", "q"), ("state_numel", "q"),
+    ("tangent_dtype", "i"), ("device", "q"), ("state_numel", "q"),
     ("num_groups", "q"), ("num_params", "q"),
     ("lr", "Q"), ("wd", "Q"), ("steps", "Q"), ("state", f"{MAX_SLOTS}Q"), ("comp", "Q"), ("tangents", "Q"),
     ("tan_stride", "q"), ("consts", f"{NUM_CONSTS}d"),
@@ -99,13 +100,14 @@ def mask_of(learn: Iterable[int]) -> int:
 def pack_fixed(*, op: int, variant: int, dtype: int, state_dtype: int, sr_seed: int, learn_mask: int,
                maximize: bool, vbar_detach: bool, device: int, state_numel: int, num_groups: int,
                num_params: int, lr: int, wd: int, steps: int, state: Sequence[int], tangents: int, tan_stride: int,
-               consts: Sequence[float], param_round: int = PARAM_ROUNDS["nearest"], comp: int = 0) -> bytes:
+               consts: Sequence[float], param_round: int = PARAM_ROUNDS["nearest"], comp: int = 0,
+               tangent_dtype: int = DTYPES["float32"]) -> bytes:
     """The fixed part of a Call; ``state`` is in MADA_STATE or ADAMOD_STATE order, shorter lists padded with 0."""
     if len(state) > MAX_SLOTS or len(consts) != NUM_CONSTS:
         raise ValueError(f"a call holds at most {MAX_SLOTS} state addresses and exactly {NUM_CONSTS} constants")
     return _FIXED.pack(op, variant, dtype, learn_mask, int(maximize), int(vbar_detach), state_dtype, sr_seed,
-                       param_round, 0, device, state_numel, num_groups, num_params, lr, wd, steps, *state,
-                       *[0] * (MAX_SLOTS - len(state)), comp, tangents, tan_stride, *consts)
+                       param_round, tangent_dtype, device, state_numel, num_groups, num_params, lr, wd, steps,
+                       *state, *[0] * (MAX_SLOTS - len(state)), comp, tangents, tan_stride, *consts)
 
 
 def pack_step(*, rows: int, n_rows: int, coef: int, grad_scale: int, found_inf: int, dot_out: int,

@@ -24,7 +24,8 @@ Per call, a backend must, for every active segment i (elements
 Arithmetic is float64 for float64 params and float32 otherwise. The state is
 stored in ``bucket.state_dtype``: the compute dtype, or bfloat16, which a
 backend rounds stochastically (docs/spec.md section 5.1) and lists in its
-``state_dtypes``. Parameters of lower precision are read, updated in the
+``state_dtypes``; likewise the tangent rows in ``bucket.tangent_dtype``
+(section 5.3, ``tangent_dtypes``). Parameters of lower precision are read, updated in the
 compute dtype and rounded once on the way back: to nearest, or, for bf16
 parameters, as ``bucket.param_round`` says (docs/spec.md section 5.2:
 stochastically, or with Kahan summation into ``bucket.comp``), which a backend
@@ -100,6 +101,7 @@ class Segments:
 class Backend(Protocol):
     name: str
     state_dtypes: frozenset[torch.dtype]  # the bucket state dtypes it can store
+    tangent_dtypes: frozenset[torch.dtype]  # the bucket tangent dtypes it can store
     param_rounds: frozenset[str]  # how it can store bf16 parameters (flat_state.PARAM_ROUNDS)
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:

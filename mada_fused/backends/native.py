@@ -40,6 +40,7 @@ class NativeBackend:
     # bf16 state needs the stochastic-rounding store in the kernels: the CPU
     # extension has it (CpuBackend), the CUDA kernels not yet (csrc/cuda/plan.cpp refuses it).
     state_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64))
+    tangent_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64))  # likewise bf16 tangent rows
     # Stochastic rounding and Kahan summation of bf16 parameters: the CPU kernels
     # have them (CpuBackend), the CUDA kernels not yet (csrc/cuda/plan.cpp refuses them).
     param_rounds: frozenset[str] = frozenset(("nearest",))
@@ -152,7 +153,7 @@ class NativeBackend:
             consts = (cfg.eps, cfg.mod_beta, *cfg.lion_betas)
         return abi.pack_fixed(
             op=op, variant=variant, dtype=DTYPE_CODES[bucket.dtype], state_dtype=DTYPE_CODES[bucket.state_dtype],
-            sr_seed=sc.sr_seed, learn_mask=abi.mask_of(learn),
+            sr_seed=sc.sr_seed, tangent_dtype=DTYPE_CODES[bucket.tangent_dtype], learn_mask=abi.mask_of(learn),
             maximize=maximize, vbar_detach=vbar_detach, device=self._device_index(bucket.device),
             state_numel=bucket.numel, num_groups=sc.lr.numel(), num_params=len(bucket.params),
             lr=sc.lr.data_ptr(), wd=sc.weight_decay.data_ptr(), steps=bucket.steps.data_ptr(),

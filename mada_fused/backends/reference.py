@@ -25,6 +25,9 @@ from .base import (
 )
 
 B1, B2, B3, RHO, C, GAMMA = range(len(COEFFICIENTS))
+# The hash's buffer number of coefficient j's bf16 tangent row is BUF_TAN0 + j, after the state
+# buffers (mada_math.h: kBufTan0).
+BUF_TAN0 = len(abi.MADA_STATE)
 
 
 class _Slot:
@@ -55,6 +58,9 @@ class _Slot:
         self.skip = None if sc.found_inf is None else sc.found_inf.reshape(()) != 0
         self.round = (StoreBf16Sr(seed, self.t, buffers, lo, hi) if bucket.state_dtype == torch.bfloat16
                       else store_exact)
+        # Tangents are never read in the step that forms them: rounded only as they are stored.
+        self.round_tangent = (StoreBf16Sr(seed, self.t, buffers, lo, hi).tangent
+                              if bucket.tangent_dtype == torch.bfloat16 else store_exact)
         self.seed, self.lo, self.hi = seed, lo, hi
 
     def store_param(self, theta: Tensor) -> None:
@@ -149,7 +155,14 @@ class StoreBf16Sr:
         self.index = torch.arange(lo, hi, **i64)
 
     def __call__(self, name: str, x: Tensor) -> Tensor:
-        key = sr_key(self.seed, self.step, self.buffers.index(name))
+        return self._at(self.buffers.index(name), x)
+
+    def tangent(self, j: int, x: Tensor) -> Tensor:
+        """A new du/dk of coefficient ``j`` (canonical index) as a bf16 tangent row stores it."""
+        return self._at(BUF_TAN0 + j, x)
+
+    def _at(self, buffer: int, x: Tensor) -> Tensor:
+        key = sr_key(self.seed, self.step, buffer)
         return sr_bf16(x, sr_bits(key, self.index))
 
 
@@ -170,7 +183,8 @@ def _blend(a: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _accumulate_dot(slot: _Slot, dot_out: torch.Tensor) -> None:
-    part = (slot.grad.unsqueeze(0) * slot.tangents).sum(dim=1, dtype=torch.float64)
+    # bf16 rows widen exactly; each product is rounded in the compute dtype, as the kernels do.
+    part = (slot.grad.unsqueeze(0) * slot.tangents.to(slot.grad.dtype)).sum(dim=1, dtype=torch.float64)
     dot_out.add_(part if slot.skip is None else torch.where(slot.skip, 0.0, part))
 
 
@@ -319,7 +333,7 @@ def _mada_slot(slot: _Slot, coef: Tensor, cfg: MadaKernelConfig, want_tangents: 
     theta, tan = mada_apply(k, slot.theta, x, slot.state, new, cfg, want_tangents, slot.round)
     if tan is not None:
         for row, j in enumerate(cfg.learn):
-            slot.write(slot.tangents[row], tan[j])
+            slot.write(slot.tangents[row], slot.round_tangent(j, tan[j]))
     for name, value in new.items():
         slot.write(slot.views[name], value)
     slot.store_param(theta)
@@ -362,7 +376,7 @@ def adamod_element(k: AdamodScalars, g: Tensor, theta: Tensor, st: dict[str, Ten
 class ReferenceBackend:
     name = "reference"
 
-    state_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
+    state_dtypes = tangent_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
     param_rounds = frozenset(PARAM_ROUNDS)
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:

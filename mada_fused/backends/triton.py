@@ -35,7 +35,7 @@ def _import_kernels():
 
 class TritonBackend:
     name = "triton"
-    state_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
+    state_dtypes = tangent_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
     param_rounds = frozenset(PARAM_ROUNDS)
 
     def __init__(self, kernels) -> None:

@@ -113,6 +113,7 @@ void run_kernels(Bucket<P>& b, const Config& cfg, mc::Plan* plan_out = nullptr) 
   call.variant = uint32_t(cfg.variant);
   call.dtype = dtype_code<P>();
   call.state_dtype = call.dtype == mc::kF64 ? mc::kF64 : mc::kF32;
+  call.tangent_dtype = call.state_dtype;  // the CUDA kernels store the compute dtype's rows
   call.learn_mask = cfg.learn;
   call.maximize = cfg.maximize;
   call.vbar_detach = cfg.vbar_detach;
