@@ -374,12 +374,13 @@ MADA_HD T mada_apply(const MadaScalars<T>& k, T theta, const MadaMid<T>& x,
 
 // One MADA step for one element: both halves. `g` is already unscaled and
 // negated for maximize. Returns the new parameter value; updates `st`; when
-// TANGENTS, fills du/dk into `tan` as mada_apply does.
-template <typename T, bool BETA3, bool VBAR, bool LION, bool MOD, bool TANGENTS>
+// TANGENTS, fills du/dk into `tan` as mada_apply does; `round` is the storage policy.
+template <typename T, bool BETA3, bool VBAR, bool LION, bool MOD, bool TANGENTS,
+          class R = StoreExact>
 MADA_HD T mada_element(const MadaScalars<T>& k, T g, T theta, MadaState<T>& st,
-                       T* tan) {
-  const MadaMid<T> x = mada_moments<T, BETA3, VBAR, LION, MOD, TANGENTS>(k, g, st);
-  return mada_apply<T, BETA3, VBAR, LION, MOD, TANGENTS>(k, theta, x, st, tan);
+                       T* tan, const R& round = R()) {
+  const MadaMid<T> x = mada_moments<T, BETA3, VBAR, LION, MOD, TANGENTS, true, R>(k, g, st, round);
+  return mada_apply<T, BETA3, VBAR, LION, MOD, TANGENTS, R>(k, theta, x, st, tan, round);
 }
 
 // AdaMod (docs/spec.md section 3) and DiffMod (section 4).

@@ -42,6 +42,8 @@ def _loads(name: str) -> bool:
 
 needs_cpu = pytest.mark.skipif(not _loads("cpu"), reason="the C++ CPU extension is not built")
 needs_triton = pytest.mark.skipif(not _loads("triton"), reason="Triton is not installed")
+needs_cuda_on_cpu = pytest.mark.skipif(not _loads("cuda_on_cpu"),
+                                       reason="_C_cuda_on_cpu not built (MADA_BUILD_CUDA_ON_CPU=1)")
 
 # Every term at once, all six coefficients learned and moving from step 2 on.
 FULL = dict(betas=(0.9, 0.999), beta3=0.5, rho=0.5, c=0.7, gamma=0.6, mod_beta=0.9, hyper_warmup=0)
@@ -90,7 +92,8 @@ def _spec_rows(opt, params, f32_rows: list[torch.Tensor], seed: int) -> list[tor
     return out
 
 
-BACKENDS = ["reference", pytest.param("cpu", marks=needs_cpu), pytest.param("triton", marks=needs_triton)]
+BACKENDS = ["reference", pytest.param("cpu", marks=needs_cpu), pytest.param("cuda_on_cpu", marks=needs_cuda_on_cpu),
+            pytest.param("triton", marks=needs_triton)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -116,6 +119,9 @@ def test_stored_rows_are_the_spec_rounding_of_the_fp32_rows(backend, state_dtype
 FUSED = [
     *(pytest.param("cpu", sd, order, seed, marks=needs_cpu, id=f"cpu-{str(sd)[6:]}-{order}-{seed}")
       for sd in (F32, BF16) for order in ("lagged", "exact") for seed in (0, 5, 2**32 - 1)),
+    # The CUDA kernels on host threads (csrc/cuda through cuda_on_cpu.h).
+    *(pytest.param("cuda_on_cpu", sd, order, seed, marks=needs_cuda_on_cpu, id=f"cuda_on_cpu-{str(sd)[6:]}-{order}-{seed}")
+      for sd in (F32, BF16) for order in ("lagged", "exact") for seed in (0, 2**32 - 1)),
     # The interpreter is slow: each state dtype and order once.
     *(pytest.param("triton", sd, order, 3, marks=needs_triton, id=f"triton-{str(sd)[6:]}-{order}")
       for sd in (F32, BF16) for order in ("lagged", "exact")),
@@ -126,7 +132,7 @@ FUSED = [
 def test_fused_backends_store_the_reference_bits_and_sum_the_rows_they_stored(backend, state_dtype, order, seed,
                                                                              monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    grads = _grads(6 if backend == "cpu" else 3, SHAPES, seed=seed % 7)
+    grads = _grads(3 if backend == "triton" else 6, SHAPES, seed=seed % 7)
     # Frozen coefficients: a row element one bf16 ulp apart (below) moves h by up to 2^-8 of its
     # term, and a learning run would carry that into the coefficients and the state.
     kw = dict(state_dtype=state_dtype, hyper_order=order, sr_seed=seed, hyper_lr=FROZEN)
@@ -270,16 +276,11 @@ def test_bad_tangent_dtype_is_refused(cls, bad):
     assert torch.equal(p, before)
 
 
-def test_backends_without_bf16_rows_refuse_them_by_name_unless_nothing_is_learned():
+def test_every_backend_stores_bf16_rows_and_auto_picks_cpu():
     p = torch.nn.Parameter(torch.randn(4))
-    for name in ("cuda_on_cpu", "cuda"):
-        try:
-            load(name)
-        except BackendUnavailable:
-            continue
-        with pytest.raises(ValueError, match=rf"backend '{name}' cannot store torch.bfloat16 tangent rows"):
-            MADA([p], backend=name, tangent_dtype=BF16)
-        MADA([p], backend=name, tangent_dtype=BF16, learn=())  # no rows: nothing to refuse
+    for name in ("reference", "cpu", "cuda_on_cpu", "cuda", "triton"):
+        if _loads(name):
+            assert BF16 in load(name).tangent_dtypes, name
     auto = MADA([p], tangent_dtype=BF16)
     p.grad = torch.randn(4)
     auto.step()

@@ -1,4 +1,5 @@
-// Kernel instantiations for __half parameters: every MADA variant, the dot pass, AdaMod/DiffMod.
+// Kernel instantiations for fp16 (__half) parameters:
+// every MADA variant, the dot pass, AdaMod/DiffMod.
 #include "cuda/kernel_table.cuh"
 
-MADA_CUDA_DEFINE_TABLE(f16, __half)
+MADA_CUDA_TABLE(kF16, false, false)

@@ -1,4 +1,5 @@
-// Kernel instantiations for float parameters: every MADA variant, the dot pass, AdaMod/DiffMod.
+// Kernel instantiations for float parameters:
+// every MADA variant, the dot pass, AdaMod/DiffMod.
 #include "cuda/kernel_table.cuh"
 
-MADA_CUDA_DEFINE_TABLE(f32, float)
+MADA_CUDA_TABLE(kF32, false, false)

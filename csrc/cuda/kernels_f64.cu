@@ -1,4 +1,5 @@
-// Kernel instantiations for double parameters: every MADA variant, the dot pass, AdaMod/DiffMod.
+// Kernel instantiations for float64 parameters (fp64 state and tangents):
+// every MADA variant, the dot pass, AdaMod/DiffMod.
 #include "cuda/kernel_table.cuh"
 
-MADA_CUDA_DEFINE_TABLE(f64, double)
+MADA_CUDA_TABLE(kF64, false, false)

@@ -25,6 +25,12 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) out[blockIdx.x] += s;
 }
 
+template <int D>
+const KernelTable& table_for(bool sb, bool tb) {
+  return sb ? (tb ? table<D, true, true>() : table<D, true, false>())
+            : (tb ? table<D, false, true>() : table<D, false, false>());
+}
+
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
     cudaGetLastError();  // clear a non-sticky error so the next call starts clean
@@ -60,8 +66,12 @@ class DeviceGuard {
 void execute(const Request& r, Plan& plan, double* slots) {
   if (plan.launches.empty()) return;
   const Call& call = r.call;
-  const KernelTable& t = call.dtype == kF32 ? table_f32() : call.dtype == kF64 ? table_f64()
-                       : call.dtype == kBF16 ? table_bf16() : table_f16();
+  // bf16 storage matters only to a pass that touches it: the dot reads no state,
+  // AdaMod and tangent-free MADA variants no rows.
+  const bool rows = call.op == kMadaDot || (call.op == kMadaStep && (call.variant & kTangents));
+  const bool sb = call.state_dtype == kBF16 && call.op != kMadaDot, tb = call.tangent_dtype == kBF16 && rows;
+  const KernelTable& t = call.dtype == kF32 ? table_for<kF32>(sb, tb) : call.dtype == kF64 ? table<kF64, false, false>()
+                       : call.dtype == kBF16 ? table_for<kBF16>(sb, tb) : table_for<kF16>(sb, tb);
   const LaunchFn fn = call.op == kMadaStep ? t.mada[call.variant] : call.op == kMadaDot ? t.dot
                     : t.adamod[call.variant];
   const DeviceGuard device(int(call.device));

@@ -36,8 +36,8 @@ struct Common {
   const double* steps;      // (bucket params,) already incremented
   const float* grad_scale;  // null: no AMP scaling
   const float* found_inf;   // null: never skip
-  void* buf[kMaxSlots];     // flat state buffers in abi.h's slot order; null when unused
-  void* tan;                // (n_learn, tan_stride) tangent rows
+  void* buf[kMaxSlots];     // flat state buffers in abi.h's slot order (Call::state_dtype); null when unused
+  void* tan;                // (n_learn, tan_stride) tangent rows (Call::tangent_dtype)
   int64_t tan_stride;
   double* slots;            // (n_learn, slot_stride) per-block partial dot products
   int64_t slot_stride;      // total blocks of this call (all launches)
@@ -48,6 +48,7 @@ struct Common {
   int maximize;
   int vbar_detach;
   int dot;                  // accumulate sum(g * T) into slots
+  uint32_t sr_seed;         // Call::sr_seed: bf16 state's and tangents' stochastic rounding
 };
 
 // Segment i covers launch indices [vstart[i], vstart[i] + numel[i]); the gap up to
@@ -100,10 +101,11 @@ struct KernelTable {
   LaunchFn dot;
   LaunchFn adamod[kAdamodVariants];
 };
-const KernelTable& table_f32();
-const KernelTable& table_f64();
-const KernelTable& table_bf16();
-const KernelTable& table_f16();
+// The launchers of parameter dtype D (abi.h Dtype) with bf16 state (SB) and/or
+// bf16 tangent rows (TB); instantiated once each, in kernels_*.cu. A table with
+// SB or TB holds only the passes that touch that storage (null elsewhere).
+template <int D, bool SB, bool TB>
+const KernelTable& table();
 
 std::vector<int> built_archs();
 // Whether this build has machine code (or PTX) the device can run; the reason when not.

@@ -23,12 +23,6 @@ int64_t chunk_for(int64_t total) {
 }  // namespace
 
 Request make_request(const Call& checked) {
-  if (checked.state_dtype == kBF16)
-    throw std::invalid_argument("the CUDA kernels store fp32/fp64 state only; bf16 state runs on the "
-                                "cpu and reference backends");
-  if (checked.tangent_dtype == kBF16)
-    throw std::invalid_argument("the CUDA kernels store fp32/fp64 tangent rows only; bf16 tangents run on the "
-                                "cpu, triton and reference backends");
   if (checked.param_round != kRoundNearest)
     throw std::invalid_argument("the CUDA kernels store bf16 parameters rounded to nearest only; "
                                 "kahan_sum and bf16_stochastic_round run on the cpu, triton and reference backends");
@@ -50,15 +44,18 @@ Request make_request(const Call& checked) {
   c.learn_mask = checked.learn_mask;
   c.maximize = checked.maximize != 0;
   c.vbar_detach = checked.vbar_detach != 0;
+  c.sr_seed = checked.sr_seed;
   return r;
 }
 
 Plan make_plan(const Request& r) {
   const Call& call = r.call;
-  const int ssize = call.dtype == kF64 ? 8 : 4;
+  const int ssize = call.dtype == kF64 ? 8 : 4;  // compute dtype
+  const int bsize = call.state_dtype == kBF16 ? 2 : ssize;  // state buffers
+  const int tsize = call.tangent_dtype == kBF16 ? 2 : ssize;  // tangent rows
   const bool update = call.op != kMadaDot;
   const bool tangents = r.c.tan != nullptr;  // the check keeps it only for passes that use it
-  const bool tan_rows_ok = r.n_learn <= 1 || (r.c.tan_stride * ssize) % 16 == 0;
+  const bool tan_rows_ok = r.n_learn <= 1 || (r.c.tan_stride * tsize) % 16 == 0;
 
   int64_t total = 0;
   for (int64_t i = 0; i < call.n_rows; ++i) total += call.rows[i].numel;
@@ -101,9 +98,9 @@ Plan make_plan(const Request& r) {
     // the segment start; unaligned segments take the scalar path.
     bool ok = aligned16(a->s.grad[k]) && (!update || aligned16(a->s.param[k]));
     for (int b = 0; b < kMaxSlots && update; ++b)
-      if (r.c.buf[b]) ok = ok && aligned16(static_cast<const char*>(r.c.buf[b]) + row.offset * ssize);
+      if (r.c.buf[b]) ok = ok && aligned16(static_cast<const char*>(r.c.buf[b]) + row.offset * bsize);
     if (tangents)
-      ok = ok && tan_rows_ok && aligned16(static_cast<const char*>(r.c.tan) + row.offset * ssize);
+      ok = ok && tan_rows_ok && aligned16(static_cast<const char*>(r.c.tan) + row.offset * tsize);
     if (k % 32 == 0) a->s.aligned[k / 32] = 0;
     if (ok) a->s.aligned[k / 32] |= 1u << (k % 32);
     vpos += (row.numel + kPad - 1) / kPad * kPad;

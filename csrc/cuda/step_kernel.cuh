@@ -1,7 +1,7 @@
 // The fused step kernel: one template serves MADA (32 state/tangent variants), its
-// dot-only pass and AdaMod/DiffMod. The per-element math is mada_math.h; this file
-// only moves memory: chunked schedule, 16-byte vector loads, deterministic partial
-// sums. Included by kernel_table.cuh (the per-dtype kernel files) and launch.cu.
+// dot-only pass and AdaMod/DiffMod, with fp32/fp64 or bf16 state and tangent rows. The
+// per-element math is mada_math.h; this file only moves memory: chunked schedule,
+// 16-byte vector loads, deterministic partial sums. Included by kernel_table.cuh (the per-dtype kernel files) and launch.cu.
 #pragma once
 
 #include <cstring>
@@ -25,6 +25,41 @@ __device__ __forceinline__ float to_state(__half x) { return __half2float(x); }
 template <typename P> __device__ __forceinline__ P from_state(typename StateOf<P>::type x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_state<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <> __device__ __forceinline__ __half from_state<__half>(float x) { return __float2half_rn(x); }
+
+// How state (Call::state_dtype) and tangent rows (Call::tangent_dtype) are
+// stored: as the compute type S, or, for fp32 compute with bf16 storage (SB), as
+// bf16 bit patterns (docs/spec.md sections 5.1 and 5.3).
+// A bf16 value reaches put() already rounded to a bf16 value by the math's
+// storage policy (mada::StoreBf16Sr, which round() makes for an element), so
+// put() truncates exactly and load() widens exactly. Raw uint16_t bits rather
+// than __nv_bfloat16: they are moved, never converted, so a NaN keeps the bits
+// sr_bf16 gave it, as the CPU backend stores them.
+template <typename S, bool SB>
+struct Stored {
+  using type = S;
+  __device__ static S load(S x) { return x; }
+  __device__ static S put(S x) { return x; }
+  __device__ static mada::StoreExact round(const uint32_t*, int64_t) { return {}; }
+};
+template <>
+struct Stored<float, true> {
+  using type = uint16_t;
+  __device__ static float load(uint16_t x) {
+    const uint32_t u = uint32_t(x) << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  __device__ static uint16_t put(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return uint16_t(u >> 16);
+  }
+  // key: the segment's sr_key per buffer number; index: the element's flat state index.
+  __device__ static mada::StoreBf16Sr round(const uint32_t* key, int64_t index) {
+    return mada::StoreBf16Sr{key, uint64_t(index)};
+  }
+};
 
 // N consecutive elements; VEC: as 16-byte accesses (caller checked alignment).
 template <bool VEC, int N, typename T>
@@ -76,9 +111,11 @@ struct MadaOp {
     const mada::MadaConst k{c.k[kEps], c.k[kModBeta], c.k[kLionBeta1], c.k[kLionBeta2], c.vbar_detach != 0};
     return mada::make_mada_scalars<S>(c.coef, lr, wd, t, k);
   }
-  __device__ static S element(const Scalars& k, S g, S theta, S (&st)[kMaxSlots], S (&tan)[kNumCoef]) {
+  template <class R>
+  __device__ static S element(const Scalars& k, S g, S theta, S (&st)[kMaxSlots], S (&tan)[kNumCoef],
+                              const R& round) {
     mada::MadaState<S> s{st[kM], st[kV], st[kN], st[kGPrev], st[kL], st[kVb], st[kS]};
-    const S out = mada::mada_element<S, kBeta3, kVbar, kLion, kMod, kTan>(k, g, theta, s, tan);
+    const S out = mada::mada_element<S, kBeta3, kVbar, kLion, kMod, kTan>(k, g, theta, s, tan, round);
     st[kM] = s.m; st[kV] = s.v; st[kN] = s.n; st[kGPrev] = s.g_prev; st[kL] = s.l; st[kVb] = s.vb; st[kS] = s.s;
     return out;
   }
@@ -101,22 +138,43 @@ struct AdamodOp {
     return mada::make_adamod_scalars<S>(c.k[kAdamodBeta1], c.k[kAdamodBeta2], c.k[kAdamodBeta3],
                                         c.k[kAdamodEps], lr, wd, t);
   }
-  __device__ static S element(const Scalars& k, S g, S theta, S (&st)[kMaxSlots], S (&)[kNumCoef]) {
-    return mada::adamod_element<S, DIFF>(k, g, theta, st[kAm], st[kAv], st[kAs], st[kAgPrev]);
+  template <class R>
+  __device__ static S element(const Scalars& k, S g, S theta, S (&st)[kMaxSlots], S (&)[kNumCoef],
+                              const R& round) {
+    return mada::adamod_element<S, DIFF>(k, g, theta, st[kAm], st[kAv], st[kAs], st[kAgPrev], round);
   }
 };
 
-// ---- One unit: N consecutive elements of one segment, starting at element i ----
-// Params and grads move as one 16-byte word of N elements; state and tangents
-// in sub-units of M (one 16-byte word of the state dtype), so a bf16 unit holds
-// half its state in registers at a time.
+// Per-segment constants in shared memory: the op's scalars and, for bf16 state
+// or tangent rows, the stochastic-rounding key of each buffer number (sr_key of
+// the seed, the parameter's step and the number: state slots, then kBufTan0 + j
+// for coefficient j's row), formed once per segment.
+template <class Op>
+struct SegConsts {
+  typename Op::Scalars k;
+  uint32_t key[mada::kBufTan0 + kNumCoef];
+};
 
-template <typename P, class Op, bool VEC, int N>
-__device__ __forceinline__ void run_unit(const Common& c, const typename Op::Scalars& k, P* param,
+// ---- One unit: N consecutive elements of one segment, starting at element i ----
+// Params and grads move as 16-byte words (N fills at least one word of params,
+// of stored state and of stored tangents); state and tangent rows in sub-units
+// of M (one 16-byte word of the narrower stored type), tangent rows in words of
+// TW within those. So a bf16-param unit holds half its fp32 state in registers
+// at a time, and bf16 state or tangents are read as words of 8 elements.
+// TB: the tangent rows are stored in bf16.
+
+template <typename P, bool SB, bool TB, class Op, bool VEC, int N>
+__device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k, P* param,
                                          const P* grad, int64_t soff, int64_t i, bool dot,
                                          typename StateOf<P>::type scale, double (&acc)[kNumCoef]) {
   using S = typename StateOf<P>::type;
-  constexpr int M = (VEC && N * sizeof(S) > 16) ? int(16 / sizeof(S)) : N;
+  using St = Stored<S, SB>;
+  using W = typename St::type;
+  using Tt = Stored<S, TB>;
+  using R = typename Tt::type;
+  constexpr std::size_t narrow = sizeof(W) < sizeof(R) ? sizeof(W) : sizeof(R);
+  constexpr int M = (VEC && N * narrow > 16) ? int(16 / narrow) : N;
+  constexpr int TW = (VEC && M * sizeof(R) > 16) ? int(16 / sizeof(R)) : M;
   P graw[N], praw[N];
   load<VEC>(grad + i, graw);
   if constexpr (Op::kUpdate) load<VEC>(param + i, praw);
@@ -131,11 +189,11 @@ __device__ __forceinline__ void run_unit(const Common& c, const typename Op::Sca
   for (int h = 0; h < N; h += M) {
     const int64_t e = soff + i + h;  // flat state index
     // Tangent row of coefficient j is its rank among the learned ones (abi.h).
-    S* trow[kNumCoef] = {};
+    R* trow[kNumCoef] = {};
     if constexpr (Op::kMayDot || Op::kTan) {
 #pragma unroll
       for (int j = 0, r = 0; j < kNumCoef; ++j) {
-        trow[j] = static_cast<S*>(c.tan) + r * c.tan_stride + e;
+        trow[j] = static_cast<R*>(c.tan) + r * c.tan_stride + e;
         r += (c.learn_mask >> j) & 1u;
       }
     }
@@ -143,37 +201,46 @@ __device__ __forceinline__ void run_unit(const Common& c, const typename Op::Sca
 #pragma unroll
       for (int j = 0; j < kNumCoef; ++j) {
         if (!((c.learn_mask >> j) & 1u)) continue;
-        S t[M];
-        load<VEC>(trow[j], t);
 #pragma unroll
-        for (int q = 0; q < M; ++q) acc[j] = fma(double(g[h + q]), double(t[q]), acc[j]);
+        for (int w = 0; w < M; w += TW) {
+          R t[TW];
+          load<VEC>(trow[j] + w, t);
+#pragma unroll
+          for (int q = 0; q < TW; ++q) acc[j] = fma(double(g[h + w + q]), double(Tt::load(t[q])), acc[j]);
+        }
       }
     }
     if constexpr (Op::kUpdate) {
-      S st[kMaxSlots][M] = {};
+      W st[kMaxSlots][M] = {};
 #pragma unroll
       for (int b = 0; b < kMaxSlots; ++b)
-        if ((Op::kBufMask >> b) & 1u) load<VEC>(static_cast<const S*>(c.buf[b]) + e, st[b]);
-      S tan[kNumCoef][M];
+        if ((Op::kBufMask >> b) & 1u) load<VEC>(static_cast<const W*>(c.buf[b]) + e, st[b]);
 #pragma unroll
-      for (int q = 0; q < M; ++q) {
-        S sq[kMaxSlots], tq[kNumCoef] = {};
+      for (int w = 0; w < M; w += TW) {
+        R tan[kNumCoef][TW];
 #pragma unroll
-        for (int b = 0; b < kMaxSlots; ++b) sq[b] = st[b][q];
-        praw[h + q] = from_state<P>(Op::element(k, g[h + q], to_state(praw[h + q]), sq, tq));
+        for (int q = 0; q < TW; ++q) {
+          const int x = w + q;
+          S sq[kMaxSlots], tq[kNumCoef] = {};
 #pragma unroll
-        for (int b = 0; b < kMaxSlots; ++b) st[b][q] = sq[b];
+          for (int b = 0; b < kMaxSlots; ++b) sq[b] = St::load(st[b][x]);
+          praw[h + x] = from_state<P>(
+              Op::element(k.k, g[h + x], to_state(praw[h + x]), sq, tq, St::round(k.key, e + x)));
 #pragma unroll
-        for (int j = 0; j < kNumCoef; ++j) tan[j][q] = tq[j];
+          for (int b = 0; b < kMaxSlots; ++b) st[b][x] = St::put(sq[b]);
+          const auto trnd = Tt::round(k.key, e + x);  // a tangent is rounded where it is stored
+#pragma unroll
+          for (int j = 0; j < kNumCoef; ++j) tan[j][q] = Tt::put(trnd(mada::kBufTan0 + j, tq[j]));
+        }
+        if constexpr (Op::kTan) {
+#pragma unroll
+          for (int j = 0; j < kNumCoef; ++j)
+            if ((c.learn_mask >> j) & 1u) store<VEC>(trow[j] + w, tan[j]);
+        }
       }
 #pragma unroll
       for (int b = 0; b < kMaxSlots; ++b)
-        if ((Op::kBufMask >> b) & 1u) store<VEC>(static_cast<S*>(c.buf[b]) + e, st[b]);
-      if constexpr (Op::kTan) {
-#pragma unroll
-        for (int j = 0; j < kNumCoef; ++j)
-          if ((c.learn_mask >> j) & 1u) store<VEC>(trow[j], tan[j]);
-      }
+        if ((Op::kBufMask >> b) & 1u) store<VEC>(static_cast<W*>(c.buf[b]) + e, st[b]);
     }
   }
   if constexpr (Op::kUpdate) store<VEC>(param + i, praw);
@@ -199,20 +266,26 @@ __device__ __forceinline__ double block_sum(double v, double* sh) {
 // uninitialised memory.
 // Register cap: 3 blocks of 128 threads per SM (<= 168 registers) keeps the
 // heaviest fp32/bf16 variants (all six tangents) at 12 warps per SM with no
-// spills; fp64 (the test oracle) needs more registers and gets 2 blocks.
+// spills; fp64 (the test oracle) needs more registers and gets 2 blocks. With
+// bf16 state or rows a unit holds 8 elements' state and tangents at once: ptxas
+// (sm_90) reports spills in 1-4 variants per table, at most 164 bytes, not yet
+// timed on a GPU against 2 blocks per SM.
 template <typename P>
 constexpr int kMinBlocks = sizeof(typename StateOf<P>::type) == 8 ? 2 : 3;
 
-template <typename P, class Op>
+// SB, TB: the state, the tangent rows are stored in bf16 (fp32 compute only).
+template <typename P, bool SB, bool TB, class Op>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __grid_constant__ Args a) {
   using S = typename StateOf<P>::type;
+  using W = typename Stored<S, SB>::type;
+  using R = typename Stored<S, TB>::type;
   const Common& c = a.c;
   const SegTable& t = a.s;
   if (c.found_inf && *c.found_inf != 0.0f) return;  // GradScaler skip: change nothing
   const S scale = c.grad_scale ? S(*c.grad_scale) : S(1);
   const bool dot = Op::kMayDot && c.dot;
   double acc[kNumCoef] = {};
-  MADA_SHARED(typename Op::Scalars, sk);
+  MADA_SHARED(SegConsts<Op>, sk);
 
   const int64_t c0 = int64_t(blockIdx.x) * c.chunk, c1 = c0 + c.chunk;
   int lo = 0, hi = t.n - 1;  // last segment with vstart <= c0 (uniform over the block)
@@ -228,23 +301,36 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __g
     if (a0 >= a1) continue;
     if constexpr (Op::kUpdate) {
       __syncthreads();  // everyone is done with the previous segment's scalars
-      if (threadIdx.x == 0) sk = Op::make(c, c.lr[t.group[s]], c.wd[t.group[s]], c.steps[t.pidx[s]]);
+      if (threadIdx.x == 0) {
+        const double step = c.steps[t.pidx[s]];
+        sk.k = Op::make(c, c.lr[t.group[s]], c.wd[t.group[s]], step);
+        const uint32_t t32 = uint32_t(uint64_t(step));
+        if constexpr (SB)
+          for (int b = 0; b < kMaxSlots; ++b) sk.key[b] = mada::sr_key(c.sr_seed, t32, uint32_t(b));
+        if constexpr (TB && Op::kTan)
+          for (int b = mada::kBufTan0; b < mada::kBufTan0 + kNumCoef; ++b)
+            sk.key[b] = mada::sr_key(c.sr_seed, t32, uint32_t(b));
+      }
       __syncthreads();
     }
-    const typename Op::Scalars& k = sk;  // read from shared memory at each use
+    const SegConsts<Op>& k = sk;  // read from shared memory at each use
     P* param = static_cast<P*>(t.param[s]);
     const P* grad = static_cast<const P*>(t.grad[s]);
     const int64_t off = t.off[s];
     int64_t tail = a0;
     if ((t.aligned[s >> 5] >> (s & 31)) & 1u) {
-      constexpr int U = 16 / sizeof(P);  // one 16-byte word of params per unit
+      // At least one 16-byte word of params, of stored state and of stored tangents per unit.
+      constexpr std::size_t narrow = sizeof(P) < sizeof(W) ? (sizeof(P) < sizeof(R) ? sizeof(P) : sizeof(R))
+                                                           : (sizeof(W) < sizeof(R) ? sizeof(W) : sizeof(R));
+      constexpr int U = int(16 / narrow);
+      static_assert(kPad % U == 0, "a0 must start a unit");
       const int64_t u1 = a1 / U;
       for (int64_t u = a0 / U + threadIdx.x; u < u1; u += kThreads)
-        run_unit<P, Op, true, U>(c, k, param, grad, off, u * U, dot, scale, acc);
+        run_unit<P, SB, TB, Op, true, U>(c, k, param, grad, off, u * U, dot, scale, acc);
       tail = u1 * U;
     }
     for (int64_t i = tail + threadIdx.x; i < a1; i += kThreads)
-      run_unit<P, Op, false, 1>(c, k, param, grad, off, i, dot, scale, acc);
+      run_unit<P, SB, TB, Op, false, 1>(c, k, param, grad, off, i, dot, scale, acc);
   }
 
   if (dot) {

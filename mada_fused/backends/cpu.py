@@ -23,7 +23,6 @@ from .native import DTYPE_CODES, NativeBackend
 
 class CpuBackend(NativeBackend):
     name = "cpu"
-    state_dtypes = tangent_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
     param_rounds = frozenset(PARAM_ROUNDS)
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:

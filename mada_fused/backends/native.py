@@ -37,10 +37,10 @@ class NativeBackend:
     """A backend whose passes run in a native extension behind csrc/abi.h."""
 
     name: str
-    # bf16 state needs the stochastic-rounding store in the kernels: the CPU
-    # extension has it (CpuBackend), the CUDA kernels not yet (csrc/cuda/plan.cpp refuses it).
-    state_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64))
-    tangent_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64))  # likewise bf16 tangent rows
+    # Every native extension stores bf16 state and tangent rows with the stochastic
+    # rounding of docs/spec.md sections 5.1 and 5.3 (csrc/mada_math.h: StoreBf16Sr).
+    state_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64, torch.bfloat16))
+    tangent_dtypes: frozenset[torch.dtype] = state_dtypes
     # Stochastic rounding and Kahan summation of bf16 parameters: the CPU kernels
     # have them (CpuBackend), the CUDA kernels not yet (csrc/cuda/plan.cpp refuses them).
     param_rounds: frozenset[str] = frozenset(("nearest",))

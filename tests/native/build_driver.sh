@@ -10,8 +10,9 @@ shift
 mkdir -p "$out"
 cxx=${CXX:-g++}
 flags=(-std=c++20 -g -Wall -Wno-unknown-pragmas -pthread -I"$root/csrc" "$@")
-srcs=(csrc/cuda/plan.cpp csrc/cuda/launch.cu csrc/cuda/kernels_f32.cu csrc/cuda/kernels_f64.cu
-      csrc/cuda/kernels_bf16.cu csrc/cuda/kernels_f16.cu tests/native/cuda_on_cpu_driver.cpp)
+srcs=(csrc/cuda/plan.cpp csrc/cuda/launch.cu)
+for k in "$root"/csrc/cuda/kernels_*.cu; do srcs+=("csrc/cuda/$(basename "$k")"); done
+srcs+=(tests/native/cuda_on_cpu_driver.cpp)
 objs=()
 pids=()
 for src in "${srcs[@]}"; do

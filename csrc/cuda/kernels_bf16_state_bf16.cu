@@ -1,0 +1,5 @@
+// Kernel instantiations for bf16 (__nv_bfloat16) parameters with bf16 state (docs/spec.md section 5.1):
+// every MADA variant and AdaMod/DiffMod (the dot pass reads no state).
+#include "cuda/kernel_table.cuh"
+
+MADA_CUDA_TABLE(kBF16, true, false)

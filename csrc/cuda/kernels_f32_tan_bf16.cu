@@ -1,0 +1,5 @@
+// Kernel instantiations for float parameters with bf16 tangent rows (docs/spec.md section 5.3):
+// the MADA variants that write tangents and the dot pass (the others read no rows).
+#include "cuda/kernel_table.cuh"
+
+MADA_CUDA_TABLE(kF32, false, true)
