@@ -292,11 +292,13 @@ def test_bf16_param_rounding_runs_in_the_cpu_extension_and_the_cuda_planner_refu
 def test_the_cuda_planner_refuses_8bit_state_by_name(name):
     ext = _ext(name)
     call = Call()
-    call.state = [torch.zeros(N, dtype=torch.uint8) for _ in range(4)]
-    call.scales = [torch.ones(-(-N // 256)) for _ in range(4)]
-    call.fixed.update(state_dtype=abi.STATE_8BIT, state=[t.data_ptr() for t in call.state],
-                      scales=[t.data_ptr() for t in call.scales])
-    before = [t.clone() for t in call.state]
-    with pytest.raises(ValueError, match="8-bit state"):
+    blk = 256  # one whole 8-bit block, so only the planner can object
+    call.state = [torch.zeros(blk, dtype=torch.uint8) for _ in range(4)]
+    call.scales = [torch.ones(1) for _ in range(4)]
+    call.tangents = torch.zeros(2, blk)
+    call.fixed.update(state_dtype=abi.STATE_8BIT, state=[t.data_ptr() for t in call.state], state_numel=blk,
+                      scales=[t.data_ptr() for t in call.scales], tangents=call.tangents.data_ptr(), tan_stride=blk)
+    before = call.snapshot()
+    with pytest.raises(ValueError, match="do not store 8-bit state"):
         ext.plan_info(call.packed())
-    assert all(torch.equal(a, b) for a, b in zip(call.state, before))
+    assert all(torch.equal(a, b) for a, b in zip(call.snapshot(), before))

@@ -62,7 +62,8 @@ def test_new_layout_refused_under_capture(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     p = torch.zeros(4)
     seg = SimpleNamespace(params=[p], grads=[p], offsets=[0], numels=[4], groups=[0], param_index=[0])
-    bucket = SimpleNamespace(device=torch.device("cuda"), state_dtype=torch.float32, numel=4, tangent_stride=4)
+    bucket = SimpleNamespace(device=torch.device("cuda"), state_dtype=torch.float32, tangent_dtype=torch.float32,
+                             numel=4, tangent_stride=4)
     with pytest.raises(RuntimeError, match="warm-up"):
         launch._layout(seg, bucket, launch._CHUNK)
     assert not launch._layouts
