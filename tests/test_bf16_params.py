@@ -21,28 +21,15 @@ import pytest
 import torch
 
 import spec_model as spec
+from storage_cases import FULL, U32, loads, needs_cpu, needs_triton, sr_bits
 from mada_fused import MADA, AdaMod, AVGrad, DiffMod
-from mada_fused.backends import BackendUnavailable, load
 from mada_fused.backends import reference as ref
 
 BF16 = torch.bfloat16
-U32 = 0xFFFFFFFF
 KAHAN, SR = dict(kahan_sum=True), dict(bf16_stochastic_round=True)
 MODES = {"kahan": KAHAN, "sr": SR}
 
 
-def _loads(name: str) -> bool:
-    try:
-        load(name)
-    except BackendUnavailable:
-        return False
-    return True
-
-
-needs_cpu = pytest.mark.skipif(not _loads("cpu"), reason="the C++ CPU extension is not built")
-needs_triton = pytest.mark.skipif(not _loads("triton"), reason="Triton is not installed")
-
-FULL = dict(betas=(0.9, 0.999), beta3=0.5, rho=0.5, c=0.7, gamma=0.6, mod_beta=0.9, hyper_warmup=0)
 CASES = {
     "mada_full": (MADA, FULL),
     "mada_corner": (MADA, dict(learn=())),  # the CPU's one-loop path
@@ -78,19 +65,6 @@ def _run(case: str, backend: str, grads, mode: str, state_dtype=torch.float32, l
 
 
 # -- the reference against the spec's formulas ----------------------------------------------
-def _mix(h: int) -> int:
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & U32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & U32
-    return h ^ (h >> 16)
-
-
-def _sr_bits(seed: int, step: int, buffer: int, index: int) -> int:
-    key = _mix(_mix(_mix(seed) ^ step) ^ buffer)
-    return _mix(((key + (index >> 32)) & U32) ^ (index & U32))
-
-
 def _u(x: float) -> int:
     return struct.unpack("<I", struct.pack("<f", x))[0]
 
@@ -129,7 +103,7 @@ def test_reference_stores_the_spec_formulas(case, mode):
     for p, q, off in zip(params, twins, offsets):
         for i, (x, got) in enumerate(zip(q.detach().view(-1).tolist(), p.detach().float().view(-1).tolist())):
             if mode == "sr":
-                want = _f((_u(x) + (_sr_bits(seed, 2, 13, off + i) & 0xFFFF)) & 0xFFFF0000)
+                want = _f((_u(x) + (sr_bits(seed, 2, 13, off + i) & 0xFFFF)) & 0xFFFF0000)
                 assert got == want, (i, x)
             else:
                 assert got == _rne(x), (i, x)
@@ -342,7 +316,7 @@ def test_bad_combinations_are_refused(cls):
     with pytest.raises(TypeError, match="bf16_stochastic_round"):
         cls([p], bf16_stochastic_round="yes")
     for name in ("cuda", "cuda_on_cpu"):
-        if _loads(name):
+        if loads(name):
             for mode, option in ((KAHAN, "kahan_sum"), (SR, "bf16_stochastic_round")):
                 with pytest.raises(ValueError, match=option):
                     cls([p], backend=name, **mode)

@@ -18,21 +18,11 @@ import pytest
 import torch
 
 import spec_model as spec
+from storage_cases import FULL, loads, needs_cpu, needs_triton, stored
 from mada_fused import MADA, AdaMod, AVGrad, DiffMod, quant8
 from mada_fused.backends import BackendUnavailable, load
 
-def _loads(name: str) -> bool:
-    try:
-        load(name)
-    except BackendUnavailable:
-        return False
-    return True
 
-
-needs_cpu = pytest.mark.skipif(not _loads("cpu"), reason="the C++ CPU extension is not built")
-needs_triton = pytest.mark.skipif(not _loads("triton"), reason="Triton is not installed")
-
-FULL = dict(betas=(0.9, 0.999), beta3=0.5, rho=0.5, c=0.7, gamma=0.6, mod_beta=0.9, hyper_warmup=0)
 CASES = {
     "mada_full": (MADA, FULL),
     "mada_adam_corner": (MADA, dict(learn=())),
@@ -235,10 +225,6 @@ def test_full_mada_bytes_per_parameter():
 
 
 # -- fused backends: the reference's codes and scales -------------------------------------------
-def _stored(opt, params) -> dict:
-    return {(i, k): v.clone() for i, p in enumerate(params) for k, v in opt.state[p].items()}
-
-
 # Codes of buffers whose fp32 values the backends form by the same operations are equal; vb
 # and s go through a bias correction or 1/t that the fused backends multiply by a reciprocal
 # and the reference divides by (spec section 6): one fp32 ulp apart, which changes a code only
@@ -276,8 +262,8 @@ FUSED = [
 def test_fused_backends_store_the_reference_codes_and_scales(backend, dtype, case, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read per call: Triton on CPU tensors interprets
     grads = _grads(4 if backend == "cpu" else 2)
-    a = _stored(*_run(case, grads, "reference", dtype))
-    b = _stored(*_run(case, grads, backend, dtype))
+    a = stored(*_run(case, grads, "reference", dtype))
+    b = stored(*_run(case, grads, backend, dtype))
     _assert_same_state(a, b, CASES[case][0] in (AdaMod, DiffMod))
 
 
@@ -293,7 +279,7 @@ def test_bf16_params_without_master_weights_over_8bit_state(backend, mode, case,
     (oa, pa), (ob, pb) = (_run(case, grads, b, torch.bfloat16, **mode) for b in ("reference", backend))
     for p, q in zip(pa, pb):
         assert torch.equal(p.view(torch.int16), q.view(torch.int16))
-    spec.deep_equal(_stored(oa, pa), _stored(ob, pb))
+    spec.deep_equal(stored(oa, pa), stored(ob, pb))
     assert oa.state[pa[0]]["m"].dtype == torch.uint8
 
 
@@ -334,8 +320,8 @@ def test_cpu_8bit_state_with_bf16_tangent_rows():
     """Full MADA at 18.1 bytes per parameter (spec 5.3's bf16 rows over 8-bit state): the cpu
     backend stores the reference's codes and scales, and rows within a bf16 ulp of them."""
     grads = _grads(4)
-    a = _stored(*_run("mada_full", grads, "reference", tangent_dtype=torch.bfloat16))
-    b = _stored(*_run("mada_full", grads, "cpu", tangent_dtype=torch.bfloat16))
+    a = stored(*_run("mada_full", grads, "reference", tangent_dtype=torch.bfloat16))
+    b = stored(*_run("mada_full", grads, "cpu", tangent_dtype=torch.bfloat16))
     for key, x in a.items():
         if key[1] == "tangents":
             assert x.dtype == b[key].dtype == torch.bfloat16 and x.isfinite().all()
@@ -358,7 +344,7 @@ def test_cpu_codes_do_not_depend_on_the_thread_count(case):
         two = _run(case, grads, "cpu")
     finally:
         torch.set_num_threads(old)
-    spec.deep_equal(_stored(*one), _stored(*two))
+    spec.deep_equal(stored(*one), stored(*two))
     assert all(torch.equal(p, q) for p, q in zip(one[1], two[1]))
 
 
@@ -452,7 +438,7 @@ def test_auto_picks_a_backend_that_stores_8bit_and_named_ones_that_cannot_refuse
     p.grad = torch.randn(5000)
     opt.step()
     (backend,) = {b.name for b in opt._backend_for.values()}
-    assert backend == ("cpu" if _loads("cpu") else "reference")
+    assert backend == ("cpu" if loads("cpu") else "reference")
     for name in ("cuda_on_cpu", "cuda"):
         try:
             load(name)

@@ -24,29 +24,15 @@ import pytest
 import torch
 
 import spec_model as spec
+from storage_cases import (FULL, U32, bit_pattern, loads, needs_cpu, needs_cuda_on_cpu, needs_triton, run_threaded,
+                           sr_bf16_bytes, sr_bits, stored)
 from mada_fused import MADA, AdaMod, AVGrad, DiffMod
-from mada_fused.backends import BackendUnavailable, load
+from mada_fused.backends import load
 from mada_fused.backends import reference as ref
 
 BF16 = torch.bfloat16
-U32 = 0xFFFFFFFF
 
 
-def _loads(name: str) -> bool:
-    try:
-        load(name)
-    except BackendUnavailable:
-        return False
-    return True
-
-
-needs_cpu = pytest.mark.skipif(not _loads("cpu"), reason="the C++ CPU extension is not built")
-needs_triton = pytest.mark.skipif(not _loads("triton"), reason="Triton is not installed")
-needs_cuda_on_cpu = pytest.mark.skipif(not _loads("cuda_on_cpu"),
-                                       reason="_C_cuda_on_cpu not built (MADA_BUILD_CUDA_ON_CPU=1)")
-
-# Every term of MADA at once, all six coefficients learned from step 2 on.
-FULL = dict(betas=(0.9, 0.999), beta3=0.5, rho=0.5, c=0.7, gamma=0.6, mod_beta=0.9, hyper_warmup=0)
 CASES = {
     "mada_full": (MADA, FULL),
     "mada_adam_corner": (MADA, dict(learn=())),  # the one-loop CPU path
@@ -59,31 +45,12 @@ SHAPES = [(37,), (8, 33), (1,), (300,)]  # odd sizes: alignment padding between 
 
 
 # -- the hash, from the spec's text -------------------------------------------------------------
-def _mix(h: int) -> int:
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & U32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & U32
-    return h ^ (h >> 16)
-
-
-def _bits(seed: int, step: int, buffer: int, index: int) -> int:
-    key = _mix(_mix(_mix(seed) ^ step) ^ buffer)
-    return _mix(((key + (index >> 32)) & U32) ^ (index & U32))
-
-
-def _sr(x: float, r: int) -> bytes:
-    u = struct.unpack("<I", struct.pack("<f", x))[0]
-    u = (u | 0x00400000) & 0xFFFF0000 if x != x else (u + (r & 0xFFFF)) & 0xFFFF0000
-    return struct.pack("<I", u)
-
-
 def test_reference_hash_is_the_spec_formula():
     rng = random.Random(0)
     for _ in range(300):
         seed, step, buf, index = rng.getrandbits(32), rng.getrandbits(32), rng.randrange(7), rng.getrandbits(40)
         key = ref.sr_key(torch.tensor(seed), torch.tensor(step), buf)
-        assert int(ref.sr_bits(key, torch.tensor(index))) == _bits(seed, step, buf, index)
+        assert int(ref.sr_bits(key, torch.tensor(index))) == sr_bits(seed, step, buf, index)
 
 
 def test_reference_rounding_is_the_spec_formula_and_keeps_specials():
@@ -94,7 +61,7 @@ def test_reference_rounding_is_the_spec_formula_and_keeps_specials():
     r = torch.randint(0, 2**32, x.shape, generator=g)
     out = ref.sr_bf16(x, r)
     for xi, ri, oi in zip(x.tolist(), r.tolist(), out.tolist()):
-        assert struct.pack("<f", oi) == _sr(xi, ri), (xi, ri)
+        assert struct.pack("<f", oi) == sr_bf16_bytes(xi, ri), (xi, ri)
     torch.testing.assert_close(out.to(BF16).float(), out, rtol=0, atol=0, equal_nan=True)  # bf16 values
     assert out[-9:-7].isinf().all() and out[-7].isnan()
 
@@ -133,24 +100,8 @@ def _run(case: str, backend: str, grads, dtype=torch.float32, state_dtype=BF16, 
     cls, kw = CASES[case]
     params = [torch.nn.Parameter(torch.linspace(-1, 1, s.numel()).view(s.shape).to(dtype)) for s in grads[0]]
     opt = cls(params, lr=1e-2, backend=backend, state_dtype=state_dtype, **kw, **extra)
-    old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        for gs in grads:
-            spec.set_grads(params, [g.to(dtype) for g in gs])
-            opt.step()
-    finally:
-        torch.set_num_threads(old)
+    run_threaded(opt, params, grads, dtype, threads)
     return opt, params
-
-
-def _stored(opt, params) -> dict[tuple[int, str], torch.Tensor]:
-    return {(i, k): v.clone() for i, p in enumerate(params) for k, v in opt.state[p].items()}
-
-
-def _bit_pattern(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16) if t.dtype == BF16 else t
 
 
 # The buffers whose fp32 values the two backends form by the same operations. vb and s go
@@ -175,17 +126,17 @@ FUSED = [
 def test_fused_backends_store_the_reference_bits(backend, dtype, case, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read per call: Triton on CPU tensors interprets
     grads = _grads(3 if backend == "triton" else 6)
-    a = _stored(*_run(case, "reference", grads, dtype))
-    b = _stored(*_run(case, backend, grads, dtype))
+    a = stored(*_run(case, "reference", grads, dtype))
+    b = stored(*_run(case, backend, grads, dtype))
     assert a.keys() == b.keys()
     adamod = CASES[case][0] in (AdaMod, DiffMod)  # AdaMod's s is a division in both
     for key, x in a.items():
         y = b[key]
         assert x.dtype == y.dtype == (BF16 if key[1] not in ("step", "tangents") else x.dtype), key
         if key[1] in SAME_OPS or adamod or key[1] == "step":
-            assert torch.equal(_bit_pattern(x), _bit_pattern(y)), key
+            assert torch.equal(bit_pattern(x), bit_pattern(y)), key
         elif key[1] in ("vb", "s"):
-            differ = (_bit_pattern(x) != _bit_pattern(y)).sum().item()
+            differ = (bit_pattern(x) != bit_pattern(y)).sum().item()
             assert differ <= 1 + x.numel() // 1000, key
             torch.testing.assert_close(x.float(), y.float(), rtol=2**-7, atol=0)
         else:  # tangent rows: fp32, to rounding (du/dgamma = etah * A - lr * sign(uL) cancels)
@@ -232,12 +183,12 @@ def test_cuda_kernels_store_the_cpu_bits_with_missing_grads_and_unaligned_params
         for gs in grads:
             spec.set_grads(params, [None if g is None else g.to(dtype) for g in gs])
             opt.step()
-        return _stored(opt, params), [p.detach().clone() for p in params], opt
+        return stored(opt, params), [p.detach().clone() for p in params], opt
 
     want, got = run("cpu"), run("cuda_on_cpu")
     assert want[0].keys() == got[0].keys()
     for key, x in want[0].items():
-        assert torch.equal(_bit_pattern(x), _bit_pattern(got[0][key])), key
+        assert torch.equal(bit_pattern(x), bit_pattern(got[0][key])), key
     for p, q in zip(want[1], got[1]):
         assert torch.equal(p, q)
     if learns:
@@ -266,17 +217,17 @@ def test_cuda_kernels_store_the_reference_bf16_tangent_rows(dtype, state_dtype, 
     extra = dict(tangent_dtype=BF16, hyper_order=order, learn=learn, hyper_lr={n: 0.0 for n in learn})
     ra, rb = (_run("mada_full", name, grads, dtype, state_dtype=state_dtype, **extra)
               for name in ("reference", "cuda_on_cpu"))
-    a, b = _stored(*ra), _stored(*rb)
+    a, b = stored(*ra), stored(*rb)
     assert a.keys() == b.keys()
     for key, x in a.items():
         y = b[key]
         if key[1] == "tangents":
             assert x.dtype == y.dtype == BF16 and x.any(), key
-            differ = (_bit_pattern(x) != _bit_pattern(y)).sum().item()
+            differ = (bit_pattern(x) != bit_pattern(y)).sum().item()
             assert differ <= 1 + x.numel() // 100, (key, differ)
             torch.testing.assert_close(x.float(), y.float(), rtol=2**-7, atol=1e-4 * x.float().abs().max().item())
         elif key[1] in SAME_OPS or key[1] == "step":
-            assert torch.equal(_bit_pattern(x), _bit_pattern(y)), key
+            assert torch.equal(bit_pattern(x), bit_pattern(y)), key
         else:
             torch.testing.assert_close(x.float(), y.float(), rtol=2**-7 if state_dtype == BF16 else 1e-5, atol=0)
     ha, hb = ra[0].hypergradients, rb[0].hypergradients
@@ -292,8 +243,8 @@ def test_cpu_bits_do_not_depend_on_the_thread_count(case):
     grads = _grads(3, shapes=[(150_001,), (7,)])
     one = _run(case, "cpu", grads, threads=1)
     two = _run(case, "cpu", grads, threads=2)
-    for key, x in _stored(*one).items():
-        assert torch.equal(_bit_pattern(x), _bit_pattern(_stored(*two)[key])), key
+    for key, x in stored(*one).items():
+        assert torch.equal(bit_pattern(x), bit_pattern(stored(*two)[key])), key
     for p, q in zip(one[1], two[1]):
         assert torch.equal(p, q)
 
@@ -361,12 +312,12 @@ def test_an_ema_below_half_an_ulp_per_step_still_moves(backend):
 def test_a_step_grad_scaler_skips_stores_nothing(backend):
     """found_inf set: no buffer, tangent row or parameter is written (spec section 5)."""
     opt, params = _run("mada_full", backend, _grads(2))
-    before = _stored(opt, params), [p.detach().clone() for p in params]
+    before = stored(opt, params), [p.detach().clone() for p in params]
     opt.grad_scale, opt.found_inf = torch.tensor([2.0]), torch.tensor([1.0])
     spec.set_grads(params, _grads(1, seed=1)[0])
     opt.step()
-    for key, x in _stored(opt, params).items():
-        assert torch.equal(_bit_pattern(x), _bit_pattern(before[0][key])), key
+    for key, x in stored(opt, params).items():
+        assert torch.equal(bit_pattern(x), bit_pattern(before[0][key])), key
     assert all(torch.equal(p, q) for p, q in zip(params, before[1]))
 
 
@@ -389,12 +340,12 @@ def test_groups_with_their_own_options_and_maximize_round_as_one_bucket(backend,
             spec.set_grads(params, [-g if negate and i >= 2 else g for i, g in enumerate(gs)])
             opt.step()
         assert len(opt._buckets) == 1
-        return _stored(opt, params), [p.detach().clone() for p in params]
+        return stored(opt, params), [p.detach().clone() for p in params]
 
     want = run("reference", negate=False)
     for got in (run(backend, negate=False), run(backend, negate=True)):
         for key, x in want[0].items():
-            assert torch.equal(_bit_pattern(x), _bit_pattern(got[0][key])), key
+            assert torch.equal(bit_pattern(x), bit_pattern(got[0][key])), key
         assert all(torch.equal(a, b) for a, b in zip(want[1], got[1]))
 
 
@@ -408,7 +359,7 @@ def test_state_dict_resumes_bitwise_with_its_seed(case):
     assert saved["mada"]["sr_seed"] == 12345
     start = [p.detach().clone() for p in params]
     spec.run_steps(opt, params, grads[4:])
-    want = _stored(opt, params), [p.detach().clone() for p in params]
+    want = stored(opt, params), [p.detach().clone() for p in params]
 
     cls, kw = CASES[case]
     results = []
@@ -418,14 +369,14 @@ def test_state_dict_resumes_bitwise_with_its_seed(case):
         other.load_state_dict(copy.deepcopy(saved))
         assert other.state_dict()["mada"]["sr_seed"] == 12345
         spec.run_steps(other, fresh, grads[4:])
-        results.append((_stored(other, fresh), [p.detach().clone() for p in fresh]))
+        results.append((stored(other, fresh), [p.detach().clone() for p in fresh]))
     for stored, ps in results:
         for key, x in want[0].items():
-            assert torch.equal(_bit_pattern(x), _bit_pattern(stored[key])), key
+            assert torch.equal(bit_pattern(x), bit_pattern(stored[key])), key
         assert all(torch.equal(a, b) for a, b in zip(want[1], ps))
     # and the seed matters: the same run from seed 0 stores other bits
     again, ps = _run(case, "cpu", grads, sr_seed=0)
-    assert not torch.equal(_bit_pattern(_stored(again, ps)[(0, "v")]), _bit_pattern(want[0][(0, "v")]))
+    assert not torch.equal(bit_pattern(stored(again, ps)[(0, "v")]), bit_pattern(want[0][(0, "v")]))
 
 
 @pytest.mark.parametrize("case", ["mada_full", "adamod"])
@@ -437,7 +388,7 @@ def test_checkpoints_convert_between_fp32_and_bf16_state(case):
     params = [torch.nn.Parameter(p.detach().clone()) for p in f32_params]
     bf = cls(params, lr=1e-2, backend="reference", state_dtype=BF16, **kw)
     bf.load_state_dict(f32_opt.state_dict())
-    for (i, name), x in _stored(f32_opt, f32_params).items():
+    for (i, name), x in stored(f32_opt, f32_params).items():
         y = bf.state[params[i]][name]
         if name in ("step", "tangents"):
             assert y.dtype == x.dtype and torch.equal(x, y), name
@@ -446,7 +397,7 @@ def test_checkpoints_convert_between_fp32_and_bf16_state(case):
     spec.run_steps(bf, params, grads)  # and it steps on
     back = cls([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2, backend="reference", **kw)
     back.load_state_dict(bf.state_dict())
-    for (i, name), x in _stored(bf, params).items():
+    for (i, name), x in stored(bf, params).items():
         y = back.state[back.param_groups[0]["params"][i]][name]
         assert y.dtype == (x.dtype if name in ("step", "tangents") else torch.float32), name
         assert torch.equal(y, x.to(y.dtype)), name
@@ -502,7 +453,7 @@ def test_auto_picks_cpu_for_bf16_state_and_every_native_backend_stores_it():
     opt.step()
     assert {b.name for b in opt._backend_for.values()} == {"cpu"}
     for name in ("cpu", "cuda_on_cpu", "cuda", "triton", "reference"):
-        if _loads(name):
+        if loads(name):
             assert BF16 in load(name).state_dtypes, name
 
 

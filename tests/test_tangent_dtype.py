@@ -17,36 +17,22 @@ What is checked, and against what:
 from __future__ import annotations
 
 import copy
-import struct
 
 import pytest
 import torch
 
 import spec_model as spec
 from mada_fused import MADA, AVGrad
-from mada_fused.backends import BackendUnavailable, load
+from mada_fused.backends import load
 from mada_fused.coefficients import COEFFICIENTS
-from test_state_dtype import _bits, _grads, _sr
+from storage_cases import (FULL, bit_pattern, loads, needs_cpu, needs_cuda_on_cpu, needs_triton, run_threaded,
+                           sr_bf16_bytes, sr_bits, stored)
+from test_state_dtype import _grads
 
 BF16, F32 = torch.bfloat16, torch.float32
 BUF_TAN0 = 7  # the spec's buffer number of beta1's row
 
 
-def _loads(name: str) -> bool:
-    try:
-        load(name)
-    except BackendUnavailable:
-        return False
-    return True
-
-
-needs_cpu = pytest.mark.skipif(not _loads("cpu"), reason="the C++ CPU extension is not built")
-needs_triton = pytest.mark.skipif(not _loads("triton"), reason="Triton is not installed")
-needs_cuda_on_cpu = pytest.mark.skipif(not _loads("cuda_on_cpu"),
-                                       reason="_C_cuda_on_cpu not built (MADA_BUILD_CUDA_ON_CPU=1)")
-
-# Every term at once, all six coefficients learned and moving from step 2 on.
-FULL = dict(betas=(0.9, 0.999), beta3=0.5, rho=0.5, c=0.7, gamma=0.6, mod_beta=0.9, hyper_warmup=0)
 FROZEN = {n: 0.0 for n in COEFFICIENTS}  # hyper_lr: learned (tangents stored), never moving
 SHAPES = [(37,), (8, 33), (1,), (300,)]  # odd sizes: alignment padding between parameters
 
@@ -55,24 +41,8 @@ def _run(backend: str, grads, *, tangent_dtype=BF16, state_dtype=BF16, dtype=F32
     params = [torch.nn.Parameter(torch.linspace(-1, 1, s.numel()).view(s.shape).to(dtype)) for s in grads[0]]
     opt = MADA(params, lr=1e-2, backend=backend, state_dtype=state_dtype, tangent_dtype=tangent_dtype,
                **{**FULL, **extra})
-    old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        for gs in grads:
-            spec.set_grads(params, [g.to(dtype) for g in gs])
-            opt.step()
-    finally:
-        torch.set_num_threads(old)
+    run_threaded(opt, params, grads, dtype, threads)
     return opt, params
-
-
-def _stored(opt, params) -> dict[tuple[int, str], torch.Tensor]:
-    return {(i, k): v.clone() for i, p in enumerate(params) for k, v in opt.state[p].items()}
-
-
-def _pattern(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16) if t.dtype == BF16 else t
 
 
 def _spec_rows(opt, params, f32_rows: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
@@ -87,7 +57,7 @@ def _spec_rows(opt, params, f32_rows: list[torch.Tensor], seed: int) -> list[tor
         words = bytearray()
         for r, j in enumerate(learn):
             for e, x in enumerate(flat[r].tolist()):
-                words += _sr(x, _bits(seed, step, BUF_TAN0 + j, base + e))[2:]  # the high half: the bf16
+                words += sr_bf16_bytes(x, sr_bits(seed, step, BUF_TAN0 + j, base + e))[2:]  # the high half: the bf16
         out.append(torch.frombuffer(words, dtype=torch.int16).view(rows.shape).clone())
     return out
 
@@ -105,10 +75,10 @@ def test_stored_rows_are_the_spec_rounding_of_the_fp32_rows(backend, state_dtype
     f32, params32 = _run(backend, grads, tangent_dtype=F32, state_dtype=state_dtype, hyper_lr=FROZEN, sr_seed=seed)
     bf, params16 = _run(backend, grads, state_dtype=state_dtype, hyper_lr=FROZEN, sr_seed=seed)
     assert {b.name for b in bf._backend_for.values()} == {backend}
-    a, b = _stored(f32, params32), _stored(bf, params16)
+    a, b = stored(f32, params32), stored(bf, params16)
     for key, x in a.items():
         if key[1] != "tangents":  # the rows' dtype changes nothing else
-            assert torch.equal(_pattern(x), _pattern(b[key])), key
+            assert torch.equal(bit_pattern(x), bit_pattern(b[key])), key
     want = _spec_rows(bf, params16, [a[i, "tangents"] for i in range(len(params32))], seed)
     for i, w in enumerate(want):
         got = b[i, "tangents"]
@@ -120,7 +90,8 @@ FUSED = [
     *(pytest.param("cpu", sd, order, seed, marks=needs_cpu, id=f"cpu-{str(sd)[6:]}-{order}-{seed}")
       for sd in (F32, BF16) for order in ("lagged", "exact") for seed in (0, 5, 2**32 - 1)),
     # The CUDA kernels on host threads (csrc/cuda through cuda_on_cpu.h).
-    *(pytest.param("cuda_on_cpu", sd, order, seed, marks=needs_cuda_on_cpu, id=f"cuda_on_cpu-{str(sd)[6:]}-{order}-{seed}")
+    *(pytest.param("cuda_on_cpu", sd, order, seed, marks=needs_cuda_on_cpu,
+                   id=f"cuda_on_cpu-{str(sd)[6:]}-{order}-{seed}")
       for sd in (F32, BF16) for order in ("lagged", "exact") for seed in (0, 2**32 - 1)),
     # The interpreter is slow: each state dtype and order once.
     *(pytest.param("triton", sd, order, 3, marks=needs_triton, id=f"triton-{str(sd)[6:]}-{order}")
@@ -139,14 +110,14 @@ def test_fused_backends_store_the_reference_bits_and_sum_the_rows_they_stored(ba
     ref_opt, ref_params = _run("reference", grads[:-1], **kw)
     opt, params = _run(backend, grads[:-1], **kw)
     assert {b.name for b in opt._backend_for.values()} == {backend}
-    a, b = _stored(ref_opt, ref_params), _stored(opt, params)
+    a, b = stored(ref_opt, ref_params), stored(opt, params)
     for key, x in a.items():
         y = b[key]
         if key[1] in ("m", "v", "n", "g_prev", "l", "step"):
-            assert torch.equal(_pattern(x), _pattern(y)), key
+            assert torch.equal(bit_pattern(x), bit_pattern(y)), key
         elif x.dtype == BF16:  # vb, s and the rows see section 6's reciprocals: a one-ulp fp32 difference,
             # which changes the rounded value only when the draw falls inside it (2^-16 per ulp)
-            assert y.dtype == BF16 and (_pattern(x) != _pattern(y)).sum() <= 1 + x.numel() // 1000, key
+            assert y.dtype == BF16 and (bit_pattern(x) != bit_pattern(y)).sum() <= 1 + x.numel() // 1000, key
             torch.testing.assert_close(x.float(), y.float(), rtol=2**-7, atol=1e-30)
         else:  # fp32 vb and s: to rounding
             torch.testing.assert_close(x, y, rtol=1e-5, atol=0)
@@ -167,8 +138,8 @@ def test_cpu_rows_do_not_depend_on_the_thread_count():
     grads = _grads(3, [(150_001,), (7,)])
     one = _run("cpu", grads, threads=1)
     two = _run("cpu", grads, threads=2)
-    for key, x in _stored(*one).items():
-        assert torch.equal(_pattern(x), _pattern(_stored(*two)[key])), key
+    for key, x in stored(*one).items():
+        assert torch.equal(bit_pattern(x), bit_pattern(stored(*two)[key])), key
     assert one[0].hypergradients == two[0].hypergradients
 
 
@@ -197,12 +168,12 @@ def test_a_step_grad_scaler_skips_writes_no_row(backend, monkeypatch):
     the last successful one (spec section 5)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     opt, params = _run(backend, _grads(2, SHAPES))
-    before = _stored(opt, params), [p.detach().clone() for p in params]
+    before = stored(opt, params), [p.detach().clone() for p in params]
     opt.grad_scale, opt.found_inf = torch.tensor([2.0]), torch.tensor([1.0])
     spec.set_grads(params, _grads(1, SHAPES, seed=1)[0])
     opt.step()
-    for key, x in _stored(opt, params).items():
-        assert torch.equal(_pattern(x), _pattern(before[0][key])), key
+    for key, x in stored(opt, params).items():
+        assert torch.equal(bit_pattern(x), bit_pattern(before[0][key])), key
     assert all(torch.equal(p, q) for p, q in zip(params, before[1]))
 
 
@@ -220,8 +191,8 @@ def test_state_dict_resumes_bitwise(state_dtype):
     other = MADA(fresh, lr=1e-2, backend="cpu", state_dtype=state_dtype, tangent_dtype=BF16, **FULL)
     other.load_state_dict(saved)
     spec.run_steps(other, fresh, grads[4:])
-    for key, x in _stored(opt, params).items():
-        assert torch.equal(_pattern(x), _pattern(_stored(other, fresh)[key])), key
+    for key, x in stored(opt, params).items():
+        assert torch.equal(bit_pattern(x), bit_pattern(stored(other, fresh)[key])), key
     assert all(torch.equal(a, b) for a, b in zip(params, fresh))
     assert opt.hypergradients == other.hypergradients
 
@@ -233,7 +204,7 @@ def test_checkpoints_convert_between_fp32_and_bf16_rows():
     params = [torch.nn.Parameter(p.detach().clone()) for p in f32_params]
     bf = MADA(params, lr=1e-2, backend="reference", state_dtype=BF16, tangent_dtype=BF16, **FULL)
     bf.load_state_dict(f32_opt.state_dict())
-    for (i, name), x in _stored(f32_opt, f32_params).items():
+    for (i, name), x in stored(f32_opt, f32_params).items():
         y = bf.state[params[i]][name]
         want = x.to(BF16) if name == "tangents" else x
         assert y.dtype == want.dtype and torch.equal(y, want), name
@@ -241,7 +212,7 @@ def test_checkpoints_convert_between_fp32_and_bf16_rows():
     back = MADA([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2, backend="reference",
                 state_dtype=BF16, **FULL)
     back.load_state_dict(bf.state_dict())
-    for (i, name), x in _stored(bf, params).items():
+    for (i, name), x in stored(bf, params).items():
         y = back.state[back.param_groups[0]["params"][i]][name]
         assert y.dtype == (F32 if name == "tangents" else x.dtype) and torch.equal(y, x.to(y.dtype)), name
 
@@ -279,7 +250,7 @@ def test_bad_tangent_dtype_is_refused(cls, bad):
 def test_every_backend_stores_bf16_rows_and_auto_picks_cpu():
     p = torch.nn.Parameter(torch.randn(4))
     for name in ("reference", "cpu", "cuda_on_cpu", "cuda", "triton"):
-        if _loads(name):
+        if loads(name):
             assert BF16 in load(name).tangent_dtypes, name
     auto = MADA([p], tangent_dtype=BF16)
     p.grad = torch.randn(4)
