@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from ..flat_state import PARAM_ROUNDS
 from . import BackendUnavailable
 from .native import DTYPE_CODES, NativeBackend
 
 
 class CpuBackend(NativeBackend):
     name = "cpu"
-    param_rounds = frozenset(PARAM_ROUNDS)
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return torch.device(device).type == "cpu" and dtype in DTYPE_CODES
