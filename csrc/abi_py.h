@@ -75,6 +75,7 @@ inline pybind11::dict report() {
   d["adamod_consts"] = codes(make_pair("beta1", kAdamodBeta1), make_pair("beta2", kAdamodBeta2), make_pair("beta3", kAdamodBeta3),
                              make_pair("eps", kAdamodEps));
   d["num_coef"] = kNumCoef;
+  d["state_8bit"] = kQ8;
   d["seg_row"] = layout(sizeof(SegRow), MADA_ABI_FIELD(SegRow, param), MADA_ABI_FIELD(SegRow, grad),
                         MADA_ABI_FIELD(SegRow, offset), MADA_ABI_FIELD(SegRow, numel),
                         MADA_ABI_FIELD(SegRow, group), MADA_ABI_FIELD(SegRow, pindex));
@@ -86,6 +87,7 @@ inline pybind11::dict report() {
       MADA_ABI_FIELD(Call, device), MADA_ABI_FIELD(Call, state_numel), MADA_ABI_FIELD(Call, num_groups),
       MADA_ABI_FIELD(Call, num_params), MADA_ABI_FIELD(Call, lr), MADA_ABI_FIELD(Call, wd),
       MADA_ABI_FIELD(Call, steps), MADA_ABI_FIELD(Call, state), MADA_ABI_FIELD(Call, comp),
+      MADA_ABI_FIELD(Call, scales),
       MADA_ABI_FIELD(Call, tangents),
       MADA_ABI_FIELD(Call, tan_stride), MADA_ABI_FIELD(Call, consts), MADA_ABI_FIELD(Call, rows),
       MADA_ABI_FIELD(Call, n_rows), MADA_ABI_FIELD(Call, coef), MADA_ABI_FIELD(Call, grad_scale),

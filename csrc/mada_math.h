@@ -151,6 +151,59 @@ enum MadaBuf : int { kBufM = 0, kBufV, kBufN, kBufGPrev, kBufL, kBufVb, kBufS, k
 // that forms it, so it is rounded only where it is stored.
 constexpr int kBufTan0 = kNumMadaBufs;
 enum AdamodBuf : int { kBufAm = 0, kBufAv, kBufAs, kBufAgPrev, kNumAdamodBufs };
+// 8-bit blockwise state (docs/spec.md 5.4; mada_fused/quant8.py mirrors these):
+// one uint8 code per element and one power-of-two fp32 scale per kQ8Block
+// elements. Signed buffers take a sign bit + E4M3 (bias 15), non-negative ones
+// (v, vb, s) E5M3 (bias 31); both with subnormals, top code 1.875 scales.
+// Integer arithmetic on the fp32 bit pattern: no table, so every backend forms
+// the same code from the same value.
+constexpr int kQ8Block = 256;
+constexpr int kQ8Mantissa = 3;
+MADA_HD int q8_bias(bool sgn) { return sgn ? 15 : 31; }
+
+// A block's scale from its largest magnitude: 2^floor(log2(amax)), at least
+// 2^-126; NaN (0x7FC00000) when the block holds an inf or a NaN (!finite).
+MADA_HD float q8_scale(float amax, bool finite) {
+  uint32_t u;
+  memcpy(&u, &amax, sizeof u);
+  u = finite ? (u < 0x00800000u ? 0x00800000u : u) & 0x7F800000u : 0x7FC00000u;
+  float s;
+  memcpy(&s, &u, sizeof s);
+  return s;
+}
+
+// x's code under its block's scale: round to nearest, ties to the even code,
+// saturating; 0 for zero, fp32 subnormals, a negative x under the unsigned map
+// and every element of a lost (NaN-scale) block.
+MADA_HD uint32_t q8_encode(float x, float scale, bool sgn) {
+  uint32_t u, su;
+  memcpy(&u, &x, sizeof u);
+  memcpy(&su, &scale, sizeof su);
+  const uint32_t ex = (u >> 23) & 0xFFu, mant = u & 0x7FFFFFu;
+  const int ef = int(ex) - int((su >> 23) & 0xFFu) + q8_bias(sgn);  // the code's exponent field
+  const bool normal = ef >= 1;
+  const uint32_t n = normal ? (uint32_t(ef) << 23) | mant : (1u << 23) | mant;
+  const int sh = normal ? 23 - kQ8Mantissa : (24 - kQ8Mantissa - ef > 31 ? 31 : 24 - kQ8Mantissa - ef);
+  uint32_t mag = (n + (1u << (sh - 1)) - 1u + ((n >> sh) & 1u)) >> sh;
+  const uint32_t top = sgn ? 0x7Fu : 0xFFu;
+  mag = ex == 0 || scale != scale ? 0u : mag > top ? top : mag;
+  if (sgn) return mag ? mag | ((u >> 31) << 7) : 0u;
+  return (u >> 31) ? 0u : mag;
+}
+
+// A code's value under its block's scale: two exact products (a subnormal fp32
+// result rounds as IEEE gradual underflow does).
+MADA_HD float q8_decode(uint32_t code, float scale, bool sgn) {
+  const uint32_t mag = code & (sgn ? 0x7Fu : 0xFFu);
+  const int e = int(mag >> kQ8Mantissa);
+  const uint32_t f = mag & ((1u << kQ8Mantissa) - 1u);
+  const float whole = float(e == 0 ? f : f + (1u << kQ8Mantissa));
+  const uint32_t ub = uint32_t((e < 1 ? 1 : e) - q8_bias(sgn) - kQ8Mantissa + 127) << 23;
+  float unit;
+  memcpy(&unit, &ub, sizeof unit);
+  const float v = whole * unit * scale;
+  return sgn && (code >> 7) ? -v : v;
+}
 
 // -- bf16 parameters without fp32 master weights (docs/spec.md section 5.2) ------
 // The hash's buffer number of a bf16 parameter's own stochastic rounding

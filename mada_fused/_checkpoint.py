@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import _checks
+from . import _checks, quant8
 from .distributed import local_shape, local_tensor
 from .flat_state import KAHAN_COMP, param_round_for
 
@@ -78,13 +78,18 @@ def check(opt: FusedOptimizer, sd: Mapping[str, Any], params: list[torch.Tensor]
 
 
 def _param_state(opt: FusedOptimizer, st: Any, p: torch.Tensor, i: int) -> Mapping[str, Any]:
-    """Parameter ``i``'s saved state, checked, with ``step`` as a tensor."""
+    """Parameter ``i``'s saved state, checked, with ``step`` as a tensor. A buffer is
+    values (any float dtype) or 8-bit codes with their ``{name}_scale`` (docs/spec.md 5.4),
+    whatever this optimizer's state dtype: loading converts."""
     expected = {"step": ()} | {n: tuple(p.shape) for n in opt._state_names()}
     if opt._num_tangents():
         expected["tangents"] = (opt._num_tangents(), *p.shape)
     # Kahan summation's compensation may be there or not, whatever this optimizer keeps:
     # absent, it starts at 0; kept by the checkpoint only, it is dropped (docs/spec.md 5.2).
     given = set(st) - {KAHAN_COMP} if isinstance(st, Mapping) else set()
+    for n in opt._state_names():
+        if isinstance(st, Mapping) and isinstance(st.get(n), torch.Tensor) and st[n].dtype == quant8.CODE_DTYPE:
+            expected[f"{n}_scale"] = (quant8.num_blocks(p.numel()),)
     if not isinstance(st, Mapping) or given != set(expected):
         got = sorted(st) if isinstance(st, Mapping) else type(st).__name__
         raise ValueError(f"state of parameter {i} has entries {got}, expected {sorted(expected)}")
@@ -95,14 +100,31 @@ def _param_state(opt: FusedOptimizer, st: Any, p: torch.Tensor, i: int) -> Mappi
     st["step"] = _step_tensor(st["step"], i)
     for name, shape in expected.items():
         t = st[name]
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
-            raise ValueError(f"state[{i}][{name!r}] must be a float tensor of shape {shape}")
+        codes = isinstance(t, torch.Tensor) and name in opt._state_names() and t.dtype == quant8.CODE_DTYPE
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not (t.is_floating_point() or codes):
+            raise ValueError(f"state[{i}][{name!r}] must be a float tensor (or, for a state buffer, 8-bit "
+                             f"codes) of shape {shape}")
+        if name.endswith("_scale"):
+            _scales(name, t, i)
+            continue
         # A sharded parameter needs its state sharded the same way (DCP does that).
         local = shape[: len(shape) - p.dim()] + tuple(local_shape(p))
         if name != "step" and tuple(local_shape(t)) != local:
             raise ValueError(f"state[{i}][{name!r}] is not sharded like its parameter ({local} here)")
-        _values(name, local_tensor(t), i)
+        if not codes:
+            _values(name, local_tensor(t), i)
     return st
+
+
+def _scales(name: str, t: torch.Tensor, i: int) -> None:
+    """8-bit block scales are fp32 powers of two, at least 2^-126 (quant8.q8_scale); a NaN
+    one (a block lost to an inf or NaN) is a diverged run, not a checkpoint to resume."""
+    if t.dtype != torch.float32 or t.device.type == "meta":
+        raise ValueError(f"state[{i}][{name!r}] must be an fp32 tensor with data")
+    bits = t.detach().cpu().view(torch.int32)
+    if not bool(((bits & 0x7FFFFF == 0) & (bits >= 1 << 23) & (bits < 0x7F800000)).all()):
+        raise ValueError(f"state[{i}][{name!r}] holds values that are not 8-bit block scales "
+                         "(finite powers of two >= 2^-126): the checkpoint is corrupt")
 
 
 def _step_tensor(step: Any, i: int) -> Any:

@@ -238,11 +238,12 @@ def capturable(groups: list[dict], new: list[torch.Tensor]) -> None:
 
 
 def state_dtype(value: Any) -> torch.dtype:
-    """The ``state_dtype`` argument: fp32 (default) or bf16 storage of the optimizer state."""
+    """The ``state_dtype`` argument: fp32 (default), bf16 or 8-bit ("8bit", held as
+    torch.uint8, flat_state.STATE_8BIT) storage of the optimizer state."""
     if isinstance(value, str) and value == "8bit":
-        raise ValueError("state_dtype='8bit' is not implemented yet; use torch.float32 or torch.bfloat16")
+        return torch.uint8
     if value not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {value!r}")
+        raise ValueError(f"state_dtype must be torch.float32, torch.bfloat16 or '8bit', got {value!r}")
     return value
 
 

@@ -9,13 +9,31 @@ from __future__ import annotations
 
 import torch
 
+from . import quant8
 from ._lru import LruCache
 from .distributed import local_shape
 
 
+# How a bucket marks 8-bit blockwise state (``state_dtype="8bit"``, docs/spec.md 5.4):
+# its buffers hold uint8 codes, with fp32 scales beside them.
+STATE_8BIT = torch.uint8
 # What the optimizers' ``state_dtype`` and MADA's ``tangent_dtype`` may ask for
-# (docs/spec.md sections 5.1 and 5.3).
+# (docs/spec.md sections 5.1 and 5.3; state also STATE_8BIT, 5.4).
 STATE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+
+
+def state_dtype_name(state_dtype: torch.dtype) -> str:
+    """A state dtype as users spell it (error messages)."""
+    return "'8bit'" if state_dtype == STATE_8BIT else str(state_dtype)
+
+
+def bucket_state_dtype(param: torch.Tensor, requested: torch.dtype) -> torch.dtype:
+    """The state dtype of ``param``'s bucket: 8-bit state leaves parameters under
+    quant8.MIN_NUMEL elements (local shard) in fp32, as bitsandbytes does."""
+    dtype = state_dtype_for(param.dtype, requested)
+    if dtype == STATE_8BIT and local_shape(param).numel() < quant8.MIN_NUMEL:
+        return torch.float32
+    return dtype
 
 
 def state_dtype_for(param_dtype: torch.dtype, requested: torch.dtype = torch.float32) -> torch.dtype:
@@ -25,7 +43,7 @@ def state_dtype_for(param_dtype: torch.dtype, requested: torch.dtype = torch.flo
 
 
 def compute_dtype_for(state_dtype: torch.dtype) -> torch.dtype:
-    # bf16 state or tangents are storage only: the arithmetic stays fp32.
+    # bf16 or 8-bit state and bf16 tangents are storage only: the arithmetic stays fp32.
     return torch.float64 if state_dtype == torch.float64 else torch.float32
 
 
@@ -104,6 +122,10 @@ class Bucket:
     row stride is ``tangents.stride(0)``).
     ``comp`` is Kahan summation's bf16 compensation, one element per state
     element (``param_round == "kahan"`` only, else None).
+    With 8-bit state (``state_dtype`` STATE_8BIT) the buffers hold uint8 codes,
+    ``scales[name]`` one fp32 scale per quant8.BLOCK elements, and every offset
+    is a multiple of quant8.BLOCK, so no block holds two parameters (nor two
+    FSDP2 shards: a bucket holds local shards).
     ``steps[i]`` counts parameter ``i``'s successful steps. ``built_for[i]``
     is the (dtype, device, shape) parameter ``i`` had when its state was made:
     the optimizer checks every step that it still has them.
@@ -121,7 +143,7 @@ class Bucket:
         first = params[0]
         self.device = first.device
         self.dtype = first.dtype
-        self.state_dtype = state_dtype_for(first.dtype, state_dtype)
+        self.state_dtype = bucket_state_dtype(first, state_dtype)
         self.param_round = param_round_for(first.dtype, param_round)
         self.tangent_dtype = state_dtype_for(first.dtype, tangent_dtype)
         self.params = list(params)
@@ -133,6 +155,8 @@ class Bucket:
         narrowest = min(self.state_dtype.itemsize, self.tangent_dtype.itemsize,
                         torch.bfloat16.itemsize if self.param_round == "kahan" else 8)
         vec = ALIGN // narrowest
+        if self.quantized:
+            vec = quant8.BLOCK
         total = 0
         for shape in self.shapes:
             self.offsets.append(total)
@@ -149,6 +173,10 @@ class Bucket:
             opts_c = dict(opts, dtype=torch.bfloat16)
             slot = _FIRST_SLOT + len(state_names)
             self.comp = _placed(total, slot, opts_c) if host else torch.zeros(total, **opts_c)
+        self.scales = {
+            name: torch.zeros(total // quant8.BLOCK, device=self.device, dtype=torch.float32)
+            for name in (state_names if self.quantized else ())
+        }
         self.tangents = None
         if num_tangents:
             slot = _FIRST_SLOT + len(state_names) + (self.comp is not None)
@@ -166,20 +194,47 @@ class Bucket:
         out = {"step": self.steps[i]}
         for name, buf in self.buffers.items():
             out[name] = buf[lo:hi].view(shape)
+        for name, buf in self.scales.items():
+            out[f"{name}_scale"] = buf[lo // quant8.BLOCK : lo // quant8.BLOCK + quant8.num_blocks(hi - lo)]
         if self.comp is not None:
             out[KAHAN_COMP] = self.comp[lo:hi].view(shape)
         if self.tangents is not None:
             out["tangents"] = self.tangents[:, lo:hi].view(len(self.tangents), *shape)
         return out
 
+    @property
+    def quantized(self) -> bool:
+        return self.state_dtype == STATE_8BIT
+
     def copy_state(self, i: int, src: "Bucket", j: int) -> None:
         """Parameter ``i``'s state := parameter ``j``'s in ``src``, converted to this
         bucket's state dtype and device (as load_state_dict converts). A Kahan
         compensation only one side keeps starts at 0, or is dropped."""
-        theirs = src.views(j)
-        for name, t in self.views(i).items():
-            if name in theirs:
-                t.copy_(theirs[name])
+        self.load(i, src.views(j))
+
+    def load(self, i: int, saved: dict[str, torch.Tensor]) -> None:
+        """Parameter ``i``'s state := ``saved`` (views' names; a buffer either as values
+        or as 8-bit codes with ``{name}_scale``), converted (docs/spec.md 5.1, 5.4):
+        8-bit codes to and from other state dtypes through fp32 values, and 8-bit to
+        8-bit as the very same codes and scales. An entry only one side has (a Kahan
+        compensation) is left at 0, or dropped."""
+        mine = self.views(i)
+        for name, t in saved.items():
+            if name.endswith("_scale") or name not in mine:
+                continue
+            if t.dtype == STATE_8BIT:
+                scale = saved[f"{name}_scale"]
+                if self.quantized:
+                    mine[name].copy_(t)
+                    mine[f"{name}_scale"].copy_(scale)
+                    continue
+                t = quant8.dequantize(t.to(self.device), scale.to(self.device), quant8.is_signed(name))
+            if self.quantized and name in self.scales:
+                codes, scale = quant8.quantize(t.to(self.device, torch.float32).reshape(-1), quant8.is_signed(name))
+                mine[name].view(-1).copy_(codes)
+                mine[f"{name}_scale"].copy_(scale)
+            else:
+                mine[name].copy_(t.reshape(mine[name].shape))
 
     @property
     def tangent_stride(self) -> int:
@@ -188,7 +243,7 @@ class Bucket:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the bucket owns (for snapshot/restore)."""
-        out = list(self.buffers.values()) + [self.steps]
+        out = list(self.buffers.values()) + list(self.scales.values()) + [self.steps]
         if self.comp is not None:
             out.append(self.comp)
         if self.tangents is not None:

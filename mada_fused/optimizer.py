@@ -16,9 +16,9 @@ import torch
 
 from . import _checkpoint, _checks, backends
 from .backends.base import Backend, DeviceScalars, Segments
-from .distributed import local_pair, local_tensor, param_state
+from .distributed import is_dtensor, local_pair, local_tensor, param_state
 from ._lru import LruCache
-from .flat_state import Bucket, param_round_for, state_dtype_for
+from .flat_state import STATE_8BIT, Bucket, bucket_state_dtype, param_round_for, state_dtype_for
 
 @dataclass(frozen=True)
 class Work:
@@ -55,11 +55,12 @@ def _frozen(value: Any) -> Hashable:
 CONFIG_CACHE_SIZE = 64
 
 
-def _by_key(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """``params`` grouped by (device, dtype), in order of first appearance."""
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+def _by_key(params: list[torch.Tensor], state_dtype: torch.dtype = torch.float32) -> list[list[torch.Tensor]]:
+    """``params`` grouped by (device, dtype, bucket state dtype), in order of first
+    appearance (8-bit state keeps small parameters apart, in fp32)."""
+    groups: dict[tuple[torch.device, torch.dtype, torch.dtype], list[torch.Tensor]] = {}
     for p in params:
-        groups.setdefault((p.device, p.dtype), []).append(p)
+        groups.setdefault((p.device, p.dtype, bucket_state_dtype(p, state_dtype)), []).append(p)
     return list(groups.values())
 
 
@@ -305,6 +306,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                                          "materialize it first (e.g. module.to_empty(device=...))")
                     if at is not None:
                         _checks.same_shape(p, at[2][2])
+                    if self._state_dtype == STATE_8BIT and is_dtensor(p):
+                        raise ValueError("state_dtype='8bit' does not take DTensor (FSDP2) parameters yet: "
+                                         "its block scales have no sharded form in a state_dict")
                     (fresh if at is None else moved).append(p)
                 local, lg = local_pair(p, g)  # a DTensor's local shard
                 if at is not None and lg is not g and lg.shape != at[0].shapes[at[1]]:
@@ -353,7 +357,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _allocate(self, params: list[torch.Tensor]) -> None:
         """Give parameters that have no state yet their own bucket per (device, dtype)."""
-        self._install(self._buckets + [self._new_bucket(ps) for ps in _by_key(params)])
+        self._install(self._buckets + [self._new_bucket(ps) for ps in _by_key(params, self._state_dtype)])
 
     def _move(self, moved: list[torch.Tensor]) -> None:
         """Parameters whose dtype or device changed (``model.half()``, ``.to()``)
@@ -367,7 +371,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 layout.append(b)
             elif stay:
                 layout.append(stay)
-        layout += _by_key(moved)
+        layout += _by_key(moved, self._state_dtype)
         buckets = []
         for entry in layout:
             if isinstance(entry, list):
@@ -485,12 +489,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         layout, saved_state = _checkpoint.check(self, state_dict, params)
         buckets = []
         for members in layout:  # built aside: a copy that fails leaves the optimizer as it was
-            bucket = self._new_bucket([params[i] for i in members])
-            for j, i in enumerate(members):
-                for name, dst in bucket.views(j).items():
-                    if name in saved_state[i]:  # a Kahan compensation the checkpoint lacks starts at 0
-                        dst.copy_(local_tensor(saved_state[i][name]))
-            buckets.append(bucket)
+            # A saved bucket may need splitting: 8-bit state keeps small parameters apart.
+            at = {id(params[i]): i for i in members}
+            for part in _by_key([params[i] for i in members], self._state_dtype):
+                bucket = self._new_bucket(part)
+                for j, p in enumerate(part):
+                    bucket.load(j, {name: local_tensor(t) for name, t in saved_state[at[id(p)]].items()})
+                buckets.append(bucket)
         # From here on nothing can fail half-way.
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             for key, value in saved.items():

@@ -288,3 +288,19 @@ def test_bf16_param_rounding_runs_in_every_extension(name, round_):
     else:
         ext.run(call.packed(), lambda n: torch.empty(n, dtype=torch.float64))
     assert not torch.equal(call.p, before) and (round_ != "kahan" or call.comp.any())
+
+
+@pytest.mark.parametrize("name", ["_C_cuda", "_C_cuda_on_cpu"])
+def test_the_cuda_planner_refuses_8bit_state_by_name(name):
+    ext = _ext(name)
+    call = Call()
+    blk = 256  # one whole 8-bit block, so only the planner can object
+    call.state = [torch.zeros(blk, dtype=torch.uint8) for _ in range(4)]
+    call.scales = [torch.ones(1) for _ in range(4)]
+    call.tangents = torch.zeros(2, blk)
+    call.fixed.update(state_dtype=abi.STATE_8BIT, state=[t.data_ptr() for t in call.state], state_numel=blk,
+                      scales=[t.data_ptr() for t in call.scales], tangents=call.tangents.data_ptr(), tan_stride=blk)
+    before = call.snapshot()
+    with pytest.raises(ValueError, match="do not store 8-bit state"):
+        ext.plan_info(call.packed())
+    assert all(torch.equal(a, b) for a, b in zip(call.snapshot(), before))

@@ -118,8 +118,8 @@ def test_paired_reports_b_over_a_in_both_allocation_orders(monkeypatch, capsys):
     orders = []
 
     def fake_measure(cases, floor_of, numel, pairs, warmup):
-        orders.append([c for c, _ in cases])
-        return [[seconds[c]] * pairs for c, _ in cases] + [[0.5] * pairs]
+        orders.append([c for c, *_ in cases])
+        return [[seconds[c]] * pairs for c, *_ in cases] + [[0.5] * pairs]
 
     monkeypatch.setattr(paired, "measure", fake_measure)
     assert paired.main(["adam_corner:cpu", "adamw:torch_fused", "--pairs", "3"]) == 0
@@ -134,12 +134,37 @@ def test_paired_runs_and_rejects_bad_cases(capsys):
     pytest.importorskip("mada_fused._C_cpu", reason="the C++ CPU extension is not built")
     paired = pytest.importorskip("bench.paired")
     for bad in ("adamw:cpu", "adam_corner:torch_fused", "nope:cpu", "adam_corner", "adam_corner:cuda",
-                "adam_corner:nope"):
+                "adam_corner:nope", "adamw:torch_fused:bf16", "adam_corner:cpu:fp16", "adamod:cpu:bf16:bf16",
+                "mada_full:cpu:bf16:bf16:bf16"):
         with pytest.raises(SystemExit):
             paired.main([bad, "adamw:torch_fused"])
     assert paired.main(["adam_corner:cpu", "adamw:torch_fused", "--size", "4K", "--pairs", "3",
                         "--warmup", "1"]) == 0
     assert "geometric mean of the two orders" in capsys.readouterr().out
+
+
+def test_paired_times_a_state_dtype_against_fp32():
+    """``config:backend:bf16`` builds the optimizer with bf16 state, and the two cases
+    step their own parameters from the same start."""
+    pytest.importorskip("mada_fused._C_cpu", reason="the C++ CPU extension is not built")
+    paired = pytest.importorskip("bench.paired")
+    assert paired.parse_case("mada_full:cpu:bf16") == ("mada_full", "cpu", "bf16", "fp32")
+    assert paired.parse_case("mada_full:cpu") == ("mada_full", "cpu", "fp32", "fp32")
+    assert paired.parse_case("mada_full:cpu:fp32:bf16") == ("mada_full", "cpu", "fp32", "bf16")
+    assert paired.case_name("mada_full", "cpu", "fp32", "bf16") == "mada_full:cpu:fp32:bf16"
+    assert paired.case_name("mada_full", "cpu", "bf16", "fp32") == "mada_full:cpu:bf16"
+    cfg = paired.case_config("mada_full", "bf16")
+    assert cfg.kwargs["state_dtype"] == torch.bfloat16 and "state_dtype" not in step.CONFIGS["mada_full"].kwargs
+    assert "tangent_dtype" not in cfg.kwargs and "state_dtype" not in paired.case_config("mada_full").kwargs
+    both = paired.case_config("mada_full", "8bit", "bf16").kwargs
+    assert both["state_dtype"] == "8bit" and both["tangent_dtype"] == torch.bfloat16
+    init, grad = torch.randn(4096), torch.randn(4096)
+    opts = [step.one_param_optimizer(paired.case_config("mada_full", d), "cpu", init, grad) for d in ("fp32", "bf16")]
+    for o in opts:
+        o.step()
+    (p32,), (p16,) = (o.param_groups[0]["params"] for o in opts)
+    assert [o.state[p]["v"].dtype for o, p in zip(opts, (p32, p16))] == [torch.float32, torch.bfloat16]
+    assert p32 is not p16 and torch.allclose(p32, p16, rtol=0, atol=1e-5) and not torch.equal(p32, init)
 
 
 def test_memory_counts_each_optimizers_state_bytes(capsys):
@@ -151,17 +176,25 @@ def test_memory_counts_each_optimizers_state_bytes(capsys):
     rows = memory.rows_for(("adamod", "mada_full"), layers=2, width=64, batch=4, device=torch.device("cpu"))
     got = {(r["config"], r["state_dtype"], r["tangents"]): r for r in rows}
     # AdamW: m, v fp32. AdaMod: m, v, s. Full MADA: m, v, n, g', l, vb at the state
-    # dtype and six tangent rows at the tangent dtype (docs/spec.md 5.3).
-    expected = {("adamw", "fp32", "-"): 8, ("adamod", "fp32", "-"): 12, ("adamod", "bf16", "-"): 6,
-                ("mada_full", "fp32", "fp32"): 48, ("mada_full", "fp32", "bf16"): 6 * 4 + 6 * 2,
-                ("mada_full", "bf16", "fp32"): 6 * 2 + 6 * 4, ("mada_full", "bf16", "bf16"): 24}
-    assert {k: r["state_per_param"] for k, r in got.items()} == expected
+    # dtype and six tangent rows at the tangent dtype (docs/spec.md 5.3). 8-bit (5.4): each
+    # 64 x 64 weight's buffers 1 byte per element plus an fp32 scale per 256; the 64-element
+    # biases keep fp32 state (under 4,096 elements).
     n = 2 * (64 * 64 + 64)
+    q8 = 2 * (64 * 64 + 4 * 16)
+    expected = {("adamw", "fp32", "-"): 8, ("adamod", "fp32", "-"): 12, ("adamod", "bf16", "-"): 6,
+                ("adamod", "8bit", "-"): (3 * q8 + 3 * 4 * 128) / n,
+                ("mada_full", "fp32", "fp32"): 48, ("mada_full", "fp32", "bf16"): 6 * 4 + 6 * 2,
+                ("mada_full", "bf16", "fp32"): 6 * 2 + 6 * 4, ("mada_full", "bf16", "bf16"): 24,
+                ("mada_full", "8bit", "fp32"): (6 * q8 + 6 * 4 * 128 + 6 * 4 * n) / n,
+                ("mada_full", "8bit", "bf16"): (6 * q8 + 6 * 4 * 128 + 6 * 2 * n) / n}
+    assert {k: r["state_per_param"] for k, r in got.items()} == pytest.approx(expected, rel=1e-12)
     for r in rows:
         assert r["params"] == n
         # The real allocations hold at least the state (ours add page padding per buffer,
-        # AdamW its step counters), and during the step the parameters and the state are live.
-        assert r["state_bytes"] <= r["allocated_bytes"] <= r["state_bytes"] + 16 * 4096
+        # AdamW its step counters; 8-bit state two buckets, small parameters' fp32 one beside),
+        # and during the step the parameters and the state are live.
+        buckets = 2 if r["state_dtype"] == "8bit" else 1
+        assert r["state_bytes"] <= r["allocated_bytes"] <= r["state_bytes"] + buckets * 16 * 4096
         assert r["peak_bytes"] >= 4 * n + r["state_bytes"]
     assert got["adamw", "fp32", "-"]["peak_over_adamw_bytes"] == 0
     memory.main(["--quick", "--configs", "adamod"])
@@ -169,3 +202,69 @@ def test_memory_counts_each_optimizers_state_bytes(capsys):
     assert "| adamod | bf16 | - |" in out and "| adamw | fp32 | - |" in out
     with pytest.raises(SystemExit):
         memory.main(["--configs", "nope"])
+
+
+def _agg(mean: float, sd: float, seeds: list[float]) -> dict:
+    return dict(final_val=mean, final_val_sd=sd, final_val_seeds=seeds, n_seeds=len(seeds), time_s=1.0, cpu_s=0.5)
+
+
+def test_lowprec_rows_skip_what_the_build_lacks_and_judge_against_fp32():
+    lowprec = pytest.importorskip("bench.lowprec")
+
+    class Stepper:
+        def step(self):
+            pass
+
+    def make_for(opt):
+        def make(params, **kw):  # a build without Kahan summation
+            assert params[0].numel() >= 4096  # above 8-bit state's fp32 threshold
+            if "kahan_sum" in kw:
+                raise TypeError("MADA() got an unexpected keyword argument 'kahan_sum'")
+            return Stepper()
+        return make
+
+    run, skipped = lowprec.rows(["AdamW", "AdamW-corner", "MADA"], ["fp32", "bf16-state+tangents",
+                                                                     "bf16-params+kahan"], make_for)
+    # torch's AdamW: the fp32 anchor only; bf16 tangents: MADA only (nothing else learns).
+    assert run == [("AdamW", "fp32"), ("AdamW-corner", "fp32"), ("MADA", "fp32"), ("MADA", "bf16-state+tangents")]
+    assert [(o, v) for o, v, _ in skipped] == [("AdamW-corner", "bf16-params+kahan"), ("MADA", "bf16-params+kahan")]
+    assert "kahan_sum" in skipped[0][2] and skipped[0][2].startswith("TypeError")
+    with pytest.raises(ValueError, match="nope"):
+        lowprec.rows(["MADA"], ["nope"], make_for)
+    # fp32 row 1.0 +- 0.1: bf16 0.5 sd off (target 1), 8-bit 2.5 sd off (target 2).
+    by_row = {("AdamW", "fp32"): _agg(1.01, 0.1, [1.01, 1.01]), ("AdamW-corner", "fp32"): _agg(1.0, 0.1, [0.9, 1.1]),
+              ("AdamW-corner", "bf16-state"): _agg(1.05, 0.1, [0.95, 1.15]),
+              ("AdamW-corner", "8bit-state"): _agg(1.25, 0.1, [1.0, 1.5])}
+    md = "\n".join(lowprec.markdown({"digits": by_row}, {"digits": 20}, skipped))
+    assert ("| AdamW-corner | bf16-state | float32 | 1.0500 +- 0.1000 | +0.0500 | +0.50 | +0.0500 (0/2) "
+            "| meets (<= 1 sd) | 1.0 (0.5) |") in md
+    assert "| 8bit-state | float32 | 1.2500 +- 0.1000 | +0.2500 | +2.50 | +0.2500 (0/2) | misses (<= 2 sd) |" in md
+    assert "| AdamW | fp32 | float32 | 1.0100 +- 0.1000 | +0.0100 | +0.10 |" in md  # against the corner
+    assert "MADA bf16-params+kahan (TypeError" in md
+
+
+def test_lowprec_trains_a_tiny_digits_run(tmp_path, capsys):
+    """The experiment end to end on digits, 20 steps, 2 seeds: torch's AdamW and the
+    MADA corner (nothing learned) are the same optimizer, so their losses agree to
+    rounding; bf16 state moves the loss a little, and not at all for a different reason."""
+    pytest.importorskip("mada_fused._C_cpu", reason="the C++ CPU extension is not built")
+    pytest.importorskip("sklearn")
+    train = pytest.importorskip("bench.train")
+    out = tmp_path / "out"
+    assert train.main(["--experiments", "lowprec", "--tasks", "digits", "--scale", "0.01", "--seeds", "2",
+                       "--jobs", "1", "--lowprec-optims", "AdamW,AdamW-corner,MADA",
+                       "--lowprec-variants", "fp32,bf16-state,bf16-params", "--out", str(out)]) == 0
+    import json
+
+    res = json.loads((out / "results.json").read_text())["results"]["lowprec"]["digits"]
+    assert set(res) == {"AdamW|fp32", "AdamW-corner|fp32", "AdamW-corner|bf16-state", "AdamW-corner|bf16-params",
+                        "MADA|fp32", "MADA|bf16-state", "MADA|bf16-params"}
+    torch_adamw, corner = res["AdamW|fp32"]["final_val_seeds"], res["AdamW-corner|fp32"]["final_val_seeds"]
+    assert torch_adamw == pytest.approx(corner, rel=1e-4) and torch_adamw[0] != torch_adamw[1]
+    for row, r in res.items():
+        assert not r["diverged"] and len(r["final_val_seeds"]) == 2, row
+        fp32 = res[row.split("|")[0] + "|fp32"]["final_val_seeds"]
+        assert r["final_val_seeds"] == pytest.approx(fp32, rel=0.05), row
+    assert res["AdamW-corner|bf16-params"]["final_val_seeds"] != corner  # really bf16 parameters
+    md = (out / "results.md").read_text()
+    assert "## digits: storage precision, 20 steps, 2 seed(s)" in md and "| MADA | bf16-state | float32 |" in md

@@ -29,13 +29,16 @@ except ImportError:  # torch < 2.6
 
 WORLD = 2
 STEPS = 12
-F64, F32 = torch.float64, torch.float32
+F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 # Learning on from the first step, every state allocated, hyper-rates large enough
 # that the coefficients travel (beta2: 0.999 -> 0.959 in 12 steps).
 MADA_KW = dict(lr=1e-2, beta3=0.3, rho=0.7, c=0.9, gamma=0.8, mod_beta=0.9, weight_decay=0.01,
                hyper_warmup=0, hyper_lr=dict(beta1=0.05, beta2=0.05, beta3=0.1, rho=0.1, c=0.1, gamma=0.1))
 OTHERS = {"AdaMod": (AdaMod, dict(lr=1e-2, beta3=0.9)), "DiffMod": (DiffMod, dict(lr=1e-2, len_memory=10)),
           "AVGrad": (AVGrad, dict(lr=1e-2))}
+# bf16 state (docs/spec.md 5.1) needs fp32 parameters (fp64 ones keep fp64 state). A seed
+# other than the default, so that resuming depends on the checkpoint restoring it.
+BF16_STATE = dict(state_dtype=BF16, sr_seed=7)
 # Manually sharded DTensors: uneven (5 rows: 3 + 2), along dim 1, and empty on rank 1.
 SHAPES = [((5, 7), 0), ((4, 6), 1), ((1, 3), 0), ((3,), 0)]
 
@@ -121,12 +124,12 @@ def _scenarios(rank: int, mesh, ckpt_dir: str) -> dict:
 
     out = {}
 
-    def fsdp_mada(dtype, on=mesh):
+    def fsdp_mada(dtype, on=mesh, **storage):
         m = _fsdp(on, dtype)
-        opt = MADA(m.parameters(), **MADA_KW)
+        opt = MADA(m.parameters(), **MADA_KW, **storage)
         coefs = train(m, opt, batches(dtype), rank, WORLD)
         st = opt.state[m[0].weight]
-        layout = {k: (type(v).__name__, str(getattr(v, "placements", None))) for k, v in st.items()}
+        layout = {k: (type(v).__name__, str(getattr(v, "placements", None)), str(v.dtype)) for k, v in st.items()}
         return dict(coefs=coefs, params=[full(p) for p in m.parameters()], groups=len(opt._shard_sum.groups),
                     layout=layout)
 
@@ -164,7 +167,7 @@ def _scenarios(rank: int, mesh, ckpt_dir: str) -> dict:
 
     def dcp_resume(name, dtype=F64, **extra):
         cls, kw = (MADA, MADA_KW) if name == "MADA" else OTHERS[name]
-        data, where = batches(dtype), os.path.join(ckpt_dir, name + str(dtype))
+        data, where = batches(dtype), os.path.join(ckpt_dir, name + str(dtype) + str(extra.get("state_dtype", "")))
         m = _fsdp(mesh, dtype)
         opt = cls(m.parameters(), **kw, **extra)
         train(m, opt, data[:5], rank, WORLD)
@@ -172,7 +175,8 @@ def _scenarios(rank: int, mesh, ckpt_dir: str) -> dict:
         dcp.save(sd, checkpoint_id=where)
         straight = train(m, opt, data[5:], rank, WORLD)
         m2 = _fsdp(mesh, dtype)  # back at the initial weights
-        opt2 = cls(m2.parameters(), **kw, **extra)  # fresh: no state until set_optimizer_state_dict
+        # fresh: no state until set_optimizer_state_dict, and the default sr_seed until then too
+        opt2 = cls(m2.parameters(), **kw, **{k: v for k, v in extra.items() if k != "sr_seed"})
         sd = {"model": get_model_state_dict(m2), "optim": md.get_optimizer_state_dict(m2, opt2)}
         dcp.load(sd, checkpoint_id=where)
         set_model_state_dict(m2, sd["model"])
@@ -183,7 +187,8 @@ def _scenarios(rank: int, mesh, ckpt_dir: str) -> dict:
                          for p, q in pairs for a, b in zip(opt.state[p].values(), opt2.state[q].values()))
         same_params = all(torch.equal(p.to_local(), q.to_local()) for p, q in pairs)
         return dict(coefs=torch.stack([straight, resumed]), same_state=same_state, same_params=same_params,
-                    names=sorted(opt2.state[m2[0].weight]))
+                    names=sorted(opt2.state[m2[0].weight]),
+                    dtypes={k: str(v.dtype) for k, v in opt2.state[m2[0].weight].items()})
 
     def mixed_rejected():
         m = _fsdp(mesh, F64)
@@ -203,7 +208,9 @@ def _scenarios(rank: int, mesh, ckpt_dir: str) -> dict:
             ("dtensor", lambda: manual(False)), ("explicit_group", lambda: manual(True)),
             ("mixed", mixed_rejected), *[(f"other_{n}", lambda n=n: fsdp_other(n)) for n in OTHERS],
             *[(f"dcp_{n}", lambda n=n: dcp_resume(n)) for n in ("MADA", "AdaMod")],
-            ("dcp_kahan", lambda: dcp_resume("AdaMod", torch.bfloat16, kahan_sum=True))]
+            ("dcp_kahan", lambda: dcp_resume("AdaMod", BF16, kahan_sum=True)),
+            ("fsdp_bf16_state", lambda: fsdp_mada(F32, **BF16_STATE)),
+            *[(f"dcp_{n}_bf16_state", lambda n=n: dcp_resume(n, F32, **BF16_STATE)) for n in ("MADA", "AdaMod")]]
     for name, job in jobs:
         try:
             out[name] = job()
@@ -278,9 +285,32 @@ def test_fsdp2_mada_matches_single_process(ranks, dtype, rel):
         assert_rel(got, want, rel, f"parameter {i}")
     assert res[0]["groups"] == 1  # one all-reduce per step, over the shard group
     layout = res[0]["layout"]
-    assert layout["step"] == ("Tensor", "None")
-    assert layout["m"] == ("DTensor", "(Shard(dim=0),)")
-    assert layout["tangents"] == ("DTensor", "(Shard(dim=1),)")
+    assert layout["step"][:2] == ("Tensor", "None")
+    assert layout["m"] == ("DTensor", "(Shard(dim=0),)", str(dtype))
+    assert layout["tangents"] == ("DTensor", "(Shard(dim=1),)", str(dtype))
+
+
+def test_fsdp2_mada_with_bf16_state_matches_single_process(ranks):
+    """bf16 state, sharded: stored as bf16 DTensor shards (tangents fp32), the same
+    coefficients on both ranks, and the single-process bf16-state run up to the
+    stochastic rounding, whose draws depend on the element's index in its rank's
+    buffer (docs/spec.md 5.1): as close as the fp32-state run is to it."""
+    res = result(ranks, "fsdp_bf16_state")
+    assert_same_bits_on_ranks(res)
+    layout = res[0]["layout"]
+    for k in ("m", "v", "n", "g_prev", "l", "vb", "s"):
+        if k in layout:
+            assert layout[k] == ("DTensor", "(Shard(dim=0),)", "torch.bfloat16"), k
+    assert layout["m"][2] == "torch.bfloat16" and layout["v"][2] == "torch.bfloat16"
+    assert layout["tangents"] == ("DTensor", "(Shard(dim=1),)", "torch.float32")
+    coefs, params = single_process(F32, lambda ps: MADA(ps, **MADA_KW, **BF16_STATE))
+    fp32_coefs, fp32_params = single_process(F32)
+    assert not torch.allclose(coefs[-1], coefs[0], rtol=0, atol=1e-3), "the coefficients should have moved"
+    assert_rel(res[0]["coefs"], coefs, 2e-3, "coefficient trajectory")
+    assert_rel(res[0]["coefs"], fp32_coefs, 2e-3, "coefficient trajectory against fp32 state")
+    for i, (got, want, want32) in enumerate(zip(res[0]["params"], params, fp32_params)):
+        assert_rel(got, want, 2e-3, f"parameter {i}")
+        assert_rel(got, want32, 2e-3, f"parameter {i} against fp32 state")
 
 
 @pytest.mark.parametrize("name", sorted(OTHERS))
@@ -321,13 +351,17 @@ def test_hand_sharded_params_match_single_process(ranks, name):
         assert_rel(g, want.detach(), 1e-10, f"parameter {i}")
 
 
-@pytest.mark.parametrize("name", ["MADA", "AdaMod", "kahan"])  # kahan: bf16 params, kahan_comp sharded too
-def test_dcp_save_and_resume_is_bit_exact(ranks, name):
+# kahan: bf16 params, kahan_comp sharded too. bf16 state: saved and loaded as bf16, and the
+# stochastic rounding's seed with it (the resumed optimizer is built with the default seed).
+@pytest.mark.parametrize("name,state", [("MADA", "float64"), ("AdaMod", "float64"), ("kahan", "float32"),
+                                        ("MADA_bf16_state", "bfloat16"), ("AdaMod_bf16_state", "bfloat16")])
+def test_dcp_save_and_resume_is_bit_exact(ranks, name, state):
     for r, res in enumerate(result(ranks, f"dcp_{name}")):
         straight, resumed = res["coefs"]
         assert torch.equal(straight, resumed), f"rank {r}: coefficients after resuming differ"
         assert res["same_params"] and res["same_state"], f"rank {r}: parameters or state differ after resuming"
         assert ("kahan_comp" in res["names"]) == (name == "kahan")
+        assert res["dtypes"]["m"] == f"torch.{state}"
 
 
 def test_mixed_sharded_and_plain_params_are_rejected_when_learning(ranks):

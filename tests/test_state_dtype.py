@@ -507,8 +507,8 @@ def test_auto_picks_cpu_for_bf16_state_and_every_native_backend_stores_it():
 
 
 @pytest.mark.parametrize("bad, why", [
-    ("8bit", "not implemented yet"), (torch.float16, "float32 or torch.bfloat16"),
-    (torch.float64, "float32 or torch.bfloat16"), ("bfloat16", "float32 or torch.bfloat16"),
+    ("8-bit", "float32, torch.bfloat16 or '8bit'"), (torch.float16, "float32, torch.bfloat16 or '8bit'"),
+    (torch.float64, "float32, torch.bfloat16 or '8bit'"), ("bfloat16", "float32, torch.bfloat16 or '8bit'"),
 ])
 @pytest.mark.parametrize("cls", [MADA, AVGrad, AdaMod, DiffMod])
 def test_bad_state_dtype_is_refused(cls, bad, why):

@@ -62,7 +62,8 @@ def test_new_layout_refused_under_capture(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     p = torch.zeros(4)
     seg = SimpleNamespace(params=[p], grads=[p], offsets=[0], numels=[4], groups=[0], param_index=[0])
-    bucket = SimpleNamespace(device=torch.device("cuda"), state_dtype=torch.float32, numel=4, tangent_stride=4)
+    bucket = SimpleNamespace(device=torch.device("cuda"), state_dtype=torch.float32, tangent_dtype=torch.float32,
+                             numel=4, tangent_stride=4)
     with pytest.raises(RuntimeError, match="warm-up"):
         launch._layout(seg, bucket, launch._CHUNK)
     assert not launch._layouts
@@ -84,7 +85,7 @@ def test_tangent_row_offset_is_64_bit():
                 HAS_BETA3=True, HAS_VBAR=True, HAS_LION=True, HAS_MOD=True, VBAR_DETACH=False, MAXIMIZE=False,
                 DIFF=False, HAS_SCALE=False, HAS_INF=False, SR=False, PROUND=0, ALIGNED=False, T_ALIGNED=False,
                 S_VEC=4, CHUNK=8192,
-                BLOCK=1024)
+                BLOCK=1024, Q8=False)
     sig = {n: "i32" if n in ("tstride", "n_chunks", "first", "seed") else ptr.get(n, "*fp32")
            for n in fn.arg_names if n not in meta}
     src = ASTSource(fn=fn, signature=sig | {k: "constexpr" for k in meta}, constexprs=meta)

@@ -115,10 +115,15 @@ def _st(ptr, offs, x, mask, MASKED: tl.constexpr):
 
 @_device
 def _grad(gp_, po, mask, scale, m_p, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, SR: tl.constexpr,
-          MASKED: tl.constexpr):
-    """The processed gradient, in the arithmetic dtype (m_p's, fp32 for bf16 state):
+          Q8: tl.constexpr, MASKED: tl.constexpr):
+    """The processed gradient, in the arithmetic dtype (m_p's, fp32 for bf16 and 8-bit state):
     unscaled, negated for maximize."""
-    g = _ld(gp_, po, mask, MASKED).to(tl.float32 if SR else m_p.dtype.element_ty)
+    ct = m_p.dtype.element_ty
+    if SR:
+        ct = tl.float32
+    if Q8:
+        ct = tl.float32
+    g = _ld(gp_, po, mask, MASKED).to(ct)
     if HAS_SCALE:
         g = _div(g, scale)
     if MAXIMIZE:
@@ -192,6 +197,96 @@ def _round(x, keys, so, b: tl.constexpr, SR: tl.constexpr):
     if SR:
         x = _sr_bf16(x, _sr_bits(keys[b], so))
     return x
+
+
+# 8-bit state (docs/spec.md section 5.4): csrc/mada_math.h's q8_scale, q8_encode and
+# q8_decode in uint32 arithmetic. A state pointer then holds uint8 codes and its scale
+# pointer one fp32 scale per 256 elements; BLOCK is a whole number of those blocks, and every
+# chunk starts on one (the bucket's offsets are multiples of 256).
+Q8_BLOCK = tl.constexpr(256)
+
+
+@_device
+def _q8_decode(code, scale, SIGNED: tl.constexpr):
+    c = code.to(tl.uint32)
+    if SIGNED:
+        mag = c & 0x7F
+        bias = 15
+    else:
+        mag = c
+        bias = 31
+    e = (mag >> 3).to(tl.int32)
+    f = mag & 7
+    whole = tl.where(e == 0, f, f + 8).to(tl.float32)
+    unit = ((tl.maximum(e, 1) - bias - 3 + 127) << 23).to(tl.uint32).to(tl.float32, bitcast=True)
+    v = whole * unit * scale
+    if SIGNED:
+        v = tl.where((c >> 7) != 0, -v, v)
+    return v
+
+
+@_device
+def _q8_encode(x, scale, SIGNED: tl.constexpr):
+    if SIGNED:
+        bias = 15
+        top = 0x7F
+    else:
+        bias = 31
+        top = 0xFF
+    u = x.to(tl.uint32, bitcast=True)
+    ex = ((u >> 23) & 0xFF).to(tl.int32)
+    mant = u & 0x7FFFFF
+    ef = ex - ((scale.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32) + bias
+    normal = ef >= 1
+    n = tl.where(normal, (tl.maximum(ef, 1).to(tl.uint32) << 23) | mant, mant | 0x800000)
+    sh = tl.where(normal, 20, tl.minimum(21 - ef, 31)).to(tl.uint32)
+    half = tl.full(x.shape, 1, tl.uint32) << (sh - 1)
+    mag = (n + half - 1 + ((n >> sh) & 1)) >> sh
+    mag = tl.where((ex == 0) | (scale != scale), 0, tl.minimum(mag, top))
+    if SIGNED:
+        code = tl.where(mag > 0, mag | ((u >> 31) << 7), 0)
+    else:
+        code = tl.where((u >> 31) == 0, mag, 0)
+    return code
+
+
+@_device
+def _q8_blocks(x, BLOCK: tl.constexpr):
+    """x (BLOCK,) as (BLOCK // 256, 256): one row per 256-element block."""
+    return tl.reshape(x, (BLOCK // Q8_BLOCK, Q8_BLOCK))
+
+
+@_device
+def _get(ptr, sc, so, mask, dtype: tl.constexpr, SIGNED: tl.constexpr, Q8: tl.constexpr, MASKED: tl.constexpr):
+    """A state buffer's values in the compute dtype: widened, or decoded (8-bit)."""
+    x = _ld(ptr, so, mask, MASKED)
+    if Q8:
+        return _q8_decode(x, _ld(sc, so // Q8_BLOCK, mask, MASKED), SIGNED)
+    else:
+        return x.to(dtype)
+
+
+@_device
+def _put(ptr, sc, so, x, mask, SIGNED: tl.constexpr, Q8: tl.constexpr, MASKED: tl.constexpr,
+         BLOCK: tl.constexpr):
+    """Store a state buffer's new values; 8-bit state encodes each 256-element block under its
+    new scale (the largest magnitude of the block's elements, mask's only)."""
+    if Q8:
+        x = tl.where(mask, x, 0.0)
+        a = _q8_blocks(tl.abs(x), BLOCK)
+        amax = tl.reduce(a, 1, tl.standard._elementwise_max)
+        bad = tl.reduce(tl.where(a <= 3.4028234663852886e38, 0, 1), 1, tl.standard._elementwise_max)
+        top = amax.to(tl.uint32, bitcast=True)
+        top = tl.where(top < 0x800000, 0x800000, top) & 0x7F800000
+        scale = tl.where(bad == 0, top, 0x7FC00000).to(tl.uint32).to(tl.float32, bitcast=True)
+        each = tl.reshape(tl.broadcast_to(tl.reshape(scale, (BLOCK // Q8_BLOCK, 1)), (BLOCK // Q8_BLOCK, Q8_BLOCK)),
+                          (BLOCK,))
+        _st(ptr, so, _q8_encode(x, each, SIGNED), mask, MASKED)
+        first = tl.reduce(_q8_blocks(so // Q8_BLOCK, BLOCK), 1, tl.standard._elementwise_max)
+        live = tl.reduce(_q8_blocks(mask.to(tl.int32), BLOCK), 1, tl.standard._elementwise_max)
+        tl.store(sc + first, scale, mask=live > 0)
+    else:
+        _st(ptr, so, x, mask, MASKED)
 
 
 # bf16 parameters without fp32 master weights (docs/spec.md section 5.2): mada_math.h's
@@ -362,15 +457,15 @@ def _mada_tangents(k, g, m0, v0, n0, new, mid, etah, clipped, sq, D):
 
 
 @_device
-def _mada_block(pp, gp_, st, keys, tkeys, pio, tan, tstride, po, so, mask, acc, k, scale,
+def _mada_block(pp, gp_, st, qs, keys, tkeys, pio, tan, tstride, po, so, mask, acc, k, scale,
                 STEP: tl.constexpr, DOT: tl.constexpr, ROWS: tl.constexpr, NL: tl.constexpr,
                 NLP: tl.constexpr, HAS_BETA3: tl.constexpr, HAS_VBAR: tl.constexpr,
                 HAS_LION: tl.constexpr, HAS_MOD: tl.constexpr, MAXIMIZE: tl.constexpr,
                 HAS_SCALE: tl.constexpr, SR: tl.constexpr, TSR: tl.constexpr, PROUND: tl.constexpr,
-                MASKED: tl.constexpr):
+                Q8: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
     m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p = st
     comp_p, pkey = pio
-    g = _grad(gp_, po, mask, scale, m_p, HAS_SCALE, MAXIMIZE, SR, MASKED)
+    g = _grad(gp_, po, mask, scale, m_p, HAS_SCALE, MAXIMIZE, SR, Q8, MASKED)
     if DOT:
         # sum(g * T) with the previous step's tangents, before they are overwritten.
         # Products of two fp32 values are exact in fp64 (bf16 rows widen exactly); the sums stay in fp64.
@@ -380,34 +475,34 @@ def _mada_block(pp, gp_, st, keys, tkeys, pio, tan, tstride, po, so, mask, acc, 
             acc += tl.where(rows == r, tl.reduce(prod, 0, tl.standard._sum_combine), 0.0)
     if STEP:
         theta = _load_param(pp, po, comp_p, so, mask, g.dtype, PROUND, MASKED)
-        m0 = _ld(m_p, so, mask, MASKED).to(g.dtype)  # bf16 state widens exactly
-        v0 = _ld(v_p, so, mask, MASKED).to(g.dtype)
+        m0 = _get(m_p, qs[0], so, mask, g.dtype, True, Q8, MASKED)  # bf16 state widens exactly
+        v0 = _get(v_p, qs[1], so, mask, g.dtype, False, Q8, MASKED)
         zero = tl.full(g.shape, 0.0, g.dtype)  # state a configuration lacks
         n0, gprev, l0, vb0, s0 = zero, zero, zero, zero, zero
         if HAS_BETA3:
-            n0 = _ld(n_p, so, mask, MASKED).to(g.dtype)
-            gprev = _ld(gprev_p, so, mask, MASKED).to(g.dtype)
+            n0 = _get(n_p, qs[2], so, mask, g.dtype, True, Q8, MASKED)
+            gprev = _get(gprev_p, qs[3], so, mask, g.dtype, True, Q8, MASKED)
         if HAS_LION:
-            l0 = _ld(l_p, so, mask, MASKED).to(g.dtype)
+            l0 = _get(l_p, qs[4], so, mask, g.dtype, True, Q8, MASKED)
         if HAS_VBAR:
-            vb0 = _ld(vb_p, so, mask, MASKED).to(g.dtype)
+            vb0 = _get(vb_p, qs[5], so, mask, g.dtype, False, Q8, MASKED)
         if HAS_MOD:
-            s0 = _ld(s_p, so, mask, MASKED).to(g.dtype)
+            s0 = _get(s_p, qs[6], so, mask, g.dtype, False, Q8, MASKED)
         new, mid = _mada_moments(k, g, m0, v0, n0, gprev, l0, vb0, keys, so, HAS_BETA3, HAS_VBAR, HAS_LION, SR)
         m, v, n, l, vb = new
         d, gh, gh2, sg, G, uL, N, vh, A = mid
         theta, s, etah, clipped, sq, D = _mada_apply(k, theta, s0, vh, A, uL, keys, so, HAS_LION, HAS_MOD, SR)
-        _st(m_p, so, m, mask, MASKED)
-        _st(v_p, so, v, mask, MASKED)
+        _put(m_p, qs[0], so, m, mask, True, Q8, MASKED, BLOCK)
+        _put(v_p, qs[1], so, v, mask, False, Q8, MASKED, BLOCK)
         if HAS_BETA3:
-            _st(n_p, so, n, mask, MASKED)
-            _st(gprev_p, so, _round(g, keys, so, 3, SR), mask, MASKED)
+            _put(n_p, qs[2], so, n, mask, True, Q8, MASKED, BLOCK)
+            _put(gprev_p, qs[3], so, _round(g, keys, so, 3, SR), mask, True, Q8, MASKED, BLOCK)
         if HAS_LION:
-            _st(l_p, so, l, mask, MASKED)
+            _put(l_p, qs[4], so, l, mask, True, Q8, MASKED, BLOCK)
         if HAS_VBAR:
-            _st(vb_p, so, vb, mask, MASKED)
+            _put(vb_p, qs[5], so, vb, mask, False, Q8, MASKED, BLOCK)
         if HAS_MOD:
-            _st(s_p, so, s, mask, MASKED)
+            _put(s_p, qs[6], so, s, mask, False, Q8, MASKED, BLOCK)
         _store_param(pp, po, theta, comp_p, pkey, so, mask, PROUND, MASKED)
         if NL > 0:
             tb1, tb2, tb3, trho, tc, tgam = _mada_tangents(k, g, m0, v0, n0, new, mid, etah, clipped, sq, D)
@@ -439,36 +534,38 @@ def _adamod_element(k, g, theta, m0, v0, s0, gprev, keys, so, DIFF: tl.constexpr
 
 
 @_device
-def _adamod_block(pp, gp_, st, keys, pio, po, so, mask, k, scale, DIFF: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, SR: tl.constexpr, PROUND: tl.constexpr, MASKED: tl.constexpr):
+def _adamod_block(pp, gp_, st, qs, keys, pio, po, so, mask, k, scale, DIFF: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, SR: tl.constexpr, PROUND: tl.constexpr, Q8: tl.constexpr,
+                  MASKED: tl.constexpr, BLOCK: tl.constexpr):
     m_p, v_p, s_p, gprev_p = st
     comp_p, pkey = pio
-    g = _grad(gp_, po, mask, scale, m_p, HAS_SCALE, MAXIMIZE, SR, MASKED)
+    g = _grad(gp_, po, mask, scale, m_p, HAS_SCALE, MAXIMIZE, SR, Q8, MASKED)
     theta = _load_param(pp, po, comp_p, so, mask, g.dtype, PROUND, MASKED)
     gprev = g  # g_prev starts at 0 in the state; only DiffMod has it
     if DIFF:
-        gprev = _ld(gprev_p, so, mask, MASKED).to(g.dtype)
-    theta, m, v, s = _adamod_element(k, g, theta, _ld(m_p, so, mask, MASKED).to(g.dtype),
-                                     _ld(v_p, so, mask, MASKED).to(g.dtype), _ld(s_p, so, mask, MASKED).to(g.dtype),
+        gprev = _get(gprev_p, qs[3], so, mask, g.dtype, True, Q8, MASKED)
+    theta, m, v, s = _adamod_element(k, g, theta, _get(m_p, qs[0], so, mask, g.dtype, True, Q8, MASKED),
+                                     _get(v_p, qs[1], so, mask, g.dtype, False, Q8, MASKED),
+                                     _get(s_p, qs[2], so, mask, g.dtype, False, Q8, MASKED),
                                      gprev, keys, so, DIFF, SR)
-    _st(m_p, so, m, mask, MASKED)
-    _st(v_p, so, v, mask, MASKED)
-    _st(s_p, so, s, mask, MASKED)
+    _put(m_p, qs[0], so, m, mask, True, Q8, MASKED, BLOCK)
+    _put(v_p, qs[1], so, v, mask, False, Q8, MASKED, BLOCK)
+    _put(s_p, qs[2], so, s, mask, False, Q8, MASKED, BLOCK)
     if DIFF:
-        _st(gprev_p, so, _round(g, keys, so, 3, SR), mask, MASKED)
+        _put(gprev_p, qs[3], so, _round(g, keys, so, 3, SR), mask, True, Q8, MASKED, BLOCK)
     _store_param(pp, po, theta, comp_p, pkey, so, mask, PROUND, MASKED)
 
 
 @triton.jit
 def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, comp_p, tan, tstride,
-               coef, lr_p, wd_p, steps, consts, scale_p, inf_p, partial, n_chunks, first, seed,
+               coef, lr_p, wd_p, steps, consts, scale_p, inf_p, partial, n_chunks, first, seed, qsc,
                KIND: tl.constexpr, STEP: tl.constexpr, DOT: tl.constexpr, ROWS: tl.constexpr,
                NL: tl.constexpr, NLP: tl.constexpr, HAS_BETA3: tl.constexpr, HAS_VBAR: tl.constexpr,
                HAS_LION: tl.constexpr, HAS_MOD: tl.constexpr, VBAR_DETACH: tl.constexpr,
                MAXIMIZE: tl.constexpr, DIFF: tl.constexpr, HAS_SCALE: tl.constexpr,
                HAS_INF: tl.constexpr, SR: tl.constexpr, TSR: tl.constexpr, PROUND: tl.constexpr,
                ALIGNED: tl.constexpr, T_ALIGNED: tl.constexpr, S_VEC: tl.constexpr,
-               CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+               CHUNK: tl.constexpr, BLOCK: tl.constexpr, Q8: tl.constexpr = False):
     pid = first + tl.program_id(0)  # this launch covers table rows first, first + 1, ...
     row = table + pid * 6  # param addr, grad addr, state offset, count, group, param index
     pty = tl.pointer_type(ptype.dtype.element_ty)
@@ -489,7 +586,11 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, comp_p, tan
     group = tl.load(row + 4)
     if HAS_INF:  # a skipped step touches nothing: every block falls outside the chunk
         count = tl.where(tl.load(inf_p) != 0, 0, count)
-    ct = tl.float32 if SR else m_p.dtype.element_ty  # bf16 state: fp32 arithmetic
+    ct = m_p.dtype.element_ty
+    if SR:  # bf16 state: fp32 arithmetic
+        ct = tl.float32
+    if Q8:  # 8-bit state: fp32 arithmetic
+        ct = tl.float32
     one = 1.0
     # Scalars in float64 (powers especially), rounded once to the compute type.
     t = tl.maximum(tl.load(steps + tl.load(row + 5)), one)  # t >= 1 except on a skipped step
@@ -510,6 +611,12 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, comp_p, tan
              _sr_key(seed32, step32, BUF_TAN0 + 2), _sr_key(seed32, step32, BUF_TAN0 + 3),
              _sr_key(seed32, step32, BUF_TAN0 + 4), _sr_key(seed32, step32, BUF_TAN0 + 5))
     pio = (comp_p, _sr_key(seed32, step32, K_BUF_PARAM))  # how the parameter is read and stored
+    # 8-bit state: qsc holds the addresses of each state slot's scales (launch.py), in st's order.
+    fp = tl.pointer_type(tl.float32)
+    qs = (qsc, qsc, qsc, qsc, qsc, qsc, qsc)
+    if Q8:
+        qs = (tl.load(qsc).to(fp), tl.load(qsc + 1).to(fp), tl.load(qsc + 2).to(fp), tl.load(qsc + 3).to(fp),
+              tl.load(qsc + 4).to(fp), tl.load(qsc + 5).to(fp), tl.load(qsc + 6).to(fp))
     if KIND == MADA:
         k = _make_mada_scalars(coef, consts, lr, decay, t, ct, VBAR_DETACH)
         st = (m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p)
@@ -522,20 +629,20 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, comp_p, tan
         mask = po < count
         if start + BLOCK <= count:
             if KIND == MADA:
-                acc = _mada_block(pp, gp_, st, keys, tkeys, pio, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT,
+                acc = _mada_block(pp, gp_, st, qs, keys, tkeys, pio, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT,
                                   ROWS, NL, NLP, HAS_BETA3, HAS_VBAR, HAS_LION, HAS_MOD, MAXIMIZE, HAS_SCALE, SR, TSR,
-                                  PROUND, False)
+                                  PROUND, Q8, False, BLOCK)
             else:
-                _adamod_block(pp, gp_, st, keys, pio, po, so, mask, k, scale, DIFF, MAXIMIZE, HAS_SCALE, SR, PROUND,
-                              False)
+                _adamod_block(pp, gp_, st, qs, keys, pio, po, so, mask, k, scale, DIFF, MAXIMIZE, HAS_SCALE, SR, PROUND, Q8,
+                              False, BLOCK)
         elif start < count:
             if KIND == MADA:
-                acc = _mada_block(pp, gp_, st, keys, tkeys, pio, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT,
+                acc = _mada_block(pp, gp_, st, qs, keys, tkeys, pio, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT,
                                   ROWS, NL, NLP, HAS_BETA3, HAS_VBAR, HAS_LION, HAS_MOD, MAXIMIZE, HAS_SCALE, SR, TSR,
-                                  PROUND, True)
+                                  PROUND, Q8, True, BLOCK)
             else:
-                _adamod_block(pp, gp_, st, keys, pio, po, so, mask, k, scale, DIFF, MAXIMIZE, HAS_SCALE, SR, PROUND,
-                              True)
+                _adamod_block(pp, gp_, st, qs, keys, pio, po, so, mask, k, scale, DIFF, MAXIMIZE, HAS_SCALE, SR, PROUND, Q8,
+                              True, BLOCK)
     if DOT:
         # One fp64 partial per (learned row, chunk); launch.py sums them in a fixed order.
         rows = tl.arange(0, NLP)

@@ -31,7 +31,7 @@ from collections import OrderedDict
 import torch
 import triton
 
-from ..backends.abi import MADA_STATE, PARAM_ROUNDS
+from ..backends.abi import ADAMOD_STATE, MADA_STATE, PARAM_ROUNDS
 from ..backends.segments import pack
 
 _MADA, _ADAMOD = 0, 1
@@ -148,15 +148,15 @@ def _layout(seg, bucket, chunk: int) -> _Layout:
     return lay
 
 
-def _const(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+def _const(values: tuple[float, ...], device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     # Host constants travel as fp64 device data: a Python float argument would be
-    # rounded to fp32, which fp64 state must not see.
-    key = (values, device)
+    # rounded to fp32, which fp64 state must not see. (int64: addresses.)
+    key = (values, device, dtype)
     const = _consts.get(key)
     if const is None:
         if _capturing(device):
             _refuse_in_capture("a new set of optimizer constants")
-        const = _consts[key] = torch.tensor(values, dtype=torch.float64, device=device)
+        const = _consts[key] = torch.tensor(values, dtype=dtype, device=device)
         while len(_consts) > _MAX_CONSTS:  # a scheduler cycling betas makes a set per step
             _consts.popitem(last=False)
     else:
@@ -190,6 +190,14 @@ def _launch(kind: int, bucket, seg, scalars, coef, consts, *, states, flags: dic
         return
     dummy = bucket.steps  # stands in for pointers a variant never dereferences
     ptrs = [bucket.buffers.get(n, dummy) if n else dummy for n in states]
+    # 8-bit state: the addresses of each slot's scales, in the kernel's state order (MADA's, or
+    # AdaMod's m, v, s, g_prev), as one int64 table.
+    q8 = bool(bucket.scales)
+    qsc = dummy
+    if q8:
+        names = MADA_STATE if kind == _MADA else ADAMOD_STATE
+        qsc = _const(tuple(bucket.scales[n].data_ptr() if n in bucket.scales else 0 for n in names),
+                     bucket.device, torch.int64)
     tan = bucket.tangents if bucket.tangents is not None else dummy
     comp = bucket.comp if bucket.comp is not None else dummy
     scale, found = scalars.grad_scale, scalars.found_inf
@@ -199,14 +207,16 @@ def _launch(kind: int, bucket, seg, scalars, coef, consts, *, states, flags: dic
     meta = dict(KIND=kind, NL=nl, NLP=triton.next_power_of_2(max(nl, 1)), HAS_SCALE=scale is not None,
                 HAS_INF=found is not None, SR=bucket.state_dtype == torch.bfloat16,
                 TSR=bucket.tangent_dtype == torch.bfloat16, PROUND=PARAM_ROUNDS[bucket.param_round],
-                T_ALIGNED=lay.t_aligned, S_VEC=lay.s_vec, CHUNK=chunk, **flags)
+                T_ALIGNED=lay.t_aligned, S_VEC=lay.s_vec, CHUNK=chunk,
+                Q8=q8, **flags)
     fn = kernels(interp).fused_step
     block, warps = (_INTERP_BLOCK, 1) if interp else _config()
     # Triton launches on the current device.
     with contextlib.nullcontext() if interp else torch.cuda.device(bucket.device):
         for lo, hi, aligned in lay.parts:  # the aligned rows, then the rest: at most two launches
             # No FMA contraction: the reference and the C++ backends round after every op.
-            fn[(hi - lo,)](*args, lo, scalars.sr_seed, **meta, ALIGNED=aligned, BLOCK=block, num_warps=warps, enable_fp_fusion=False)
+            fn[(hi - lo,)](*args, lo, scalars.sr_seed, qsc, **meta, ALIGNED=aligned, BLOCK=block, num_warps=warps,
+                           enable_fp_fusion=False)
     if dot_out is not None:
         # Fixed-order fp64 reduction over chunks: the same layout and config give the same bits.
         dot_out.add_(lay.partial[:nl, :lay.n_chunks].sum(dim=1).to(dot_out.dtype))

@@ -14,6 +14,7 @@
 // space is split evenly over the threads.
 #include <algorithm>
 #include <array>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -77,15 +78,18 @@ struct Chunk {
 
 // Runs piece(row, lo, hi, chunk) over every part of every segment, chunk by
 // chunk, in parallel; total[j] gets row j's sum over all chunks, in order.
+// With align > 1 (8-bit state: its 256-element blocks) every segment counts as
+// its size rounded up to a multiple of align, so every part starts on one.
 template <class S, class Piece>
-void run_chunks(const Pass& c, int rows, double* total, Piece piece) {
+void run_chunks(const Pass& c, int rows, double* total, Piece piece, int64_t align = 1) {
   std::vector<int64_t> start(c.c.n_rows + 1, 0);
-  for (int64_t s = 0; s < c.c.n_rows; ++s) start[s + 1] = start[s] + c.c.rows[s].numel;
+  for (int64_t s = 0; s < c.c.n_rows; ++s) start[s + 1] = start[s] + (c.c.rows[s].numel + align - 1) / align * align;
   const int64_t n = start[c.c.n_rows];
   // Without sums to reduce, the chunking cannot change a bit: split evenly
   // over the threads instead (fixed 64K chunks left 1,000,000 elements 8:7.3
   // on two threads, and ran anything below 128K on one).
-  const int64_t per = rows ? kChunk : std::max(kMinSplit, (n / c.num_threads + 63) / 64 * 64);
+  const int64_t unit = std::max<int64_t>(64, align);
+  const int64_t per = rows ? kChunk : std::max(kMinSplit, (n / c.num_threads + unit - 1) / unit * unit);
   const int64_t nchunks = (n + per - 1) / per;
   std::vector<double> slots(size_t(nchunks) * rows);
 #pragma omp parallel for schedule(static) num_threads(c.num_threads) if (nchunks > 1)
@@ -97,7 +101,8 @@ void run_chunks(const Pass& c, int rows, double* total, Piece piece) {
     int64_t s = std::upper_bound(start.begin(), start.end(), lo) - start.begin() - 1;
     for (; lo < hi; ++s) {
       const int64_t end = std::min(hi, start[s + 1]);
-      if (end > lo) piece(c.c.rows[s], lo - start[s], end - start[s], chunk);
+      const int64_t top = std::min(end - start[s], c.c.rows[s].numel);
+      if (top > lo - start[s]) piece(c.c.rows[s], lo - start[s], top, chunk);
       lo = std::max(lo, end);
     }
     for (int j = 0; j < rows; ++j) {
@@ -119,6 +124,59 @@ T* slot_ptr(void* const* state, int i, int64_t offset) {
 }
 
 #include "block_parts.inc"
+
+// 8-bit state (docs/spec.md 5.4) is a storage policy around the fp32 passes,
+// not a copy of them: each 256-element block of a segment part is decoded into
+// fp32 scratch, stepped by the fp32 piece as if the scratch were the state, and
+// every buffer is encoded back with its block's new scale. The piece sees the
+// block as a segment of its own at the block's flat offset (tangent rows, a
+// Kahan compensation and the hash index stay where they are); the state
+// pointers it gets are the scratch's address moved back by that offset, so
+// state[offset + j] is scratch[j]. Parts start on block boundaries
+// (run_chunks' align); `unsigned_slots`: the slots of the non-negative map.
+constexpr uint32_t kMadaUnsigned = (1u << kV) | (1u << kVb) | (1u << kS);
+constexpr uint32_t kAdamodUnsigned = (1u << kAv) | (1u << kAs);
+
+template <class P, class Piece>
+void q8_blocks(const Pass& c, const SegRow& r, int64_t lo, int64_t hi, uint32_t unsigned_slots, Piece piece) {
+  constexpr int kQ = mada::kQ8Block;
+  static_assert(kQ == kQ8BlockElems, "abi.h and mada_math.h agree on the block size");
+  alignas(64) float buf[kMaxSlots][kQ];
+  Pass q = c;
+  for (int64_t b0 = lo; b0 < hi; b0 += kQ) {
+    const int nb = int(std::min<int64_t>(kQ, hi - b0));
+    const int64_t at = r.offset + b0;
+    for (int b = 0; b < kMaxSlots; ++b) {
+      if (!c.c.state[b]) continue;
+      const uint8_t* __restrict__ code = static_cast<const uint8_t*>(c.c.state[b]) + at;
+      const float scale = static_cast<const float*>(c.c.scales[b])[at / kQ];
+      const bool sgn = !((unsigned_slots >> b) & 1u);
+      for (int j = 0; j < nb; ++j) buf[b][j] = mada::q8_decode(code[j], scale, sgn);
+      q.c.state[b] = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(buf[b]) - uintptr_t(at) * sizeof(float));
+    }
+    SegRow part = r;
+    part.param = r.param + b0 * int64_t(sizeof(P));
+    part.grad = r.grad + b0 * int64_t(sizeof(P));
+    part.offset = at;
+    part.numel = nb;
+    piece(q, part, nb);
+    for (int b = 0; b < kMaxSlots; ++b) {
+      if (!c.c.state[b]) continue;
+      float amax = 0.0f;
+      int finite = 1;
+      for (int j = 0; j < nb; ++j) {
+        const float a = std::fabs(buf[b][j]);
+        amax = a > amax ? a : amax;
+        finite &= a <= FLT_MAX;  // false for inf and NaN
+      }
+      const float scale = mada::q8_scale(amax, finite != 0);
+      const bool sgn = !((unsigned_slots >> b) & 1u);
+      uint8_t* __restrict__ code = static_cast<uint8_t*>(c.c.state[b]) + at;
+      for (int j = 0; j < nb; ++j) code[j] = uint8_t(mada::q8_encode(buf[b][j], scale, sgn));
+      static_cast<float*>(c.c.scales[b])[at / kQ] = scale;
+    }
+  }
+}
 
 // One segment part [lo, hi) of a configuration whose chain is short (no
 // tangents, Adan, Lion or Yogi term: Adam's corner, AVGrad, the clip alone):
@@ -222,8 +280,10 @@ void mada_split(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const
   }
 }
 
+// Not inlined: the fp32 pass and q8_blocks call the same body (one copy per variant,
+// not two; the 8-bit path added 15 % to an object's compile time, bench/RESULTS.md).
 template <int D, int R, bool SB, bool B3, bool VB, bool LI, bool MO, bool TAN, bool YOGI>
-void mada_piece(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
+__attribute__((noinline)) void mada_piece(const Pass& c, const MadaScalars<typename Param<D>::T>& k, const SegRow& r,
                 int64_t lo, int64_t hi, typename Param<D>::T sign, double (*lanes)[kLanes]) {
   if constexpr (!TAN && !B3 && !LI && !YOGI) {
     with_grad_scale<typename Param<D>::T>(c.c.grad_scale, [&](auto scaled, auto scale) {
@@ -261,14 +321,22 @@ void mada_pass(const Pass& c) {
   auto make = [&](double lr, double wd, double t) {
     return mada::make_mada_scalars<T>(c.c.coef, lr, wd, t, kc);
   };
+  const bool q8 = c.c.state_dtype == kQ8;
   run_chunks<MadaScalars<T>>(c, rows, total, [&](const SegRow& r, int64_t lo, int64_t hi,
                                                    Chunk<MadaScalars<T>>& ch) {
-    if constexpr (STEP)
-      mada_piece<D, R, SB, B3, VB, LI, MO, TAN, YOGI>(c, ch.scalars(c.c, r, make), r, lo, hi, sign,
-                                                   ch.lanes);
-    else
+    if constexpr (STEP) {
+      const MadaScalars<T>& k = ch.scalars(c.c, r, make);
+      if constexpr (!SB && std::is_same_v<T, float>)
+        if (q8)
+          return q8_blocks<typename Param<D>::P>(c, r, lo, hi, kMadaUnsigned,
+                                                 [&](const Pass& q, const SegRow& part, int nb) {
+            mada_piece<D, R, false, B3, VB, LI, MO, TAN, YOGI>(q, k, part, 0, nb, sign, ch.lanes);
+          });
+      mada_piece<D, R, SB, B3, VB, LI, MO, TAN, YOGI>(c, k, r, lo, hi, sign, ch.lanes);
+    } else {
       mada_dot_piece<D>(c, r, lo, hi, sign, ch.lanes);
-  });
+    }
+  }, q8 ? kQ8BlockElems : 1);
   for (int j = 0; j < rows; ++j) c.c.dot_out[j] += total[j];
 }
 
@@ -307,7 +375,7 @@ void mada_entry(const Pass& c) {
 // One segment part [lo, hi) of AdaMod or DiffMod: a short chain, so one loop
 // with the gradient read in place, as mada_short.
 template <int D, int R, bool SB, bool DIFF, bool SCALED>
-void adamod_piece(const Pass& c, const AdamodScalars<typename Param<D>::T>& k,
+__attribute__((noinline)) void adamod_piece(const Pass& c, const AdamodScalars<typename Param<D>::T>& k,
                   const SegRow& r, int64_t lo, int64_t hi, typename Param<D>::T scale,
                   typename Param<D>::T sign) {
   using T = typename Param<D>::T;
@@ -343,13 +411,20 @@ void adamod_pass(const Pass& c) {
     return mada::make_adamod_scalars<T>(k[kAdamodBeta1], k[kAdamodBeta2], k[kAdamodBeta3], k[kAdamodEps],
                                         lr, wd, t);
   };
+  const bool q8 = c.c.state_dtype == kQ8;
   run_chunks<AdamodScalars<T>>(c, 0, nullptr, [&](const SegRow& r, int64_t lo, int64_t hi,
                                                     Chunk<AdamodScalars<T>>& ch) {
     const AdamodScalars<T>& k = ch.scalars(c.c, r, make);
     with_grad_scale<T>(c.c.grad_scale, [&](auto scaled, T scale) {
+      if constexpr (!SB && std::is_same_v<T, float>)
+        if (q8)
+          return q8_blocks<typename Param<D>::P>(c, r, lo, hi, kAdamodUnsigned,
+                                                 [&](const Pass& q, const SegRow& part, int nb) {
+            adamod_piece<D, R, false, DIFF, decltype(scaled)::value>(q, k, part, 0, nb, scale, sign);
+          });
       adamod_piece<D, R, SB, DIFF, decltype(scaled)::value>(c, k, r, lo, hi, scale, sign);
     });
-  });
+  }, q8 ? kQ8BlockElems : 1);
 }
 
 // AdaMod's passes by (ParamRound, bf16 state, DiffMod): F = 4 * round + 2 * sb + diff.

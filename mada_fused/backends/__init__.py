@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from ..flat_state import STATE_8BIT, state_dtype_name
 from .base import Backend
 
 NAMES: tuple[str, ...] = ("reference", "cpu", "cuda", "triton", "cuda_on_cpu")
@@ -90,7 +91,7 @@ def check_state_dtype(request: str, state_dtype: torch.dtype, tangent_dtype: tor
                               ("tangent rows", tangent_dtype, "tangent_dtypes")):
         if dtype not in getattr(load(request), attr):
             able = [n for n in available() if dtype in getattr(load(n), attr)]
-            raise ValueError(f"backend {request!r} cannot store {dtype} {what} yet; "
+            raise ValueError(f"backend {request!r} cannot store {state_dtype_name(dtype)} {what} yet; "
                              f"backends that can: {able} (or backend='auto')")
 
 
@@ -132,9 +133,10 @@ def resolve(request: str, device: torch.device, dtype: torch.dtype,
         if (backend.supports(device, dtype) and state_dtype in backend.state_dtypes
                 and param_round in backend.param_rounds and tangent_dtype in backend.tangent_dtypes
                 and (name != "triton" or device.type == "cuda")):
-            if name == "reference" and device.type != "cpu" and torch.bfloat16 in (state_dtype, tangent_dtype):
-                warnings.warn(f"no fused backend stores {state_dtype} state with {tangent_dtype} tangents on "
-                              f"{device.type} yet: "
+            low = state_dtype in (torch.bfloat16, STATE_8BIT) or tangent_dtype == torch.bfloat16
+            if name == "reference" and device.type != "cpu" and low:
+                warnings.warn(f"no fused backend stores {state_dtype_name(state_dtype)} state with {tangent_dtype} "
+                              f"tangents on {device.type} yet: "
                               "these parameters step on the (slow) reference backend", stacklevel=4)
             elif name == "reference" and device.type != "cpu" and param_round != "nearest":
                 warnings.warn(f"no fused backend implements {_ROUND_OPTION[param_round]} on {device.type} "

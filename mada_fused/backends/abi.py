@@ -13,12 +13,15 @@ import struct
 from typing import Iterable, Sequence
 
 # 2: Call.maximize applies to ADAMOD_STEP too; 3: Call.state_dtype, Call.sr_seed;
-# 4 (purebf16): Call.param_round, Call.comp; 5: Call.tangent_dtype, in the place of 4's reserved field.
-VERSION = 5
+# 4 (purebf16): Call.param_round, Call.comp; 5: Call.tangent_dtype, in the place of 4's reserved field;
+# 6: STATE_8BIT, Call.scales.
+VERSION = 6
 
 DTYPES: dict[str, int] = {"float32": 0, "float64": 1, "bfloat16": 2, "float16": 3}
 # How a bf16 parameter's new value is stored (Call.param_round, docs/spec.md 5.2).
 PARAM_ROUNDS: dict[str, int] = {"nearest": 0, "stochastic": 1, "kahan": 2}
+# Call.state_dtype only: 8-bit codes with fp32 block scales in Call.scales (docs/spec.md 5.4).
+STATE_8BIT = 4
 MADA_STEP, MADA_DOT, ADAMOD_STEP = 0, 1, 2
 OPS: dict[str, int] = {"mada_step": MADA_STEP, "mada_dot": MADA_DOT, "adamod_step": ADAMOD_STEP}
 # Variant bits of a MADA step (optional state, and whether tangent rows are written) and of AdaMod.
@@ -44,7 +47,8 @@ CALL_FIXED: tuple[tuple[str, str], ...] = (
     ("vbar_detach", "i"), ("state_dtype", "i"), ("sr_seed", "I"), ("param_round", "i"),
     ("tangent_dtype", "i"), ("device", "q"), ("state_numel", "q"),
     ("num_groups", "q"), ("num_params", "q"),
-    ("lr", "Q"), ("wd", "Q"), ("steps", "Q"), ("state", f"{MAX_SLOTS}Q"), ("comp", "Q"), ("tangents", "Q"),
+    ("lr", "Q"), ("wd", "Q"), ("steps", "Q"), ("state", f"{MAX_SLOTS}Q"), ("comp", "Q"),
+    ("scales", f"{MAX_SLOTS}Q"), ("tangents", "Q"),
     ("tan_stride", "q"), ("consts", f"{NUM_CONSTS}d"),
 )
 # ... and the part that changes from step to step.
@@ -82,6 +86,7 @@ def report() -> dict:
         "mada_consts": {name: i for i, name in enumerate(MADA_CONSTS)},
         "adamod_consts": {name: i for i, name in enumerate(ADAMOD_CONSTS)},
         "num_coef": NUM_COEF,
+        "state_8bit": STATE_8BIT,
         "seg_row": {"size": struct.calcsize("<" + "".join(c for _, c in SEG_ROW)), "fields": layout(SEG_ROW)},
         "call": {"size": CALL_SIZE, "fields": layout(CALL_FIXED + CALL_STEP)},
     }
@@ -101,13 +106,15 @@ def pack_fixed(*, op: int, variant: int, dtype: int, state_dtype: int, sr_seed: 
                maximize: bool, vbar_detach: bool, device: int, state_numel: int, num_groups: int,
                num_params: int, lr: int, wd: int, steps: int, state: Sequence[int], tangents: int, tan_stride: int,
                consts: Sequence[float], param_round: int = PARAM_ROUNDS["nearest"], comp: int = 0,
-               tangent_dtype: int = DTYPES["float32"]) -> bytes:
-    """The fixed part of a Call; ``state`` is in MADA_STATE or ADAMOD_STATE order, shorter lists padded with 0."""
-    if len(state) > MAX_SLOTS or len(consts) != NUM_CONSTS:
+               tangent_dtype: int = DTYPES["float32"], scales: Sequence[int] = ()) -> bytes:
+    """The fixed part of a Call; ``state`` (and, for 8-bit state, ``scales``) is in MADA_STATE or
+    ADAMOD_STATE order, shorter lists padded with 0."""
+    if len(state) > MAX_SLOTS or len(scales) > MAX_SLOTS or len(consts) != NUM_CONSTS:
         raise ValueError(f"a call holds at most {MAX_SLOTS} state addresses and exactly {NUM_CONSTS} constants")
     return _FIXED.pack(op, variant, dtype, learn_mask, int(maximize), int(vbar_detach), state_dtype, sr_seed,
                        param_round, tangent_dtype, device, state_numel, num_groups, num_params, lr, wd, steps,
-                       *state, *[0] * (MAX_SLOTS - len(state)), comp, tangents, tan_stride, *consts)
+                       *state, *[0] * (MAX_SLOTS - len(state)), comp, *scales, *[0] * (MAX_SLOTS - len(scales)),
+                       tangents, tan_stride, *consts)
 
 
 def pack_step(*, rows: int, n_rows: int, coef: int, grad_scale: int, found_inf: int, dot_out: int,

@@ -16,11 +16,14 @@ from typing import Callable
 
 import torch
 
-from ..flat_state import PARAM_ROUNDS, Bucket
+from .. import quant8
+from ..flat_state import PARAM_ROUNDS, STATE_8BIT, Bucket
 from . import abi, segments
 from .base import AdamodKernelConfig, DeviceScalars, MadaKernelConfig, Segments
 
 DTYPE_CODES: dict[torch.dtype, int] = {getattr(torch, name): code for name, code in abi.DTYPES.items()}
+# Call.state_dtype of each bucket state dtype: a parameter dtype's code, or 8-bit codes.
+STATE_CODES: dict[torch.dtype, int] = {**DTYPE_CODES, STATE_8BIT: abi.STATE_8BIT}
 _F32, _F64 = torch.float32, torch.float64
 _MAX_FIXED = 64  # packed fixed parts kept per bucket (one per pass and group configuration)
 
@@ -125,6 +128,8 @@ class NativeBackend:
             self._check("steps", bucket.steps, dev, _F64, len(bucket.params))
             for name, buf in bucket.buffers.items():
                 self._check(f"state {name!r}", buf, dev, bucket.state_dtype, bucket.numel)
+            for name, buf in bucket.scales.items():
+                self._check(f"scales {name!r}", buf, dev, _F32, bucket.numel // quant8.BLOCK)
             if bucket.comp is not None:
                 self._check("kahan_comp", bucket.comp, dev, torch.bfloat16, bucket.numel)
             if bucket.tangents is not None:
@@ -152,12 +157,13 @@ class NativeBackend:
             learn, state_names, maximize, vbar_detach = cfg.learn, abi.MADA_STATE, cfg.maximize, cfg.vbar_detach
             consts = (cfg.eps, cfg.mod_beta, *cfg.lion_betas)
         return abi.pack_fixed(
-            op=op, variant=variant, dtype=DTYPE_CODES[bucket.dtype], state_dtype=DTYPE_CODES[bucket.state_dtype],
+            op=op, variant=variant, dtype=DTYPE_CODES[bucket.dtype], state_dtype=STATE_CODES[bucket.state_dtype],
             sr_seed=sc.sr_seed, tangent_dtype=DTYPE_CODES[bucket.tangent_dtype], learn_mask=abi.mask_of(learn),
             maximize=maximize, vbar_detach=vbar_detach, device=self._device_index(bucket.device),
             state_numel=bucket.numel, num_groups=sc.lr.numel(), num_params=len(bucket.params),
             lr=sc.lr.data_ptr(), wd=sc.weight_decay.data_ptr(), steps=bucket.steps.data_ptr(),
             state=segments.addresses(bucket.buffers, state_names),
+            scales=segments.addresses(bucket.scales, state_names),
             tangents=segments.address(bucket.tangents if learn else None), tan_stride=bucket.tangent_stride,
             consts=consts, param_round=abi.PARAM_ROUNDS[bucket.param_round], comp=segments.address(bucket.comp),
         )

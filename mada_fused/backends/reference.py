@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import quant8
 from ..coefficients import COEFFICIENTS
-from ..flat_state import KAHAN_COMP, PARAM_ROUNDS, Bucket, compute_dtype_for
+from ..flat_state import KAHAN_COMP, PARAM_ROUNDS, STATE_8BIT, Bucket, compute_dtype_for
 from . import abi
 from .base import (
     AdamodKernelConfig,
@@ -39,9 +40,13 @@ class _Slot:
         self.param = seg.params[i].view(-1)
         lo = seg.offsets[i]
         hi = lo + seg.numels[i]
-        sd = compute_dtype_for(bucket.state_dtype)  # bf16 state is only storage
+        sd = compute_dtype_for(bucket.state_dtype)  # bf16 and 8-bit state are only storage
         self.views = {name: buf[lo:hi] for name, buf in bucket.buffers.items()}
-        self.state = {name: v.to(sd) for name, v in self.views.items()}
+        # 8-bit state: each buffer's block scales (its offset is a whole number of blocks).
+        self.scales = {name: buf[lo // quant8.BLOCK : lo // quant8.BLOCK + quant8.num_blocks(hi - lo)]
+                       for name, buf in bucket.scales.items()}
+        self.state = {name: quant8.dequantize(v, self.scales[name], quant8.is_signed(name)) if self.scales
+                      else v.to(sd) for name, v in self.views.items()}
         self.tangents = None if bucket.tangents is None else bucket.tangents[:, lo:hi]
         g = seg.grads[i].view(-1).to(sd)
         if sc.grad_scale is not None:
@@ -80,6 +85,16 @@ class _Slot:
     def write(self, dst: torch.Tensor, new: torch.Tensor) -> None:
         """Store ``new`` unless GradScaler found an inf this step."""
         dst.copy_(new if self.skip is None else torch.where(self.skip, dst, new.to(dst.dtype)))
+
+    def write_state(self, name: str, new: torch.Tensor) -> None:
+        """Store a state buffer's new values; 8-bit state quantizes them here, a block at a
+        time (docs/spec.md 5.4: the step itself used them unquantized)."""
+        if name not in self.scales:
+            self.write(self.views[name], new)
+            return
+        codes, scale = quant8.quantize(new, quant8.is_signed(name))
+        self.write(self.views[name], codes)
+        self.write(self.scales[name], scale)
 
 
 # -- bf16 state storage: csrc/mada_math.h's hash and rounding, in int64 tensor ops ---------
@@ -335,7 +350,7 @@ def _mada_slot(slot: _Slot, coef: Tensor, cfg: MadaKernelConfig, want_tangents: 
         for row, j in enumerate(cfg.learn):
             slot.write(slot.tangents[row], slot.round_tangent(j, tan[j]))
     for name, value in new.items():
-        slot.write(slot.views[name], value)
+        slot.write_state(name, value)
     slot.store_param(theta)
 
 
@@ -376,7 +391,8 @@ def adamod_element(k: AdamodScalars, g: Tensor, theta: Tensor, st: dict[str, Ten
 class ReferenceBackend:
     name = "reference"
 
-    state_dtypes = tangent_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
+    tangent_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
+    state_dtypes = tangent_dtypes | {STATE_8BIT}
     param_rounds = frozenset(PARAM_ROUNDS)
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
@@ -401,7 +417,7 @@ class ReferenceBackend:
             theta, new = adamod_element(make_adamod_scalars(cfg, slot), slot.grad, slot.theta, slot.state,
                                         cfg.diff, slot.round)
             for name, value in new.items():
-                slot.write(slot.views[name], value)
+                slot.write_state(name, value)
             slot.store_param(theta)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from . import BackendUnavailable
 from .base import AdamodKernelConfig, DeviceScalars, MadaKernelConfig, Segments
-from ..flat_state import PARAM_ROUNDS, Bucket
+from ..flat_state import PARAM_ROUNDS, STATE_8BIT, Bucket
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _PKG = "mada_fused.triton_kernels"
@@ -35,7 +35,8 @@ def _import_kernels():
 
 class TritonBackend:
     name = "triton"
-    state_dtypes = tangent_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
+    tangent_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
+    state_dtypes = tangent_dtypes | {STATE_8BIT}
     param_rounds = frozenset(PARAM_ROUNDS)
 
     def __init__(self, kernels) -> None:
