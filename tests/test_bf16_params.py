@@ -5,9 +5,11 @@ What is checked, and against what:
 - the reference's stored parameter and compensation against the spec's formulas, with the
   new value x taken from an fp32-parameter run of the same step and the random bits from
   plain Python integers;
-- ``cpu`` and ``triton`` (interpreted) against the reference: parameters and ``kahan_comp``
+- ``cpu``, ``cuda_on_cpu`` and ``triton`` (interpreted) against the reference: parameters and ``kahan_comp``
   bit for bit where both form x by the same operations (AdaMod, DiffMod), to the spec's
   one-ulp reciprocals otherwise (MADA), with fp32 and bf16 state;
+- ``cuda_on_cpu`` (the CUDA kernels compiled for the host) against ``cpu``: parameters,
+  compensation and state bit for bit (MADA's tangent rows to fp32 ulps);
 - the property the options exist for: with an lr whose updates are below half a bf16 ulp,
   round-to-nearest freezes the weights while both options track an fp32-parameter run;
 - checkpoints (bitwise resume; loading across kahan_sum), GradScaler skips, refusals.
@@ -21,7 +23,7 @@ import pytest
 import torch
 
 import spec_model as spec
-from storage_cases import FULL, U32, loads, needs_cpu, needs_triton, sr_bits
+from storage_cases import FULL, U32, loads, needs_cpu, needs_cuda_on_cpu, needs_triton, sr_bits
 from mada_fused import MADA, AdaMod, AVGrad, DiffMod
 from mada_fused.backends import reference as ref
 
@@ -124,6 +126,9 @@ def test_reference_kahan_comp_of_specials():
 FUSED = [
     *(pytest.param("cpu", case, mode, sd, marks=needs_cpu, id=f"cpu-{case}-{mode}-{str(sd)[6:]}")
       for case in CASES for mode in MODES for sd in (torch.float32, BF16)),
+    *(pytest.param("cuda_on_cpu", case, mode, sd, marks=needs_cuda_on_cpu,
+                   id=f"cuda_on_cpu-{case}-{mode}-{str(sd)[6:]}")
+      for case in CASES for mode in MODES for sd in (torch.float32, BF16)),
     # The Triton interpreter is slow: each case and mode once, fp32 and bf16 state alternating.
     *(pytest.param("triton", case, mode, sd, marks=needs_triton, id=f"triton-{case}-{mode}-{str(sd)[6:]}")
       for case, sd in zip(CASES, (torch.float32, BF16) * 3) for mode in MODES),
@@ -137,7 +142,7 @@ def test_fused_backends_store_the_reference_bits(backend, case, mode, state_dtyp
     changes a parameter's rounding with probability ~2^-16 and a compensation's (8 bits of a
     residual below 2^-9 |theta|) with ~2^-7, so a few differ, and theta + comp agrees to 2^-15."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    grads = _grads(6 if backend == "cpu" else 2)
+    grads = _grads(2 if backend == "triton" else 6)
     (oa, pa), (ob, pb) = (_run(case, b, grads, mode, state_dtype) for b in ("reference", backend))
     exact = CASES[case][0] in (AdaMod, DiffMod)
     for p, q in zip(pa, pb):
@@ -177,6 +182,43 @@ def test_cpu_bits_do_not_depend_on_the_thread_count(case):
             torch.set_num_threads(old)
     for a, b in zip(out[:2], out[2:]):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@needs_cpu
+@needs_cuda_on_cpu
+@pytest.mark.parametrize("state_dtype", [torch.float32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES)
+def test_cuda_kernels_store_the_cpu_bits(case, mode, state_dtype):
+    """The CUDA kernels (run on the host) and the CPU kernels form x by the same mada_math.h
+    operations and round it with the same keys: every bit of the parameters, the
+    compensation and the state equal (MADA's fp32 tangent rows, which only feed the
+    hyper-gradient, to fp32 ulps). The large shape spans several blocks and both the
+    kernel's 16-byte and its scalar path."""
+    shapes = SHAPES + [(5000,)]
+    grads = _grads(4, shapes=shapes)
+    runs = []
+    for backend in ("cpu", "cuda_on_cpu"):
+        cls, kw = CASES[case]
+        params = _params(shapes=shapes)
+        opt = cls(params, lr=1e-3, backend=backend, state_dtype=state_dtype, **MODES[mode], **kw)
+        for gs in grads:
+            spec.set_grads(params, gs)
+            opt.step()
+        runs.append((opt, params))
+    (oa, pa), (ob, pb) = runs
+    for p, q in zip(pa, pb):
+        assert q.isfinite().all() and torch.equal(_bits16(p), _bits16(q))
+        assert ("kahan_comp" in oa.state[p]) == (mode == "kahan")
+        for name, x in oa.state[p].items():
+            y = ob.state[q][name]
+            assert x.dtype == y.dtype, name
+            if name == "tangents":  # the two kernels' tangent formulas part by fp32 ulps (not rounding)
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6 * x.abs().max().item())
+            else:
+                assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), name
+        if mode == "kahan":
+            assert oa.state[p]["kahan_comp"].any()
 
 
 # -- why the options exist ---------------------------------------------------------------------------
@@ -291,18 +333,20 @@ def test_a_corrupt_compensation_is_refused_and_changes_nothing():
 
 # -- GradScaler and refusals ----------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu),
+                                     pytest.param("cuda_on_cpu", marks=needs_cuda_on_cpu),
                                      pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("mode", ["kahan", "sr"])
 def test_a_skipped_step_changes_nothing(backend, mode, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     opt, params = _run("mada_full", backend, _grads(2), mode)
     before = [p.detach().clone() for p in params]
-    state = {k: v.clone() for p in params for k, v in opt.state[p].items() if k != "step"}
+    state = {(i, k): v.clone() for i, p in enumerate(params) for k, v in opt.state[p].items() if k != "step"}
     spec.set_grads(params, _grads(1, seed=9)[0])
     opt.grad_scale, opt.found_inf = torch.tensor([2.0]), torch.tensor([1.0])
     opt.step()
     assert all(torch.equal(_bits16(p), _bits16(q)) for p, q in zip(params, before))
-    after = {k: v for p in params for k, v in opt.state[p].items() if k != "step"}
+    after = {(i, k): v for i, p in enumerate(params) for k, v in opt.state[p].items() if k != "step"}
+    assert state.keys() == after.keys() and ((0, "kahan_comp") in state) == (mode == "kahan")
     assert all(torch.equal(state[k], after[k]) for k in state)
 
 
@@ -315,11 +359,6 @@ def test_bad_combinations_are_refused(cls):
         cls([p], kahan_sum=1)
     with pytest.raises(TypeError, match="bf16_stochastic_round"):
         cls([p], bf16_stochastic_round="yes")
-    for name in ("cuda", "cuda_on_cpu"):
-        if loads(name):
-            for mode, option in ((KAHAN, "kahan_sum"), (SR, "bf16_stochastic_round")):
-                with pytest.raises(ValueError, match=option):
-                    cls([p], backend=name, **mode)
     assert not p.any() and p.grad is None
 
 

@@ -3,3 +3,4 @@
 #include "cuda/kernel_table.cuh"
 
 MADA_CUDA_TABLE(kBF16, true, false)
+MADA_CUDA_ROUNDED_TABLES(true, false)

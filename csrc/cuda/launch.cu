@@ -25,10 +25,10 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) out[blockIdx.x] += s;
 }
 
-template <int D>
+template <int D, int PR = kRoundNearest>
 const KernelTable& table_for(bool sb, bool tb) {
-  return sb ? (tb ? table<D, true, true>() : table<D, true, false>())
-            : (tb ? table<D, false, true>() : table<D, false, false>());
+  return sb ? (tb ? table<D, true, true, PR>() : table<D, true, false, PR>())
+            : (tb ? table<D, false, true, PR>() : table<D, false, false, PR>());
 }
 
 void check(cudaError_t e, const char* what) {
@@ -70,8 +70,13 @@ void execute(const Request& r, Plan& plan, double* slots) {
   // AdaMod and tangent-free MADA variants no rows.
   const bool rows = call.op == kMadaDot || (call.op == kMadaStep && (call.variant & kTangents));
   const bool sb = call.state_dtype == kBF16 && call.op != kMadaDot, tb = call.tangent_dtype == kBF16 && rows;
-  const KernelTable& t = call.dtype == kF32 ? table_for<kF32>(sb, tb) : call.dtype == kF64 ? table<kF64, false, false>()
-                       : call.dtype == kBF16 ? table_for<kBF16>(sb, tb) : table_for<kF16>(sb, tb);
+  // Only a pass that writes parameters rounds them (the dot takes the nearest table).
+  const int pr = call.op == kMadaDot ? int(kRoundNearest) : call.param_round;
+  const KernelTable& t = call.dtype == kF32 ? table_for<kF32>(sb, tb)
+                       : call.dtype == kF64 ? table<kF64, false, false, kRoundNearest>()
+                       : call.dtype == kF16 ? table_for<kF16>(sb, tb)
+                       : pr == kRoundStochastic ? table_for<kBF16, kRoundStochastic>(sb, tb)
+                       : pr == kRoundKahan ? table_for<kBF16, kRoundKahan>(sb, tb) : table_for<kBF16>(sb, tb);
   const LaunchFn fn = call.op == kMadaStep ? t.mada[call.variant] : call.op == kMadaDot ? t.dot
                     : t.adamod[call.variant];
   const DeviceGuard device(int(call.device));

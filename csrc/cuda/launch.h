@@ -48,7 +48,8 @@ struct Common {
   int maximize;
   int vbar_detach;
   int dot;                  // accumulate sum(g * T) into slots
-  uint32_t sr_seed;         // Call::sr_seed: bf16 state's and tangents' stochastic rounding
+  uint32_t sr_seed;         // Call::sr_seed: bf16 state's, tangents' and parameters' stochastic rounding
+  void* comp;               // Call::comp: bf16 Kahan compensation (flat state offsets), else null
 };
 
 // Segment i covers launch indices [vstart[i], vstart[i] + numel[i]); the gap up to
@@ -102,9 +103,11 @@ struct KernelTable {
   LaunchFn adamod[kAdamodVariants];
 };
 // The launchers of parameter dtype D (abi.h Dtype) with bf16 state (SB) and/or
-// bf16 tangent rows (TB); instantiated once each, in kernels_*.cu. A table with
-// SB or TB holds only the passes that touch that storage (null elsewhere).
-template <int D, bool SB, bool TB>
+// bf16 tangent rows (TB), parameters rounded as PR (abi.h ParamRound; not
+// kRoundNearest for kBF16 only); instantiated once each, in kernels_*.cu. A
+// table with SB, TB or PR holds only the passes that touch that storage or
+// write parameters (null elsewhere).
+template <int D, bool SB, bool TB, int PR>
 const KernelTable& table();
 
 std::vector<int> built_archs();

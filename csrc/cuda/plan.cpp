@@ -26,9 +26,6 @@ Request make_request(const Call& checked) {
   if (checked.state_dtype == kQ8)
     throw std::invalid_argument("the CUDA kernels do not store 8-bit state; "
                                 "state_dtype='8bit' runs on the cpu, triton and reference backends");
-  if (checked.param_round != kRoundNearest)
-    throw std::invalid_argument("the CUDA kernels store bf16 parameters rounded to nearest only; "
-                                "kahan_sum and bf16_stochastic_round run on the cpu, triton and reference backends");
   Request r;
   r.call = checked;
   r.n_learn = num_learned(checked.learn_mask);
@@ -48,6 +45,7 @@ Request make_request(const Call& checked) {
   c.maximize = checked.maximize != 0;
   c.vbar_detach = checked.vbar_detach != 0;
   c.sr_seed = checked.sr_seed;
+  c.comp = checked.comp;
   return r;
 }
 
@@ -102,6 +100,7 @@ Plan make_plan(const Request& r) {
     bool ok = aligned16(a->s.grad[k]) && (!update || aligned16(a->s.param[k]));
     for (int b = 0; b < kMaxSlots && update; ++b)
       if (r.c.buf[b]) ok = ok && aligned16(static_cast<const char*>(r.c.buf[b]) + row.offset * bsize);
+    if (r.c.comp && update) ok = ok && aligned16(static_cast<const char*>(r.c.comp) + row.offset * 2);
     if (tangents)
       ok = ok && tan_rows_ok && aligned16(static_cast<const char*>(r.c.tan) + row.offset * tsize);
     if (k % 32 == 0) a->s.aligned[k / 32] = 0;

@@ -94,6 +94,54 @@ __device__ __forceinline__ void store(T* p, const T (&in)[N]) {
   }
 }
 
+// How a unit reads and writes its N parameters (Call::param_round, docs/spec.md
+// section 5.2): a policy at the load and store sites, as the CPU kernels' ParamIo,
+// so the kernel is written once. kRoundNearest (from_state) serves every dtype;
+// the other two exist for bf16 parameters only. begin/end move what the policy
+// keeps beside the parameters (Kahan's compensation) at the unit's flat state
+// index e; key: the segment's sr_key of buffer kBufParam; index: the element's
+// flat state index.
+template <typename P, int PR, int N>
+struct ParamIo {
+  template <bool VEC> __device__ void begin(const Common&, int64_t) {}
+  __device__ typename StateOf<P>::type load(P x, int) const { return to_state(x); }
+  __device__ P store(typename StateOf<P>::type x, int, uint32_t, int64_t) { return from_state<P>(x); }
+  template <bool VEC> __device__ void end(const Common&, int64_t) const {}
+};
+__device__ __forceinline__ __nv_bfloat16 bf16_of(float rounded) {  // rounded: a bf16 value, moved exactly
+  const uint16_t u = Stored<float, true>::put(rounded);
+  __nv_bfloat16 b;
+  memcpy(&b, &u, sizeof b);
+  return b;
+}
+template <int N>
+struct ParamIo<__nv_bfloat16, kRoundStochastic, N> {  // bf16_stochastic_round
+  template <bool VEC> __device__ void begin(const Common&, int64_t) {}
+  __device__ float load(__nv_bfloat16 x, int) const { return to_state(x); }
+  __device__ __nv_bfloat16 store(float x, int, uint32_t key, int64_t index) {
+    return bf16_of(mada::sr_bf16(x, mada::sr_bits(key, uint64_t(index))));
+  }
+  template <bool VEC> __device__ void end(const Common&, int64_t) const {}
+};
+template <int N>
+struct ParamIo<__nv_bfloat16, kRoundKahan, N> {  // kahan_sum: the step reads and writes theta + comp
+  uint16_t comp[N];  // bf16 bit patterns, moved and never converted (as Stored)
+  template <bool VEC> __device__ void begin(const Common& c, int64_t e) {
+    mada_cuda::load<VEC>(static_cast<const uint16_t*>(c.comp) + e, comp);
+  }
+  __device__ float load(__nv_bfloat16 x, int q) const {
+    return mada::kahan_weight(to_state(x), Stored<float, true>::load(comp[q]));
+  }
+  __device__ __nv_bfloat16 store(float x, int q, uint32_t, int64_t) {
+    const float stored = mada::rne_bf16(x);
+    comp[q] = Stored<float, true>::put(mada::kahan_comp(x, stored));
+    return bf16_of(stored);
+  }
+  template <bool VEC> __device__ void end(const Common& c, int64_t e) const {
+    mada_cuda::store<VEC>(static_cast<uint16_t*>(c.comp) + e, comp);
+  }
+};
+
 // ---- Ops: which buffers a pass touches, its per-segment scalars, its element ----
 
 struct NoScalars {};
@@ -148,11 +196,13 @@ struct AdamodOp {
 // Per-segment constants in shared memory: the op's scalars and, for bf16 state
 // or tangent rows, the stochastic-rounding key of each buffer number (sr_key of
 // the seed, the parameter's step and the number: state slots, then kBufTan0 + j
-// for coefficient j's row), formed once per segment.
+// for coefficient j's row) and, for bf16_stochastic_round, that of kBufParam
+// (pkey), formed once per segment.
 template <class Op>
 struct SegConsts {
   typename Op::Scalars k;
   uint32_t key[mada::kBufTan0 + kNumCoef];
+  uint32_t pkey;
 };
 
 // ---- One unit: N consecutive elements of one segment, starting at element i ----
@@ -161,9 +211,9 @@ struct SegConsts {
 // of M (one 16-byte word of the narrower stored type), tangent rows in words of
 // TW within those. So a bf16-param unit holds half its fp32 state in registers
 // at a time, and bf16 state or tangents are read as words of 8 elements.
-// TB: the tangent rows are stored in bf16.
+// TB: the tangent rows are stored in bf16; PR: Call::param_round (ParamIo).
 
-template <typename P, bool SB, bool TB, class Op, bool VEC, int N>
+template <typename P, bool SB, bool TB, int PR, class Op, bool VEC, int N>
 __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k, P* param,
                                          const P* grad, int64_t soff, int64_t i, bool dot,
                                          typename StateOf<P>::type scale, double (&acc)[kNumCoef]) {
@@ -177,7 +227,11 @@ __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k
   constexpr int TW = (VEC && M * sizeof(R) > 16) ? int(16 / sizeof(R)) : M;
   P graw[N], praw[N];
   load<VEC>(grad + i, graw);
-  if constexpr (Op::kUpdate) load<VEC>(param + i, praw);
+  ParamIo<P, PR, N> pio;
+  if constexpr (Op::kUpdate) {
+    load<VEC>(param + i, praw);
+    pio.template begin<VEC>(c, soff + i);
+  }
   S g[N];
 #pragma unroll
   for (int q = 0; q < N; ++q) {
@@ -224,8 +278,9 @@ __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k
           S sq[kMaxSlots], tq[kNumCoef] = {};
 #pragma unroll
           for (int b = 0; b < kMaxSlots; ++b) sq[b] = St::load(st[b][x]);
-          praw[h + x] = from_state<P>(
-              Op::element(k.k, g[h + x], to_state(praw[h + x]), sq, tq, St::round(k.key, e + x)));
+          praw[h + x] = pio.store(
+              Op::element(k.k, g[h + x], pio.load(praw[h + x], h + x), sq, tq, St::round(k.key, e + x)), h + x,
+              k.pkey, e + x);
 #pragma unroll
           for (int b = 0; b < kMaxSlots; ++b) st[b][x] = St::put(sq[b]);
           const auto trnd = Tt::round(k.key, e + x);  // a tangent is rounded where it is stored
@@ -243,7 +298,10 @@ __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k
         if ((Op::kBufMask >> b) & 1u) store<VEC>(static_cast<W*>(c.buf[b]) + e, st[b]);
     }
   }
-  if constexpr (Op::kUpdate) store<VEC>(param + i, praw);
+  if constexpr (Op::kUpdate) {
+    store<VEC>(param + i, praw);
+    pio.template end<VEC>(c, soff + i);
+  }
 }
 
 // Warp shuffles, then warps in index order: a fixed tree, so bitwise deterministic.
@@ -273,8 +331,9 @@ __device__ __forceinline__ double block_sum(double v, double* sh) {
 template <typename P>
 constexpr int kMinBlocks = sizeof(typename StateOf<P>::type) == 8 ? 2 : 3;
 
-// SB, TB: the state, the tangent rows are stored in bf16 (fp32 compute only).
-template <typename P, bool SB, bool TB, class Op>
+// SB, TB: the state, the tangent rows are stored in bf16 (fp32 compute only);
+// PR: how the parameters are rounded (ParamIo).
+template <typename P, bool SB, bool TB, int PR, class Op>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __grid_constant__ Args a) {
   using S = typename StateOf<P>::type;
   using W = typename Stored<S, SB>::type;
@@ -310,6 +369,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __g
         if constexpr (TB && Op::kTan)
           for (int b = mada::kBufTan0; b < mada::kBufTan0 + kNumCoef; ++b)
             sk.key[b] = mada::sr_key(c.sr_seed, t32, uint32_t(b));
+        if constexpr (PR == kRoundStochastic) sk.pkey = mada::sr_key(c.sr_seed, t32, uint32_t(mada::kBufParam));
       }
       __syncthreads();
     }
@@ -326,11 +386,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __g
       static_assert(kPad % U == 0, "a0 must start a unit");
       const int64_t u1 = a1 / U;
       for (int64_t u = a0 / U + threadIdx.x; u < u1; u += kThreads)
-        run_unit<P, SB, TB, Op, true, U>(c, k, param, grad, off, u * U, dot, scale, acc);
+        run_unit<P, SB, TB, PR, Op, true, U>(c, k, param, grad, off, u * U, dot, scale, acc);
       tail = u1 * U;
     }
     for (int64_t i = tail + threadIdx.x; i < a1; i += kThreads)
-      run_unit<P, SB, TB, Op, false, 1>(c, k, param, grad, off, i, dot, scale, acc);
+      run_unit<P, SB, TB, PR, Op, false, 1>(c, k, param, grad, off, i, dot, scale, acc);
   }
 
   if (dot) {

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .. import quant8
-from ..flat_state import STATE_8BIT, Bucket
+from ..flat_state import PARAM_ROUNDS, STATE_8BIT, Bucket
 from . import abi, segments
 from .base import AdamodKernelConfig, DeviceScalars, MadaKernelConfig, Segments
 
@@ -44,9 +44,9 @@ class NativeBackend:
     # rounding of docs/spec.md sections 5.1 and 5.3 (csrc/mada_math.h: StoreBf16Sr).
     state_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64, torch.bfloat16))
     tangent_dtypes: frozenset[torch.dtype] = state_dtypes
-    # Stochastic rounding and Kahan summation of bf16 parameters: the CPU kernels
-    # have them (CpuBackend), the CUDA kernels not yet (csrc/cuda/plan.cpp refuses them).
-    param_rounds: frozenset[str] = frozenset(("nearest",))
+    # And bf16 parameters rounded to nearest, stochastically or with Kahan
+    # summation (docs/spec.md section 5.2; abi.h Call::param_round).
+    param_rounds: frozenset[str] = frozenset(PARAM_ROUNDS)
 
     def __init__(self, ext) -> None:
         self._ext = ext
