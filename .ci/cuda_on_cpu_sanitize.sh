@@ -50,8 +50,10 @@ planted_run() {
 }
 
 TIMEFORMAT="  build: %0R s (CPU %0U s user, %0S s sys)"
+# -O0: the sanitizers see the same accesses, and the 16 kernel files (one per storage
+# combination) compile 3.3x faster than at -O1 (14.1 s -> 4.3 s for a bf16-state file).
 echo "ASan + UBSan:"
-time "$root/tests/native/build_driver.sh" "$work/asan" -O1 -fno-omit-frame-pointer \
+time "$root/tests/native/build_driver.sh" "$work/asan" -O0 -fno-omit-frame-pointer \
   -fsanitize=address,undefined -fno-sanitize-recover=all || fail "ASan/UBSan build"
 drv="$work/asan/cuda_on_cpu_driver"
 if [ -x "$drv" ]; then
@@ -62,7 +64,7 @@ if [ -x "$drv" ]; then
 fi
 
 echo "TSan:"
-time "$root/tests/native/build_driver.sh" "$work/tsan" -O1 -fsanitize=thread || fail "TSan build"
+time "$root/tests/native/build_driver.sh" "$work/tsan" -O0 -fsanitize=thread || fail "TSan build"
 drv="$work/tsan/cuda_on_cpu_driver"
 if [ -x "$drv" ]; then
   TSAN_OPTIONS=halt_on_error=1 clean_run tsan "$drv"

@@ -370,9 +370,9 @@ def test_state_dict_resumes_bitwise_with_its_seed(case):
         assert other.state_dict()["mada"]["sr_seed"] == 12345
         spec.run_steps(other, fresh, grads[4:])
         results.append((stored(other, fresh), [p.detach().clone() for p in fresh]))
-    for stored, ps in results:
+    for got, ps in results:
         for key, x in want[0].items():
-            assert torch.equal(bit_pattern(x), bit_pattern(stored[key])), key
+            assert torch.equal(bit_pattern(x), bit_pattern(got[key])), key
         assert all(torch.equal(a, b) for a, b in zip(want[1], ps))
     # and the seed matters: the same run from seed 0 stores other bits
     again, ps = _run(case, "cpu", grads, sr_seed=0)
