@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 
 import pytest
 import torch
@@ -290,17 +291,28 @@ def test_bf16_param_rounding_runs_in_every_extension(name, round_):
     assert not torch.equal(call.p, before) and (round_ != "kahan" or call.comp.any())
 
 
-@pytest.mark.parametrize("name", ["_C_cuda", "_C_cuda_on_cpu"])
-def test_the_cuda_planner_refuses_8bit_state_by_name(name):
+@pytest.mark.parametrize("name", ["_C_cpu", "_C_cuda", "_C_cuda_on_cpu"])
+def test_8bit_state_runs_in_every_extension(name):
+    """N elements of a 256-element block of 8-bit state: the CUDA planner pads the segment to a
+    whole block of its index space; the kernels write the codes of the N elements and the
+    block's power-of-two scale, and nothing past them."""
     ext = _ext(name)
     call = Call()
-    blk = 256  # one whole 8-bit block, so only the planner can object
-    call.state = [torch.zeros(blk, dtype=torch.uint8) for _ in range(4)]
+    blk = 256
+    call.state = [torch.full((blk,), 0x55, dtype=torch.uint8) for _ in range(4)]
+    call.state[1][:N] = 0  # v: non-negative, decodes to 0
     call.scales = [torch.ones(1) for _ in range(4)]
     call.tangents = torch.zeros(2, blk)
     call.fixed.update(state_dtype=abi.STATE_8BIT, state=[t.data_ptr() for t in call.state], state_numel=blk,
                       scales=[t.data_ptr() for t in call.scales], tangents=call.tangents.data_ptr(), tan_stride=blk)
-    before = call.snapshot()
-    with pytest.raises(ValueError, match="do not store 8-bit state"):
-        ext.plan_info(call.packed())
-    assert all(torch.equal(a, b) for a, b in zip(call.snapshot(), before))
+    if name == "_C_cuda":  # host memory: the planner only
+        assert ext.plan_info(call.packed())[0]["vstart"] == [0, blk]
+        return
+    if name == "_C_cpu":
+        ext.run(call.packed())
+    else:
+        ext.run(call.packed(), lambda n: torch.empty(n, dtype=torch.float64))
+    for codes, scale in zip(call.state, call.scales):
+        assert (codes[N:] == 0x55).all()  # padding untouched
+        assert scale.item() == 2.0 ** math.floor(math.log2(scale.item()))
+    assert call.state[0][:N].all() and call.state[1][:N].all()  # m and v written

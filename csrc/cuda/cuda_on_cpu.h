@@ -6,8 +6,8 @@
 // Execution model. A launch runs its grid block after block; each block's
 // threads are real, concurrent std::threads, so a missing __syncthreads() is a
 // real data race and ThreadSanitizer reports it. __syncthreads() is a barrier
-// of the block's threads, __shfl_down_sync an exchange among the 32 lanes of a
-// warp, and __shared__ variables (MADA_SHARED) are allocated per block, one
+// of the block's threads, __shfl_down_sync and __shfl_xor_sync exchanges among the
+// 32 lanes of a warp, and __shared__ variables (MADA_SHARED) are allocated per block, one
 // heap object each, so AddressSanitizer sees an overrun. A thread that returns
 // stops counting at barriers (as on sm_70+), so a kernel's early exit does not
 // hang the others. Launches are synchronous; the stream is ignored. Memory is
@@ -38,6 +38,7 @@
 // ---- Vector types and thread coordinates ----
 
 struct uint3 { unsigned x, y, z; };
+struct alignas(8) uint2 { unsigned x, y; };  // 8-byte loads stay 8-byte typed accesses
 struct alignas(16) uint4 { unsigned x, y, z, w; };  // 16-byte loads stay 16-byte typed accesses
 struct dim3 {
   unsigned x, y, z;
@@ -206,20 +207,11 @@ class Block {
     if (!plant_no_sync) sync_.arrive_and_wait();
   }
 
-  // Every live lane of the warp calls it (the kernels pass the full mask).
+  // Every live lane of the warp calls them (the kernels pass the full mask).
   template <class T>
-  T shfl_down(T v, unsigned delta) {
-    static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffle of a register value");
-    const unsigned lane = threadIdx.x & 31u;
-    Warp& w = warps_[threadIdx.x >> 5];
-    std::memcpy(&w.value[lane], &v, sizeof v);
-    w.sync.arrive_and_wait();  // every lane has published
-    T out = v;
-    if (lane + delta < 32u && (threadIdx.x >> 5) * 32u + lane + delta < unsigned(threads_))
-      std::memcpy(&out, &w.value[lane + delta], sizeof out);
-    w.sync.arrive_and_wait();  // every lane has read before the next exchange writes
-    return out;
-  }
+  T shfl_down(T v, unsigned delta) { return exchange(v, (threadIdx.x & 31u) + delta); }
+  template <class T>
+  T shfl_xor(T v, unsigned mask) { return exchange(v, (threadIdx.x & 31u) ^ mask); }
 
   // Storage of the __shared__ variable declared at `site`, the same object for
   // every thread of this block; fresh (uninitialised) for the next block.
@@ -241,6 +233,19 @@ class Block {
   }
 
  private:
+  // Lane src's v, or v itself when src is no lane of the warp.
+  template <class T>
+  T exchange(T v, unsigned src) {
+    static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffle of a register value");
+    const unsigned lane = threadIdx.x & 31u;
+    Warp& w = warps_[threadIdx.x >> 5];
+    std::memcpy(&w.value[lane], &v, sizeof v);
+    w.sync.arrive_and_wait();  // every lane has published
+    T out = v;
+    if (src < 32u && (threadIdx.x >> 5) * 32u + src < unsigned(threads_)) std::memcpy(&out, &w.value[src], sizeof out);
+    w.sync.arrive_and_wait();  // every lane has read before the next exchange writes
+    return out;
+  }
   struct Warp {
     Barrier sync;
     uint64_t value[32];
@@ -356,6 +361,10 @@ inline void __syncthreads() { cuda_on_cpu::this_block->syncthreads(); }
 template <class T>
 T __shfl_down_sync(unsigned /*mask*/, T v, unsigned delta) {
   return cuda_on_cpu::this_block->shfl_down(v, delta);
+}
+template <class T>
+T __shfl_xor_sync(unsigned /*mask*/, T v, int mask) {
+  return cuda_on_cpu::this_block->shfl_xor(v, unsigned(mask));
 }
 
 #define MADA_LAUNCH(grid, threads, stream, ...) \

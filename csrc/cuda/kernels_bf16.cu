@@ -2,5 +2,4 @@
 // every MADA variant, the dot pass, AdaMod/DiffMod.
 #include "cuda/kernel_table.cuh"
 
-MADA_CUDA_TABLE(kBF16, false, false)
-MADA_CUDA_ROUNDED_TABLES(false, false)
+MADA_CUDA_TABLE(kBF16, kStoreCompute, kStoreCompute)

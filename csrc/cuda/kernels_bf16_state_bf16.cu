@@ -2,5 +2,4 @@
 // every MADA variant and AdaMod/DiffMod (the dot pass reads no state).
 #include "cuda/kernel_table.cuh"
 
-MADA_CUDA_TABLE(kBF16, true, false)
-MADA_CUDA_ROUNDED_TABLES(true, false)
+MADA_CUDA_TABLE(kBF16, kStoreBf16, kStoreCompute)

@@ -2,5 +2,4 @@
 // the MADA variants that write tangents.
 #include "cuda/kernel_table.cuh"
 
-MADA_CUDA_TABLE(kBF16, true, true)
-MADA_CUDA_ROUNDED_TABLES(true, true)
+MADA_CUDA_TABLE(kBF16, kStoreBf16, kStoreBf16)

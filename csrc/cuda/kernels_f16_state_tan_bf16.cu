@@ -2,4 +2,4 @@
 // the MADA variants that write tangents.
 #include "cuda/kernel_table.cuh"
 
-MADA_CUDA_TABLE(kF16, true, true)
+MADA_CUDA_TABLE(kF16, kStoreBf16, kStoreBf16)

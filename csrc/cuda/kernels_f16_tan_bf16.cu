@@ -2,4 +2,4 @@
 // the MADA variants that write tangents and the dot pass (the others read no rows).
 #include "cuda/kernel_table.cuh"
 
-MADA_CUDA_TABLE(kF16, false, true)
+MADA_CUDA_TABLE(kF16, kStoreCompute, kStoreBf16)

@@ -2,4 +2,4 @@
 // every MADA variant and AdaMod/DiffMod (the dot pass reads no state).
 #include "cuda/kernel_table.cuh"
 
-MADA_CUDA_TABLE(kF32, true, false)
+MADA_CUDA_TABLE(kF32, kStoreBf16, kStoreCompute)

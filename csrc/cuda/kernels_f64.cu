@@ -2,4 +2,4 @@
 // every MADA variant, the dot pass, AdaMod/DiffMod.
 #include "cuda/kernel_table.cuh"
 
-MADA_CUDA_TABLE(kF64, false, false)
+MADA_CUDA_TABLE(kF64, kStoreCompute, kStoreCompute)

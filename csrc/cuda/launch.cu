@@ -25,10 +25,14 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) out[blockIdx.x] += s;
 }
 
-template <int D, int PR = kRoundNearest>
-const KernelTable& table_for(bool sb, bool tb) {
-  return sb ? (tb ? table<D, true, true, PR>() : table<D, true, false, PR>())
-            : (tb ? table<D, false, true, PR>() : table<D, false, false, PR>());
+// The table of parameter dtype D for state stored as sk and tangent rows as tk
+// (Storage; 8-bit rows only over 8-bit state, abi.h).
+template <int D>
+const KernelTable& table_for(int sk, int tk) {
+  if (sk == kStoreQ8) return tk == kStoreBf16 ? table<D, kStoreQ8, kStoreBf16>() : table<D, kStoreQ8, kStoreCompute>();
+  if (sk == kStoreBf16)
+    return tk == kStoreBf16 ? table<D, kStoreBf16, kStoreBf16>() : table<D, kStoreBf16, kStoreCompute>();
+  return tk == kStoreBf16 ? table<D, kStoreCompute, kStoreBf16>() : table<D, kStoreCompute, kStoreCompute>();
 }
 
 void check(cudaError_t e, const char* what) {
@@ -66,17 +70,14 @@ class DeviceGuard {
 void execute(const Request& r, Plan& plan, double* slots) {
   if (plan.launches.empty()) return;
   const Call& call = r.call;
-  // bf16 storage matters only to a pass that touches it: the dot reads no state,
+  // A storage matters only to a pass that touches it: the dot reads no state,
   // AdaMod and tangent-free MADA variants no rows.
   const bool rows = call.op == kMadaDot || (call.op == kMadaStep && (call.variant & kTangents));
-  const bool sb = call.state_dtype == kBF16 && call.op != kMadaDot, tb = call.tangent_dtype == kBF16 && rows;
-  // Only a pass that writes parameters rounds them (the dot takes the nearest table).
-  const int pr = call.op == kMadaDot ? int(kRoundNearest) : call.param_round;
-  const KernelTable& t = call.dtype == kF32 ? table_for<kF32>(sb, tb)
-                       : call.dtype == kF64 ? table<kF64, false, false, kRoundNearest>()
-                       : call.dtype == kF16 ? table_for<kF16>(sb, tb)
-                       : pr == kRoundStochastic ? table_for<kBF16, kRoundStochastic>(sb, tb)
-                       : pr == kRoundKahan ? table_for<kBF16, kRoundKahan>(sb, tb) : table_for<kBF16>(sb, tb);
+  const int sk = call.op == kMadaDot ? kStoreCompute : storage_of(call.state_dtype);
+  const int tk = rows ? storage_of(call.tangent_dtype) : kStoreCompute;
+  const KernelTable& t = call.dtype == kF32 ? table_for<kF32>(sk, tk)
+                       : call.dtype == kF64 ? table<kF64, kStoreCompute, kStoreCompute>()
+                       : call.dtype == kF16 ? table_for<kF16>(sk, tk) : table_for<kBF16>(sk, tk);
   const LaunchFn fn = call.op == kMadaStep ? t.mada[call.variant] : call.op == kMadaDot ? t.dot
                     : t.adamod[call.variant];
   const DeviceGuard device(int(call.device));

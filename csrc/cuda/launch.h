@@ -25,6 +25,15 @@ constexpr int kThreads = 128;   // threads per block of the step kernel
 // Segments per launch: 48 B each, so the whole parameter block stays under 32 KB.
 constexpr int kMaxSeg = 600;
 constexpr int64_t kPad = 8;     // segments start at multiples of 8 in the launch's index space
+                                // (of kQ8BlockElems when state or tangent rows are 8-bit codes)
+
+// How the kernels store state and tangent rows: as the compute type, as bf16
+// bit patterns (docs/spec.md sections 5.1, 5.3) or as 8-bit codes with block
+// scales (section 5.4); the last two for fp32 compute only.
+enum Storage : int { kStoreCompute = 0, kStoreBf16 = 1, kStoreQ8 = 2 };
+constexpr int storage_of(int32_t dtype) {
+  return dtype == kBF16 ? kStoreBf16 : dtype == kQ8 ? kStoreQ8 : kStoreCompute;
+}
 
 // Everything but the segment table. Pointers are device addresses; the per-step
 // scalars (lr, coefficients, step counts, AMP scale and flag) are only ever read
@@ -37,7 +46,9 @@ struct Common {
   const float* grad_scale;  // null: no AMP scaling
   const float* found_inf;   // null: never skip
   void* buf[kMaxSlots];     // flat state buffers in abi.h's slot order (Call::state_dtype); null when unused
+  float* scales[kMaxSlots]; // Call::scales: 8-bit state's block scales, else null
   void* tan;                // (n_learn, tan_stride) tangent rows (Call::tangent_dtype)
+  float* tan_scales;        // 8-bit tangent rows' block scales, else null
   int64_t tan_stride;
   double* slots;            // (n_learn, slot_stride) per-block partial dot products
   int64_t slot_stride;      // total blocks of this call (all launches)
@@ -49,6 +60,7 @@ struct Common {
   int vbar_detach;
   int dot;                  // accumulate sum(g * T) into slots
   uint32_t sr_seed;         // Call::sr_seed: bf16 state's, tangents' and parameters' stochastic rounding
+  int param_round;          // Call::param_round (bf16 parameters: ParamIo chooses at run time)
   void* comp;               // Call::comp: bf16 Kahan compensation (flat state offsets), else null
 };
 
@@ -102,12 +114,11 @@ struct KernelTable {
   LaunchFn dot;
   LaunchFn adamod[kAdamodVariants];
 };
-// The launchers of parameter dtype D (abi.h Dtype) with bf16 state (SB) and/or
-// bf16 tangent rows (TB), parameters rounded as PR (abi.h ParamRound; not
-// kRoundNearest for kBF16 only); instantiated once each, in kernels_*.cu. A
-// table with SB, TB or PR holds only the passes that touch that storage or
-// write parameters (null elsewhere).
-template <int D, bool SB, bool TB, int PR>
+// The launchers of parameter dtype D (abi.h Dtype) with state stored as SK and
+// tangent rows as TK (Storage); instantiated once each, in kernels_*.cu. A
+// table whose SK or TK is not kStoreCompute holds only the passes that touch
+// that storage (null elsewhere).
+template <int D, int SK, int TK>
 const KernelTable& table();
 
 std::vector<int> built_archs();

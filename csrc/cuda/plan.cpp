@@ -23,15 +23,15 @@ int64_t chunk_for(int64_t total) {
 }  // namespace
 
 Request make_request(const Call& checked) {
-  if (checked.state_dtype == kQ8)
-    throw std::invalid_argument("the CUDA kernels do not store 8-bit state; "
-                                "state_dtype='8bit' runs on the cpu, triton and reference backends");
   Request r;
   r.call = checked;
   r.n_learn = num_learned(checked.learn_mask);
   Common& c = r.c;
   c = Common{};
-  for (int b = 0; b < kMaxSlots; ++b) c.buf[b] = checked.state[b];
+  for (int b = 0; b < kMaxSlots; ++b) {
+    c.buf[b] = checked.state[b];
+    c.scales[b] = static_cast<float*>(checked.scales[b]);
+  }
   c.coef = checked.coef;
   c.lr = checked.lr;
   c.wd = checked.wd;
@@ -46,16 +46,19 @@ Request make_request(const Call& checked) {
   c.vbar_detach = checked.vbar_detach != 0;
   c.sr_seed = checked.sr_seed;
   c.comp = checked.comp;
+  c.param_round = checked.param_round;
   return r;
 }
 
 Plan make_plan(const Request& r) {
   const Call& call = r.call;
   const int ssize = call.dtype == kF64 ? 8 : 4;  // compute dtype
-  const int bsize = call.state_dtype == kBF16 ? 2 : ssize;  // state buffers
+  const int bsize = call.state_dtype == kBF16 ? 2 : call.state_dtype == kQ8 ? 1 : ssize;  // state buffers
   const int tsize = call.tangent_dtype == kBF16 ? 2 : ssize;  // tangent rows
   const bool update = call.op != kMadaDot;
   const bool tangents = r.c.tan != nullptr;  // the check keeps it only for passes that use it
+  // 8-bit codes: every segment starts a block of the launch's index space (step_kernel).
+  const int64_t pad = call.state_dtype == kQ8 || call.tangent_dtype == kQ8 ? kQ8BlockElems : kPad;
   const bool tan_rows_ok = r.n_learn <= 1 || (r.c.tan_stride * tsize) % 16 == 0;
 
   int64_t total = 0;
@@ -105,7 +108,7 @@ Plan make_plan(const Request& r) {
       ok = ok && tan_rows_ok && aligned16(static_cast<const char*>(r.c.tan) + row.offset * tsize);
     if (k % 32 == 0) a->s.aligned[k / 32] = 0;
     if (ok) a->s.aligned[k / 32] |= 1u << (k % 32);
-    vpos += (row.numel + kPad - 1) / kPad * kPad;
+    vpos += (row.numel + pad - 1) / pad * pad;
   }
   close();
   return plan;

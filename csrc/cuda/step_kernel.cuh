@@ -1,10 +1,12 @@
 // The fused step kernel: one template serves MADA (32 state/tangent variants), its
-// dot-only pass and AdaMod/DiffMod, with fp32/fp64 or bf16 state and tangent rows. The
+// dot-only pass and AdaMod/DiffMod, with fp32/fp64, bf16 or 8-bit state and fp32/fp64
+// or bf16 tangent rows. The
 // per-element math is mada_math.h; this file only moves memory: chunked schedule,
 // 16-byte vector loads, deterministic partial sums. Included by kernel_table.cuh (the per-dtype kernel files) and launch.cu.
 #pragma once
 
 #include <cstring>
+#include <type_traits>
 
 #include "cuda/cuda_api.h"
 #include "cuda/launch.h"
@@ -26,24 +28,101 @@ template <typename P> __device__ __forceinline__ P from_state(typename StateOf<P
 template <> __device__ __forceinline__ __nv_bfloat16 from_state<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <> __device__ __forceinline__ __half from_state<__half>(float x) { return __float2half_rn(x); }
 
+// Which of a unit's N elements exist and how they move: the first `valid`
+// (fewer only in a segment's last unit), as 16-byte (8-byte for 8-bit codes)
+// words when `vec` (every stream of the segment is aligned: the planner's bit)
+// and the unit is whole, else one by one. One unit code serves both, so each
+// kernel compiles its element math once.
+struct Span {
+  int valid;
+  bool vec;
+};
+
+// N consecutive elements; missing ones (past span.valid) read as zero.
+template <int N, typename T>
+__device__ __forceinline__ void load(const T* p, T (&out)[N], Span sp) {
+  constexpr int bytes = N * sizeof(T) < 16 ? int(N * sizeof(T)) : 16;
+  static_assert(bytes == 8 || bytes == 16, "a unit fills whole 8- or 16-byte words");
+  using Word = std::conditional_t<bytes == 16, uint4, uint2>;
+  constexpr int per = bytes / sizeof(T);
+  if (sp.vec && sp.valid >= N) {
+#pragma unroll
+    for (int w = 0; w < N / per; ++w) {
+      const Word raw = reinterpret_cast<const Word*>(p)[w];
+      memcpy(&out[w * per], &raw, bytes);  // register bit-cast, no memory traffic
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j] = j < sp.valid ? p[j] : T{};
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store(T* p, const T (&in)[N], Span sp) {
+  constexpr int bytes = N * sizeof(T) < 16 ? int(N * sizeof(T)) : 16;
+  using Word = std::conditional_t<bytes == 16, uint4, uint2>;
+  constexpr int per = bytes / sizeof(T);
+  if (sp.vec && sp.valid >= N) {
+#pragma unroll
+    for (int w = 0; w < N / per; ++w) {
+      Word raw;
+      memcpy(&raw, &in[w * per], bytes);
+      reinterpret_cast<Word*>(p)[w] = raw;
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+    if (j < sp.valid) p[j] = in[j];
+}
+
+// The largest of the warp's 32 values, in every lane (a fixed butterfly).
+__device__ __forceinline__ uint32_t warp_max(uint32_t x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const uint32_t y = __shfl_xor_sync(0xffffffffu, x, o);
+    x = x > y ? x : y;
+  }
+  return x;
+}
+
 // How state (Call::state_dtype) and tangent rows (Call::tangent_dtype) are
-// stored: as the compute type S, or, for fp32 compute with bf16 storage (SB), as
-// bf16 bit patterns (docs/spec.md sections 5.1 and 5.3).
-// A bf16 value reaches put() already rounded to a bf16 value by the math's
-// storage policy (mada::StoreBf16Sr, which round() makes for an element), so
-// put() truncates exactly and load() widens exactly. Raw uint16_t bits rather
-// than __nv_bfloat16: they are moved, never converted, so a NaN keeps the bits
-// sr_bf16 gave it, as the CPU backend stores them.
-template <typename S, bool SB>
-struct Stored {
+// stored (launch.h: Storage). `type` is what a unit holds between fetch(),
+// which reads M stored elements from flat index i of a buffer, and keep(),
+// which writes them back; load() and put() convert one element to and from the
+// compute type S around the element math, and round() is the math's storage
+// policy (mada_math.h) for the element at flat index `index`.
+template <typename T>
+struct Moved {  // stored as `type` itself
+  template <int M>
+  __device__ static void fetch(const void* base, const float*, int64_t i, T (&v)[M], Span sp, bool) {
+    load(static_cast<const T*>(base) + i, v, sp);
+  }
+  template <int M>
+  __device__ static void keep(void* base, float*, int64_t i, const T (&v)[M], Span sp, bool) {
+    store(static_cast<T*>(base) + i, v, sp);
+  }
+};
+
+template <typename S, int K>
+struct Stored;
+template <typename S>
+struct Stored<S, kStoreCompute> : Moved<S> {
   using type = S;
+  static constexpr int kBytes = sizeof(S);
   __device__ static S load(S x) { return x; }
   __device__ static S put(S x) { return x; }
   __device__ static mada::StoreExact round(const uint32_t*, int64_t) { return {}; }
 };
+// bf16 (docs/spec.md sections 5.1 and 5.3): a value reaches put() already
+// rounded to a bf16 value by the math's storage policy (mada::StoreBf16Sr), so
+// put() truncates exactly and load() widens exactly. Raw uint16_t bits rather
+// than __nv_bfloat16: they are moved, never converted, so a NaN keeps the bits
+// sr_bf16 gave it, as the CPU backend stores them.
 template <>
-struct Stored<float, true> {
+struct Stored<float, kStoreBf16> : Moved<uint16_t> {
   using type = uint16_t;
+  static constexpr int kBytes = 2;
   __device__ static float load(uint16_t x) {
     const uint32_t u = uint32_t(x) << 16;
     float f;
@@ -60,85 +139,96 @@ struct Stored<float, true> {
     return mada::StoreBf16Sr{key, uint64_t(index)};
   }
 };
-
-// N consecutive elements; VEC: as 16-byte accesses (caller checked alignment).
-template <bool VEC, int N, typename T>
-__device__ __forceinline__ void load(const T* p, T (&out)[N]) {
-  if constexpr (VEC) {
-    constexpr int per = 16 / sizeof(T);
-    static_assert(N % per == 0, "vector unit must fill whole 16-byte words");
+// 8-bit codes with one fp32 scale per 256-element block (docs/spec.md section
+// 5.4): a unit holds its elements decoded, and the math computes on them as on
+// fp32 state. A block is one warp's unit (8 elements per lane), so keep() forms
+// its scale from the new values of all its elements with one warp reduction
+// and encodes each value once; elements past the segment's end count as 0.
+// Every lane reads the block's old scale before the reduction, which lane 0's
+// store of the new one follows. sgn: the buffer takes the signed (E4M3) map.
+template <>
+struct Stored<float, kStoreQ8> {
+  using type = float;
+  static constexpr int kBytes = 1;
+  __device__ static float load(float x) { return x; }
+  __device__ static float put(float x) { return x; }
+  __device__ static mada::StoreExact round(const uint32_t*, int64_t) { return {}; }
+  template <int M>
+  __device__ static void fetch(const void* base, const float* scales, int64_t i, float (&v)[M], Span sp, bool sgn) {
+    uint8_t code[M];
+    mada_cuda::load(static_cast<const uint8_t*>(base) + i, code, sp);
+    const float scale = scales[i / kQ8BlockElems];
 #pragma unroll
-    for (int w = 0; w < N / per; ++w) {
-      const uint4 raw = reinterpret_cast<const uint4*>(p)[w];
-      memcpy(&out[w * per], &raw, 16);  // register bit-cast, no memory traffic
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < N; ++j) out[j] = p[j];
+    for (int q = 0; q < M; ++q) v[q] = mada::q8_decode(code[q], scale, sgn);
   }
-}
-
-template <bool VEC, int N, typename T>
-__device__ __forceinline__ void store(T* p, const T (&in)[N]) {
-  if constexpr (VEC) {
-    constexpr int per = 16 / sizeof(T);
+  template <int M>
+  __device__ static void keep(void* base, float* scales, int64_t i, const float (&v)[M], Span sp, bool sgn) {
+    static_assert(M * 32 == kQ8BlockElems, "a warp's unit is one block");
+    uint32_t top = 0;  // the largest |value|'s bits, an inf or NaN as inf: integers order them
 #pragma unroll
-    for (int w = 0; w < N / per; ++w) {
-      uint4 raw;
-      memcpy(&raw, &in[w * per], 16);
-      reinterpret_cast<uint4*>(p)[w] = raw;
+    for (int q = 0; q < M; ++q) {
+      uint32_t u;
+      memcpy(&u, &v[q], sizeof u);
+      u &= 0x7FFFFFFFu;
+      u = u < 0x7F800000u ? u : 0x7F800000u;
+      if (q < sp.valid) top = u > top ? u : top;
     }
-  } else {
+    top = warp_max(top);
+    float amax;
+    memcpy(&amax, &top, sizeof amax);
+    const float scale = mada::q8_scale(amax, top < 0x7F800000u);
+    uint8_t code[M];
 #pragma unroll
-    for (int j = 0; j < N; ++j) p[j] = in[j];
+    for (int q = 0; q < M; ++q) code[q] = uint8_t(mada::q8_encode(v[q], scale, sgn));
+    mada_cuda::store(static_cast<uint8_t*>(base) + i, code, sp);
+    if ((threadIdx.x & 31) == 0) scales[i / kQ8BlockElems] = scale;
   }
-}
+};
 
 // How a unit reads and writes its N parameters (Call::param_round, docs/spec.md
 // section 5.2): a policy at the load and store sites, as the CPU kernels' ParamIo,
-// so the kernel is written once. kRoundNearest (from_state) serves every dtype;
-// the other two exist for bf16 parameters only. begin/end move what the policy
-// keeps beside the parameters (Kahan's compensation) at the unit's flat state
-// index e; key: the segment's sr_key of buffer kBufParam; index: the element's
-// flat state index.
-template <typename P, int PR, int N>
+// so the kernel is written once. Round to nearest (from_state) serves every dtype;
+// bf16 parameters choose at run time between it, stochastic rounding and Kahan
+// summation (a uniform branch costs less than a table of kernels per rounding).
+// begin/end move what the policy keeps beside the parameters (Kahan's
+// compensation) at the unit's flat state index e; key: the segment's sr_key of
+// buffer kBufParam; index: the element's flat state index.
+template <typename P, int N>
 struct ParamIo {
-  template <bool VEC> __device__ void begin(const Common&, int64_t) {}
+  __device__ void begin(const Common&, int64_t, Span) {}
   __device__ typename StateOf<P>::type load(P x, int) const { return to_state(x); }
   __device__ P store(typename StateOf<P>::type x, int, uint32_t, int64_t) { return from_state<P>(x); }
-  template <bool VEC> __device__ void end(const Common&, int64_t) const {}
+  __device__ void end(const Common&, int64_t, Span) const {}
 };
 __device__ __forceinline__ __nv_bfloat16 bf16_of(float rounded) {  // rounded: a bf16 value, moved exactly
-  const uint16_t u = Stored<float, true>::put(rounded);
+  const uint16_t u = Stored<float, kStoreBf16>::put(rounded);
   __nv_bfloat16 b;
   memcpy(&b, &u, sizeof b);
   return b;
 }
 template <int N>
-struct ParamIo<__nv_bfloat16, kRoundStochastic, N> {  // bf16_stochastic_round
-  template <bool VEC> __device__ void begin(const Common&, int64_t) {}
-  __device__ float load(__nv_bfloat16 x, int) const { return to_state(x); }
-  __device__ __nv_bfloat16 store(float x, int, uint32_t key, int64_t index) {
-    return bf16_of(mada::sr_bf16(x, mada::sr_bits(key, uint64_t(index))));
+struct ParamIo<__nv_bfloat16, N> {
+  int mode;          // Call::param_round
+  uint16_t comp[N];  // kahan_sum's compensation: bf16 bit patterns, moved and never converted (as Stored)
+  __device__ void begin(const Common& c, int64_t e, Span sp) {
+    mode = c.param_round;
+    if (mode == kRoundKahan) mada_cuda::load(static_cast<const uint16_t*>(c.comp) + e, comp, sp);
   }
-  template <bool VEC> __device__ void end(const Common&, int64_t) const {}
-};
-template <int N>
-struct ParamIo<__nv_bfloat16, kRoundKahan, N> {  // kahan_sum: the step reads and writes theta + comp
-  uint16_t comp[N];  // bf16 bit patterns, moved and never converted (as Stored)
-  template <bool VEC> __device__ void begin(const Common& c, int64_t e) {
-    mada_cuda::load<VEC>(static_cast<const uint16_t*>(c.comp) + e, comp);
+  __device__ float load(__nv_bfloat16 x, int q) const {  // kahan_sum: the step reads and writes theta + comp
+    return mode == kRoundKahan ? mada::kahan_weight(to_state(x), Stored<float, kStoreBf16>::load(comp[q]))
+                               : to_state(x);
   }
-  __device__ float load(__nv_bfloat16 x, int q) const {
-    return mada::kahan_weight(to_state(x), Stored<float, true>::load(comp[q]));
+  __device__ __nv_bfloat16 store(float x, int q, uint32_t key, int64_t index) {
+    if (mode == kRoundKahan) {
+      const float stored = mada::rne_bf16(x);
+      comp[q] = Stored<float, kStoreBf16>::put(mada::kahan_comp(x, stored));
+      return bf16_of(stored);
+    }
+    if (mode == kRoundStochastic) return bf16_of(mada::sr_bf16(x, mada::sr_bits(key, uint64_t(index))));
+    return from_state<__nv_bfloat16>(x);
   }
-  __device__ __nv_bfloat16 store(float x, int q, uint32_t, int64_t) {
-    const float stored = mada::rne_bf16(x);
-    comp[q] = Stored<float, true>::put(mada::kahan_comp(x, stored));
-    return bf16_of(stored);
-  }
-  template <bool VEC> __device__ void end(const Common& c, int64_t e) const {
-    mada_cuda::store<VEC>(static_cast<uint16_t*>(c.comp) + e, comp);
+  __device__ void end(const Common& c, int64_t e, Span sp) const {
+    if (mode == kRoundKahan) mada_cuda::store(static_cast<uint16_t*>(c.comp) + e, comp, sp);
   }
 };
 
@@ -153,6 +243,7 @@ struct MadaOp {
   static constexpr bool kUpdate = true;
   static constexpr bool kMayDot = kTan;  // a dot needs last step's tangents
   static constexpr unsigned kBufMask = mada_slots(V);
+  static constexpr unsigned kUnsigned = (1u << kV) | (1u << kVb) | (1u << kS);  // 8-bit state's E5M3 buffers
   using Scalars = mada::MadaScalars<S>;
 
   __device__ static Scalars make(const Common& c, double lr, double wd, double t) {
@@ -173,7 +264,7 @@ struct MadaOp {
 template <typename S>
 struct DotOp {
   static constexpr bool kUpdate = false, kMayDot = true, kTan = false;
-  static constexpr unsigned kBufMask = 0;
+  static constexpr unsigned kBufMask = 0, kUnsigned = 0;
   using Scalars = NoScalars;
 };
 
@@ -181,6 +272,7 @@ template <typename S, bool DIFF>
 struct AdamodOp {
   static constexpr bool kUpdate = true, kMayDot = false, kTan = false;
   static constexpr unsigned kBufMask = adamod_slots(DIFF ? kDiff : 0u);
+  static constexpr unsigned kUnsigned = (1u << kAv) | (1u << kAs);
   using Scalars = mada::AdamodScalars<S>;
   __device__ static Scalars make(const Common& c, double lr, double wd, double t) {
     return mada::make_adamod_scalars<S>(c.k[kAdamodBeta1], c.k[kAdamodBeta2], c.k[kAdamodBeta3],
@@ -210,27 +302,29 @@ struct SegConsts {
 // of stored state and of stored tangents); state and tangent rows in sub-units
 // of M (one 16-byte word of the narrower stored type), tangent rows in words of
 // TW within those. So a bf16-param unit holds half its fp32 state in registers
-// at a time, and bf16 state or tangents are read as words of 8 elements.
-// TB: the tangent rows are stored in bf16; PR: Call::param_round (ParamIo).
+// at a time, and bf16 state or tangents are read as words of 8 elements. An
+// 8-bit buffer's unit is whole (M = N, a warp's share of one block): keep()
+// needs every new value of the block. SK, TK: how the state and the tangent
+// rows are stored (Storage).
 
-template <typename P, bool SB, bool TB, int PR, class Op, bool VEC, int N>
+template <typename P, int SK, int TK, class Op, int N>
 __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k, P* param,
                                          const P* grad, int64_t soff, int64_t i, bool dot,
-                                         typename StateOf<P>::type scale, double (&acc)[kNumCoef]) {
+                                         typename StateOf<P>::type scale, double (&acc)[kNumCoef], Span sp) {
   using S = typename StateOf<P>::type;
-  using St = Stored<S, SB>;
+  using St = Stored<S, SK>;
   using W = typename St::type;
-  using Tt = Stored<S, TB>;
+  using Tt = Stored<S, TK>;
   using R = typename Tt::type;
-  constexpr std::size_t narrow = sizeof(W) < sizeof(R) ? sizeof(W) : sizeof(R);
-  constexpr int M = (VEC && N * narrow > 16) ? int(16 / narrow) : N;
-  constexpr int TW = (VEC && M * sizeof(R) > 16) ? int(16 / sizeof(R)) : M;
+  constexpr int narrow = St::kBytes < Tt::kBytes ? St::kBytes : Tt::kBytes;
+  constexpr int M = N * narrow > 16 ? 16 / narrow : N;
+  constexpr int TW = M * Tt::kBytes > 16 ? 16 / Tt::kBytes : M;
   P graw[N], praw[N];
-  load<VEC>(grad + i, graw);
-  ParamIo<P, PR, N> pio;
+  load(grad + i, graw, sp);
+  ParamIo<P, N> pio;
   if constexpr (Op::kUpdate) {
-    load<VEC>(param + i, praw);
-    pio.template begin<VEC>(c, soff + i);
+    load(param + i, praw, sp);
+    pio.begin(c, soff + i, sp);
   }
   S g[N];
 #pragma unroll
@@ -242,12 +336,13 @@ __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k
 #pragma unroll
   for (int h = 0; h < N; h += M) {
     const int64_t e = soff + i + h;  // flat state index
+    const Span sub{sp.valid - h, sp.vec};
     // Tangent row of coefficient j is its rank among the learned ones (abi.h).
-    R* trow[kNumCoef] = {};
+    int64_t trow[kNumCoef] = {};
     if constexpr (Op::kMayDot || Op::kTan) {
 #pragma unroll
       for (int j = 0, r = 0; j < kNumCoef; ++j) {
-        trow[j] = static_cast<R*>(c.tan) + r * c.tan_stride + e;
+        trow[j] = r * c.tan_stride + e;
         r += (c.learn_mask >> j) & 1u;
       }
     }
@@ -258,9 +353,10 @@ __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k
 #pragma unroll
         for (int w = 0; w < M; w += TW) {
           R t[TW];
-          load<VEC>(trow[j] + w, t);
+          Tt::fetch(c.tan, c.tan_scales, trow[j] + w, t, Span{sub.valid - w, sp.vec}, true);
 #pragma unroll
-          for (int q = 0; q < TW; ++q) acc[j] = fma(double(g[h + w + q]), double(Tt::load(t[q])), acc[j]);
+          for (int q = 0; q < TW; ++q)
+            if (w + q < sub.valid) acc[j] = fma(double(g[h + w + q]), double(Tt::load(t[q])), acc[j]);
         }
       }
     }
@@ -268,7 +364,7 @@ __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k
       W st[kMaxSlots][M] = {};
 #pragma unroll
       for (int b = 0; b < kMaxSlots; ++b)
-        if ((Op::kBufMask >> b) & 1u) load<VEC>(static_cast<const W*>(c.buf[b]) + e, st[b]);
+        if ((Op::kBufMask >> b) & 1u) St::fetch(c.buf[b], c.scales[b], e, st[b], sub, !((Op::kUnsigned >> b) & 1u));
 #pragma unroll
       for (int w = 0; w < M; w += TW) {
         R tan[kNumCoef][TW];
@@ -290,17 +386,18 @@ __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k
         if constexpr (Op::kTan) {
 #pragma unroll
           for (int j = 0; j < kNumCoef; ++j)
-            if ((c.learn_mask >> j) & 1u) store<VEC>(trow[j] + w, tan[j]);
+            if ((c.learn_mask >> j) & 1u)
+              Tt::keep(c.tan, c.tan_scales, trow[j] + w, tan[j], Span{sub.valid - w, sp.vec}, true);
         }
       }
 #pragma unroll
       for (int b = 0; b < kMaxSlots; ++b)
-        if ((Op::kBufMask >> b) & 1u) store<VEC>(static_cast<W*>(c.buf[b]) + e, st[b]);
+        if ((Op::kBufMask >> b) & 1u) St::keep(c.buf[b], c.scales[b], e, st[b], sub, !((Op::kUnsigned >> b) & 1u));
     }
   }
   if constexpr (Op::kUpdate) {
-    store<VEC>(param + i, praw);
-    pio.template end<VEC>(c, soff + i);
+    store(param + i, praw, sp);
+    pio.end(c, soff + i, sp);
   }
 }
 
@@ -331,13 +428,13 @@ __device__ __forceinline__ double block_sum(double v, double* sh) {
 template <typename P>
 constexpr int kMinBlocks = sizeof(typename StateOf<P>::type) == 8 ? 2 : 3;
 
-// SB, TB: the state, the tangent rows are stored in bf16 (fp32 compute only);
-// PR: how the parameters are rounded (ParamIo).
-template <typename P, bool SB, bool TB, int PR, class Op>
+// SK, TK: how the state and the tangent rows are stored (Storage; not
+// kStoreCompute for fp32 compute only). With 8-bit codes on either, the
+// planner starts every segment on a 256-element block (kQ8BlockElems) of the
+// launch's index space, and a warp steps a block at a time.
+template <typename P, int SK, int TK, class Op>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __grid_constant__ Args a) {
   using S = typename StateOf<P>::type;
-  using W = typename Stored<S, SB>::type;
-  using R = typename Stored<S, TB>::type;
   const Common& c = a.c;
   const SegTable& t = a.s;
   if (c.found_inf && *c.found_inf != 0.0f) return;  // GradScaler skip: change nothing
@@ -354,7 +451,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __g
   }
   for (int s = lo; s < t.n && t.vstart[s] < c1; ++s) {
     const int64_t vs = t.vstart[s];
-    const int64_t a0 = (c0 > vs ? c0 : vs) - vs;  // a multiple of kPad
+    const int64_t a0 = (c0 > vs ? c0 : vs) - vs;  // a multiple of kPad (of a block, for 8-bit plans)
     const int64_t end = vs + t.numel[s];
     const int64_t a1 = (c1 < end ? c1 : end) - vs;
     if (a0 >= a1) continue;
@@ -364,12 +461,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __g
         const double step = c.steps[t.pidx[s]];
         sk.k = Op::make(c, c.lr[t.group[s]], c.wd[t.group[s]], step);
         const uint32_t t32 = uint32_t(uint64_t(step));
-        if constexpr (SB)
+        if constexpr (SK == kStoreBf16)
           for (int b = 0; b < kMaxSlots; ++b) sk.key[b] = mada::sr_key(c.sr_seed, t32, uint32_t(b));
-        if constexpr (TB && Op::kTan)
+        if constexpr (TK == kStoreBf16 && Op::kTan)
           for (int b = mada::kBufTan0; b < mada::kBufTan0 + kNumCoef; ++b)
             sk.key[b] = mada::sr_key(c.sr_seed, t32, uint32_t(b));
-        if constexpr (PR == kRoundStochastic) sk.pkey = mada::sr_key(c.sr_seed, t32, uint32_t(mada::kBufParam));
+        if (c.param_round == kRoundStochastic) sk.pkey = mada::sr_key(c.sr_seed, t32, uint32_t(mada::kBufParam));
       }
       __syncthreads();
     }
@@ -377,20 +474,25 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __g
     P* param = static_cast<P*>(t.param[s]);
     const P* grad = static_cast<const P*>(t.grad[s]);
     const int64_t off = t.off[s];
-    int64_t tail = a0;
-    if ((t.aligned[s >> 5] >> (s & 31)) & 1u) {
+    const bool vec = (t.aligned[s >> 5] >> (s & 31)) & 1u;
+    if constexpr (SK == kStoreQ8 || TK == kStoreQ8) {
+      constexpr int L = int(kQ8BlockElems / 32);  // elements per lane
+      const int64_t lane = threadIdx.x & 31;
+      for (int64_t b0 = a0 + (threadIdx.x >> 5) * kQ8BlockElems; b0 < a1; b0 += kThreads / 32 * kQ8BlockElems) {
+        const int64_t i = b0 + lane * L, left = a1 - i;  // the warp's block stays whole: every lane takes part
+        run_unit<P, SK, TK, Op, L>(c, k, param, grad, off, i, dot, scale, acc,
+                                   Span{left < 0 ? 0 : left < L ? int(left) : L, vec});
+      }
+    } else {
       // At least one 16-byte word of params, of stored state and of stored tangents per unit.
-      constexpr std::size_t narrow = sizeof(P) < sizeof(W) ? (sizeof(P) < sizeof(R) ? sizeof(P) : sizeof(R))
-                                                           : (sizeof(W) < sizeof(R) ? sizeof(W) : sizeof(R));
-      constexpr int U = int(16 / narrow);
+      constexpr int narrow = sizeof(P) < Stored<S, SK>::kBytes ? sizeof(P) : Stored<S, SK>::kBytes;
+      constexpr int U = 16 / (narrow < Stored<S, TK>::kBytes ? narrow : Stored<S, TK>::kBytes);
       static_assert(kPad % U == 0, "a0 must start a unit");
-      const int64_t u1 = a1 / U;
-      for (int64_t u = a0 / U + threadIdx.x; u < u1; u += kThreads)
-        run_unit<P, SB, TB, PR, Op, true, U>(c, k, param, grad, off, u * U, dot, scale, acc);
-      tail = u1 * U;
+      for (int64_t i = a0 + int64_t(threadIdx.x) * U; i < a1; i += int64_t(kThreads) * U) {
+        const int64_t left = a1 - i;
+        run_unit<P, SK, TK, Op, U>(c, k, param, grad, off, i, dot, scale, acc, Span{left < U ? int(left) : U, vec});
+      }
     }
-    for (int64_t i = tail + threadIdx.x; i < a1; i += kThreads)
-      run_unit<P, SB, TB, PR, Op, false, 1>(c, k, param, grad, off, i, dot, scale, acc);
   }
 
   if (dot) {

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from ..flat_state import STATE_8BIT
 from . import BackendUnavailable
 from .native import DTYPE_CODES, NativeBackend
 
 
 class CpuBackend(NativeBackend):
     name = "cpu"
-    state_dtypes = NativeBackend.state_dtypes | {STATE_8BIT}
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return torch.device(device).type == "cpu" and dtype in DTYPE_CODES

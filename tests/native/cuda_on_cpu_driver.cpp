@@ -11,6 +11,7 @@
 // terms (the kernels sum in a fixed tree, the loop in element order). Exit 0
 // when every check passes. --plant breaks one thing on purpose for the
 // sanitizer self-check (.ci/cuda_on_cpu_sanitize.sh); --big adds a 1M case.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -57,7 +58,13 @@ struct Config {
   double eps = 1e-8, mod_beta = 0.99, lion_b1 = 0.9, lion_b2 = 0.99;
   bool vbar_detach = false;
   double beta3 = 0.999;  // AdaMod's
+  bool q8 = false;       // 8-bit state (fp32 compute only)
 };
+
+// 8-bit state's map of slot k (docs/spec.md 5.4): E5M3 for v, vb, s (AdaMod's v, s).
+bool q8_signed(const Config& cfg, int k) {
+  return cfg.op == mc::kAdamodStep ? !(k == mc::kAv || k == mc::kAs) : !(k == mc::kV || k == mc::kVb || k == mc::kS);
+}
 
 template <typename P>
 struct Bucket {
@@ -67,15 +74,19 @@ struct Bucket {
   int64_t state_numel = 0, tan_stride = 0;
   std::vector<Buf<P>> param, grad;  // per segment: pmis + numel + kGuard elements
   Buf<S> state[mc::kMaxSlots], tan;
+  bool q8;  // the state is codes (8-bit state): `state` is the decoding scratch of reference()
+  Buf<uint8_t> code[mc::kMaxSlots];
+  Buf<float> scale[mc::kMaxSlots];
   std::vector<double> coef{0.9, 0.999, 0.3, 0.6, 0.7, 0.8}, lr{1e-2, 3e-3}, wd{0.0, 0.1}, steps;
   float grad_scale = 512.0f, found_inf = 1.0f;
   std::vector<double> dot_out;
   static constexpr int kGuard = 3;  // elements after each segment that nothing may touch
 
-  Bucket(std::vector<Seg> s, int n_learn, uint64_t seed) : segs(std::move(s)) {
+  Bucket(std::vector<Seg> s, int n_learn, uint64_t seed, const Config& cfg = {}) : segs(std::move(s)), q8(cfg.q8) {
     Rng rng(seed);
+    const int64_t block = mc::kQ8BlockElems;
     for (const Seg& g : segs) {
-      state_numel = (state_numel + 3) / 4 * 4 + g.smis;
+      state_numel = q8 ? (state_numel + block - 1) / block * block : (state_numel + 3) / 4 * 4 + g.smis;
       offset.push_back(state_numel);
       state_numel += g.numel;
       param.emplace_back(g.pmis + g.numel + kGuard);
@@ -85,16 +96,42 @@ struct Bucket {
       steps.push_back(double(1 + rng.below(20)));
     }
     steps[0] = 1.0;  // the first step takes its own branches (d = 0)
+    if (q8) state_numel = (state_numel + block - 1) / block * block;
     for (int b = 0; b < mc::kMaxSlots; ++b) {
       state[b] = Buf<S>(state_numel);
       // v, vb and s are non-negative by construction (b = 1, 5, 6; AdaMod's s is 2)
       const bool positive = b == 1 || b == 2 || b == 5 || b == 6;
       fill(state[b], rng, positive ? 0.0 : -0.1, 0.1);
+      if (!q8) continue;
+      code[b] = Buf<uint8_t>(state_numel);  // padding past a segment holds garbage nothing may touch
+      for (uint8_t& x : code[b]) x = uint8_t(rng.below(256));
+      scale[b] = Buf<float>(state_numel / block);
+      for (size_t i = 0; i < segs.size(); ++i) encode(b, i, q8_signed(cfg, b));
     }
     tan_stride = state_numel + (state_numel % 4 ? 4 - state_numel % 4 : 0);
     tan = Buf<S>(size_t(n_learn) * size_t(tan_stride));
     fill(tan, rng, -1.0, 1.0);
     dot_out.assign(size_t(n_learn), 0.25);
+  }
+  // Segment s's values of slot b as codes and scales, block by block over its elements.
+  void encode(int b, size_t s, bool sgn) {
+    const int64_t block = mc::kQ8BlockElems;
+    for (int64_t lo = 0; lo < segs[s].numel; lo += block) {
+      const int64_t e0 = offset[s] + lo, n = std::min(block, segs[s].numel - lo);
+      float amax = 0.0f;
+      bool finite = true;
+      for (int64_t j = 0; j < n; ++j) {
+        amax = std::max(amax, std::fabs(float(state[b][e0 + j])));
+        finite = finite && std::isfinite(float(state[b][e0 + j]));
+      }
+      const float sc = mada::q8_scale(amax, finite);
+      scale[b][e0 / block] = sc;
+      for (int64_t j = 0; j < n; ++j) code[b][e0 + j] = uint8_t(mada::q8_encode(float(state[b][e0 + j]), sc, sgn));
+    }
+  }
+  void decode(int b, bool sgn) {
+    for (int64_t e = 0; e < state_numel; ++e)
+      state[b][e] = S(mada::q8_decode(code[b][e], scale[b][e / mc::kQ8BlockElems], sgn));
   }
   P* param_at(size_t s) { return param[s].data() + segs[s].pmis; }
   P* grad_at(size_t s) { return grad[s].data() + segs[s].gmis; }
@@ -112,8 +149,8 @@ void run_kernels(Bucket<P>& b, const Config& cfg, mc::Plan* plan_out = nullptr) 
   call.op = cfg.op;
   call.variant = uint32_t(cfg.variant);
   call.dtype = dtype_code<P>();
-  call.state_dtype = call.dtype == mc::kF64 ? mc::kF64 : mc::kF32;
-  call.tangent_dtype = call.state_dtype;  // the CUDA kernels store the compute dtype's rows
+  call.state_dtype = cfg.q8 ? mc::kQ8 : call.dtype == mc::kF64 ? mc::kF64 : mc::kF32;
+  call.tangent_dtype = call.dtype == mc::kF64 ? mc::kF64 : mc::kF32;  // rows in the compute dtype
   call.learn_mask = cfg.learn;
   call.maximize = cfg.maximize;
   call.vbar_detach = cfg.vbar_detach;
@@ -124,7 +161,10 @@ void run_kernels(Bucket<P>& b, const Config& cfg, mc::Plan* plan_out = nullptr) 
   call.lr = b.lr.data();
   call.wd = b.wd.data();
   call.steps = b.steps.data();
-  for (int k = 0; k < mc::kMaxSlots; ++k) call.state[k] = b.state[k].data();
+  for (int k = 0; k < mc::kMaxSlots; ++k) {
+    call.state[k] = b.q8 ? static_cast<void*>(b.code[k].data()) : b.state[k].data();
+    call.scales[k] = b.q8 ? b.scale[k].data() : nullptr;
+  }
   call.tangents = cfg.learn ? b.tan.data() : nullptr;
   call.tan_stride = b.tan_stride;
   const double mada[] = {cfg.eps, cfg.mod_beta, cfg.lion_b1, cfg.lion_b2};
@@ -153,11 +193,17 @@ void run_kernels(Bucket<P>& b, const Config& cfg, mc::Plan* plan_out = nullptr) 
 }
 
 // ---- The same step, one element at a time ----
+// With 8-bit state: decoded, stepped as fp32 state, and each block encoded once
+// from its new values (docs/spec.md 5.4).
 
 template <typename P>
 void reference(Bucket<P>& b, const Config& cfg) {
   using S = typename Bucket<P>::S;
   if (cfg.found_inf) return;
+  const unsigned used = cfg.op == mc::kAdamodStep ? mc::adamod_slots(cfg.variant) : cfg.op == mc::kMadaStep ? mc::mada_slots(cfg.variant) : 0u;
+  if (b.q8)
+    for (int k = 0; k < mc::kMaxSlots; ++k)
+      if ((used >> k) & 1u) b.decode(k, q8_signed(cfg, k));
   const int n_learn = __builtin_popcount(cfg.learn);
   std::vector<double> dot(size_t(n_learn), 0.0);
   const bool update = cfg.op != mc::kMadaDot;
@@ -190,10 +236,9 @@ void reference(Bucket<P>& b, const Config& cfg) {
       } else {
         mada::MadaState<S> ms_{*st[0], *st[1], *st[2], *st[3], *st[4], *st[5], *st[6]};
         out = mada_element_dyn<S>(V, ms, g, theta, ms_, tq);
-        const unsigned used = mc::mada_slots(V);  // write back only what the variant owns
         const S vals[mc::kMaxSlots] = {ms_.m, ms_.v, ms_.n, ms_.g_prev, ms_.l, ms_.vb, ms_.s};
         for (int k = 0; k < mc::kMaxSlots; ++k)
-          if ((used >> k) & 1u) *st[k] = vals[k];
+          if ((used >> k) & 1u) *st[k] = vals[k];  // write back only what the variant owns
       }
       b.param_at(s)[i] = from_state<P>(out);
       if (tangents)
@@ -203,6 +248,10 @@ void reference(Bucket<P>& b, const Config& cfg) {
   }
   if (cfg.dot)
     for (int r = 0; r < n_learn; ++r) b.dot_out[r] += dot[r];
+  if (b.q8)
+    for (int k = 0; k < mc::kMaxSlots; ++k)
+      if ((used >> k) & 1u)
+        for (size_t s = 0; s < b.segs.size(); ++s) b.encode(k, s, q8_signed(cfg, k));
 }
 
 template <typename P>
@@ -210,7 +259,13 @@ void compare(const Bucket<P>& got, const Bucket<P>& want, const std::string& nam
   bool same = true;
   for (size_t s = 0; s < got.segs.size(); ++s) same = same && bits_equal(got.param[s], want.param[s]);
   expect(same, name + ": params");
-  for (int k = 0; k < mc::kMaxSlots; ++k) expect(bits_equal(got.state[k], want.state[k]), name + ": state " + std::to_string(k));
+  for (int k = 0; k < mc::kMaxSlots; ++k) {
+    const std::string slot = name + ": state " + std::to_string(k);
+    if (got.q8)
+      expect(bits_equal(got.code[k], want.code[k]) && bits_equal(got.scale[k], want.scale[k]), slot + " codes");
+    else
+      expect(bits_equal(got.state[k], want.state[k]), slot);
+  }
   expect(bits_equal(got.tan, want.tan), name + ": tangent rows");
   for (size_t r = 0; r < got.dot_out.size(); ++r) {
     const double d = std::fabs(got.dot_out[r] - want.dot_out[r]);
@@ -222,7 +277,7 @@ void compare(const Bucket<P>& got, const Bucket<P>& want, const std::string& nam
 template <typename P>
 mc::Plan check_case(const std::string& name, const std::vector<Seg>& segs, const Config& cfg,
                     uint64_t seed = 1) {
-  Bucket<P> got(segs, __builtin_popcount(cfg.learn), seed);
+  Bucket<P> got(segs, __builtin_popcount(cfg.learn), seed, cfg);
   Bucket<P> want = got;
   mc::Plan plan;
   const auto t0 = std::chrono::steady_clock::now();
@@ -279,6 +334,33 @@ void dtype_cases(const char* name) {
   check_case<P>(n + " diffmod+scale", mixed_layout(), adamod, 6);
 }
 
+// 8-bit state: blocks past a segment's end (padding codes that nothing may
+// touch), segments spanning chunks, misaligned params and grads (the scalar
+// path), every MADA term with a dot, AdaMod and DiffMod.
+template <typename P>
+void q8_cases(const char* name) {
+  const std::string n(name);
+  const std::vector<Seg> layout{{4097}, {300, 1}, {5003}, {256, 0, 3}, {2048}, {7001}};
+  Config all;
+  all.q8 = true;
+  all.variant = 31;
+  all.learn = 63;
+  all.dot = all.scale = true;
+  const mc::Plan plan = check_case<P>(n + " 8-bit mada all+dot+scale", layout, all, 11);
+  expect(plan.launches[0].s.vstart[1] % mc::kQ8BlockElems == 0 && vector_path(plan, 0, 0) && !vector_path(plan, 0, 1),
+         n + " 8-bit: blocks and the vector/scalar split");
+  Config plain;
+  plain.q8 = true;
+  plain.variant = mc::kHasMod;
+  check_case<P>(n + " 8-bit mada clip", layout, plain, 12);
+  Config adamod;
+  adamod.q8 = true;
+  adamod.op = mc::kAdamodStep;
+  adamod.variant = 1;
+  adamod.maximize = true;
+  check_case<P>(n + " 8-bit diffmod+maximize", layout, adamod, 13);
+}
+
 // More than kMaxSeg (600) segments: two launches, one block index space of
 // slots. Each chunk spans about 30 segments, each with its own scalars.
 void many_segments() {
@@ -303,6 +385,9 @@ void found_inf() {
   c.learn = 63;
   c.dot = c.scale = c.found_inf = true;
   check_case<float>("f32 found_inf: no change", mixed_layout(), c);
+  c.q8 = true;
+  check_case<float>("f32 8-bit found_inf: no change", {{4097}, {300}}, c);
+  c.q8 = false;
   c.op = mc::kAdamodStep;
   c.variant = 1;
   c.learn = 0;
@@ -406,6 +491,9 @@ int main(int argc, char** argv) {
   dtype_cases<double>("f64");
   dtype_cases<__nv_bfloat16>("bf16");
   dtype_cases<__half>("f16");
+  q8_cases<float>("f32");
+  q8_cases<__nv_bfloat16>("bf16");
+  q8_cases<__half>("f16");
   many_segments();
   found_inf();
   device_restore();
