@@ -407,6 +407,18 @@ def test_cuda_kernels_store_the_cpu_codes(dtype, case, extra):
     assert ob.state[pb[-1]]["m"].dtype == torch.uint8
 
 
+@needs_cuda_on_cpu
+def test_cuda_kernels_store_8bit_tangent_rows():
+    """spec 5.5 on the CUDA kernels (on the host): learned MADA's rows as the reference's codes
+    and scales (a code apart where a row's fp32 value, an ulp apart by spec section 6, sits on a
+    rounding boundary) over the reference's state codes; the dot reads them back decoded."""
+    grads = _grads(2)
+    a = stored(*_run("mada_full", grads, "reference", tangent_dtype="8bit"))
+    b = stored(*_run("mada_full", grads, "cuda_on_cpu", tangent_dtype="8bit"))
+    assert b[(0, "tangents")].dtype == torch.uint8 and b[(0, "tangents")].any()
+    _assert_same_state(a, b, adamod=False)
+
+
 @pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu),
                                      pytest.param("cuda_on_cpu", marks=needs_cuda_on_cpu)])
 def test_fused_grad_scaler_skip_stores_nothing(backend):

@@ -6,9 +6,10 @@
 // Execution model. A launch runs its grid block after block; each block's
 // threads are real, concurrent std::threads, so a missing __syncthreads() is a
 // real data race and ThreadSanitizer reports it. __syncthreads() is a barrier
-// of the block's threads, __shfl_down_sync and __shfl_xor_sync exchanges among the
-// 32 lanes of a warp, and __shared__ variables (MADA_SHARED) are allocated per block, one
-// heap object each, so AddressSanitizer sees an overrun. A thread that returns
+// of the block's threads, __syncwarp one of a warp's lanes, __shfl_down_sync and
+// __shfl_xor_sync exchanges among them, and __shared__ variables (MADA_SHARED)
+// are allocated per block, one heap object each, so AddressSanitizer sees an
+// overrun. A thread that returns
 // stops counting at barriers (as on sm_70+), so a kernel's early exit does not
 // hang the others. Launches are synchronous; the stream is ignored. Memory is
 // host memory: a "device pointer" is any host address.
@@ -213,6 +214,8 @@ class Block {
   template <class T>
   T shfl_xor(T v, unsigned mask) { return exchange(v, (threadIdx.x & 31u) ^ mask); }
 
+  void syncwarp() { warps_[threadIdx.x >> 5].sync.arrive_and_wait(); }
+
   // Storage of the __shared__ variable declared at `site`, the same object for
   // every thread of this block; fresh (uninitialised) for the next block.
   void* shared(const void* site, std::size_t size, std::size_t align) {
@@ -362,6 +365,7 @@ template <class T>
 T __shfl_down_sync(unsigned /*mask*/, T v, unsigned delta) {
   return cuda_on_cpu::this_block->shfl_down(v, delta);
 }
+inline void __syncwarp(unsigned /*mask*/ = 0xffffffffu) { cuda_on_cpu::this_block->syncwarp(); }
 template <class T>
 T __shfl_xor_sync(unsigned /*mask*/, T v, int mask) {
   return cuda_on_cpu::this_block->shfl_xor(v, unsigned(mask));

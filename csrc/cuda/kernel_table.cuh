@@ -22,9 +22,11 @@ void launch(const Args& a, int64_t blocks, void* stream) {
 // The launcher of one pass, or null where a storage of what the pass never
 // touches (state: SK, tangent rows: TK) would only repeat a plainer table's
 // kernel: execute() takes such passes from the table without that storage.
+// 8-bit rows go with 8-bit state (abi.h): without it only their dot runs.
 template <typename P, int SK, int TK, class Op>
 constexpr LaunchFn launcher() {
-  if constexpr ((SK != kStoreCompute && !Op::kUpdate) || (TK != kStoreCompute && !Op::kMayDot))
+  if constexpr ((SK != kStoreCompute && !Op::kUpdate) || (TK != kStoreCompute && !Op::kMayDot) ||
+                (TK == kStoreQ8 && SK != kStoreQ8 && Op::kUpdate))
     return nullptr;
   else
     return &launch<P, SK, TK, Op>;

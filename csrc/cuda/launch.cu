@@ -26,9 +26,11 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // The table of parameter dtype D for state stored as sk and tangent rows as tk
-// (Storage; 8-bit rows only over 8-bit state, abi.h).
+// (Storage; 8-bit rows only over 8-bit state, abi.h, whose dot pass, which
+// reads no state, takes the table of compute-type state).
 template <int D>
 const KernelTable& table_for(int sk, int tk) {
+  if (tk == kStoreQ8) return sk == kStoreQ8 ? table<D, kStoreQ8, kStoreQ8>() : table<D, kStoreCompute, kStoreQ8>();
   if (sk == kStoreQ8) return tk == kStoreBf16 ? table<D, kStoreQ8, kStoreBf16>() : table<D, kStoreQ8, kStoreCompute>();
   if (sk == kStoreBf16)
     return tk == kStoreBf16 ? table<D, kStoreBf16, kStoreBf16>() : table<D, kStoreBf16, kStoreCompute>();

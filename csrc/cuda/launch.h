@@ -48,7 +48,8 @@ struct Common {
   void* buf[kMaxSlots];     // flat state buffers in abi.h's slot order (Call::state_dtype); null when unused
   float* scales[kMaxSlots]; // Call::scales: 8-bit state's block scales, else null
   void* tan;                // (n_learn, tan_stride) tangent rows (Call::tangent_dtype)
-  float* tan_scales;        // 8-bit tangent rows' block scales, else null
+  float* tan_scales;        // (n_learn, tan_scale_stride) 8-bit tangent rows' block scales, else null
+  int64_t tan_scale_stride;
   int64_t tan_stride;
   double* slots;            // (n_learn, slot_stride) per-block partial dot products
   int64_t slot_stride;      // total blocks of this call (all launches)

@@ -23,9 +23,6 @@ int64_t chunk_for(int64_t total) {
 }  // namespace
 
 Request make_request(const Call& checked) {
-  if (checked.tangent_dtype == kQ8)
-    throw std::invalid_argument("the CUDA kernels do not store 8-bit tangent rows; "
-                                "tangent_dtype='8bit' runs on the cpu, triton and reference backends");
   Request r;
   r.call = checked;
   r.n_learn = num_learned(checked.learn_mask);
@@ -43,6 +40,8 @@ Request make_request(const Call& checked) {
   c.found_inf = checked.found_inf;
   c.tan = checked.tangents;
   c.tan_stride = checked.tan_stride;
+  c.tan_scales = static_cast<float*>(checked.tan_scales);
+  c.tan_scale_stride = checked.tan_scale_stride;
   for (int i = 0; i < kNumConsts; ++i) c.k[i] = checked.consts[i];
   c.learn_mask = checked.learn_mask;
   c.maximize = checked.maximize != 0;
@@ -57,7 +56,7 @@ Plan make_plan(const Request& r) {
   const Call& call = r.call;
   const int ssize = call.dtype == kF64 ? 8 : 4;  // compute dtype
   const int bsize = call.state_dtype == kBF16 ? 2 : call.state_dtype == kQ8 ? 1 : ssize;  // state buffers
-  const int tsize = call.tangent_dtype == kBF16 ? 2 : ssize;  // tangent rows
+  const int tsize = call.tangent_dtype == kBF16 ? 2 : call.tangent_dtype == kQ8 ? 1 : ssize;  // tangent rows
   const bool update = call.op != kMadaDot;
   const bool tangents = r.c.tan != nullptr;  // the check keeps it only for passes that use it
   // 8-bit codes: every segment starts a block of the launch's index space (step_kernel).

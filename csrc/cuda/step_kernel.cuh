@@ -1,6 +1,6 @@
 // The fused step kernel: one template serves MADA (32 state/tangent variants), its
-// dot-only pass and AdaMod/DiffMod, with fp32/fp64, bf16 or 8-bit state and fp32/fp64
-// or bf16 tangent rows. The
+// dot-only pass and AdaMod/DiffMod, with fp32/fp64, bf16 or 8-bit state and tangent
+// rows. The
 // per-element math is mada_math.h; this file only moves memory: chunked schedule,
 // 16-byte vector loads, deterministic partial sums. Included by kernel_table.cuh (the per-dtype kernel files) and launch.cu.
 #pragma once
@@ -29,10 +29,12 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_state<__nv_bfloat16>(f
 template <> __device__ __forceinline__ __half from_state<__half>(float x) { return __float2half_rn(x); }
 
 // Which of a unit's N elements exist and how they move: the first `valid`
-// (fewer only in a segment's last unit), as 16-byte (8-byte for 8-bit codes)
+// (fewer only in an 8-bit block's tail), as 16-byte (8-byte for 8-bit codes)
 // words when `vec` (every stream of the segment is aligned: the planner's bit)
-// and the unit is whole, else one by one. One unit code serves both, so each
-// kernel compiles its element math once.
+// and the unit is whole, else one by one. The 16-byte units and the one-element
+// ones of other storage pass constants, so each compiles only its own path (a
+// unit with both kept more registers live: spills in most bf16-row variants);
+// an 8-bit block's unit decides at run time, so its element math compiles once.
 struct Span {
   int valid;
   bool vec;
@@ -42,16 +44,17 @@ struct Span {
 template <int N, typename T>
 __device__ __forceinline__ void load(const T* p, T (&out)[N], Span sp) {
   constexpr int bytes = N * sizeof(T) < 16 ? int(N * sizeof(T)) : 16;
-  static_assert(bytes == 8 || bytes == 16, "a unit fills whole 8- or 16-byte words");
   using Word = std::conditional_t<bytes == 16, uint4, uint2>;
   constexpr int per = bytes / sizeof(T);
-  if (sp.vec && sp.valid >= N) {
+  if constexpr (bytes == 8 || bytes == 16) {  // whole words (a one-element unit never has them)
+    if (sp.vec && sp.valid >= N) {
 #pragma unroll
-    for (int w = 0; w < N / per; ++w) {
-      const Word raw = reinterpret_cast<const Word*>(p)[w];
-      memcpy(&out[w * per], &raw, bytes);  // register bit-cast, no memory traffic
+      for (int w = 0; w < N / per; ++w) {
+        const Word raw = reinterpret_cast<const Word*>(p)[w];
+        memcpy(&out[w * per], &raw, bytes);  // register bit-cast, no memory traffic
+      }
+      return;
     }
-    return;
   }
 #pragma unroll
   for (int j = 0; j < N; ++j) out[j] = j < sp.valid ? p[j] : T{};
@@ -62,14 +65,16 @@ __device__ __forceinline__ void store(T* p, const T (&in)[N], Span sp) {
   constexpr int bytes = N * sizeof(T) < 16 ? int(N * sizeof(T)) : 16;
   using Word = std::conditional_t<bytes == 16, uint4, uint2>;
   constexpr int per = bytes / sizeof(T);
-  if (sp.vec && sp.valid >= N) {
+  if constexpr (bytes == 8 || bytes == 16) {
+    if (sp.vec && sp.valid >= N) {
 #pragma unroll
-    for (int w = 0; w < N / per; ++w) {
-      Word raw;
-      memcpy(&raw, &in[w * per], bytes);
-      reinterpret_cast<Word*>(p)[w] = raw;
+      for (int w = 0; w < N / per; ++w) {
+        Word raw;
+        memcpy(&raw, &in[w * per], bytes);
+        reinterpret_cast<Word*>(p)[w] = raw;
+      }
+      return;
     }
-    return;
   }
 #pragma unroll
   for (int j = 0; j < N; ++j)
@@ -88,18 +93,19 @@ __device__ __forceinline__ uint32_t warp_max(uint32_t x) {
 
 // How state (Call::state_dtype) and tangent rows (Call::tangent_dtype) are
 // stored (launch.h: Storage). `type` is what a unit holds between fetch(),
-// which reads M stored elements from flat index i of a buffer, and keep(),
-// which writes them back; load() and put() convert one element to and from the
-// compute type S around the element math, and round() is the math's storage
-// policy (mada_math.h) for the element at flat index `index`.
+// which reads M stored elements from index i of a buffer, and keep(), which
+// writes them back (8-bit codes: with their block's scale, scales[si]); load()
+// and put() convert one element to and from the compute type S around the
+// element math, and round() is the math's storage policy (mada_math.h) for the
+// element at flat index `index`.
 template <typename T>
 struct Moved {  // stored as `type` itself
   template <int M>
-  __device__ static void fetch(const void* base, const float*, int64_t i, T (&v)[M], Span sp, bool) {
+  __device__ static void fetch(const void* base, int64_t i, const float*, int64_t, T (&v)[M], Span sp, bool) {
     load(static_cast<const T*>(base) + i, v, sp);
   }
   template <int M>
-  __device__ static void keep(void* base, float*, int64_t i, const T (&v)[M], Span sp, bool) {
+  __device__ static void keep(void* base, int64_t i, float*, int64_t, const T (&v)[M], Span sp, bool) {
     store(static_cast<T*>(base) + i, v, sp);
   }
 };
@@ -139,13 +145,14 @@ struct Stored<float, kStoreBf16> : Moved<uint16_t> {
     return mada::StoreBf16Sr{key, uint64_t(index)};
   }
 };
-// 8-bit codes with one fp32 scale per 256-element block (docs/spec.md section
-// 5.4): a unit holds its elements decoded, and the math computes on them as on
-// fp32 state. A block is one warp's unit (8 elements per lane), so keep() forms
-// its scale from the new values of all its elements with one warp reduction
-// and encodes each value once; elements past the segment's end count as 0.
-// Every lane reads the block's old scale before the reduction, which lane 0's
-// store of the new one follows. sgn: the buffer takes the signed (E4M3) map.
+// 8-bit codes with one fp32 scale per 256-element block (docs/spec.md sections
+// 5.4 and 5.5): a unit holds its elements decoded, and the math computes on
+// them as on fp32 state. A block is one warp's unit (8 elements per lane), so
+// keep() forms its scale from the new values of all its elements with one warp
+// reduction and encodes each value once; elements past the segment's end count
+// as 0 and keep their codes. Every lane reads the block's old scale, then the
+// warp synchronises, then lane 0 stores the new one. sgn: the buffer takes the
+// signed (E4M3) map.
 template <>
 struct Stored<float, kStoreQ8> {
   using type = float;
@@ -154,15 +161,17 @@ struct Stored<float, kStoreQ8> {
   __device__ static float put(float x) { return x; }
   __device__ static mada::StoreExact round(const uint32_t*, int64_t) { return {}; }
   template <int M>
-  __device__ static void fetch(const void* base, const float* scales, int64_t i, float (&v)[M], Span sp, bool sgn) {
+  __device__ static void fetch(const void* base, int64_t i, const float* scales, int64_t si, float (&v)[M], Span sp,
+                               bool sgn) {
     uint8_t code[M];
     mada_cuda::load(static_cast<const uint8_t*>(base) + i, code, sp);
-    const float scale = scales[i / kQ8BlockElems];
+    const float scale = scales[si];
 #pragma unroll
     for (int q = 0; q < M; ++q) v[q] = mada::q8_decode(code[q], scale, sgn);
   }
   template <int M>
-  __device__ static void keep(void* base, float* scales, int64_t i, const float (&v)[M], Span sp, bool sgn) {
+  __device__ static void keep(void* base, int64_t i, float* scales, int64_t si, const float (&v)[M], Span sp,
+                              bool sgn) {
     static_assert(M * 32 == kQ8BlockElems, "a warp's unit is one block");
     uint32_t top = 0;  // the largest |value|'s bits, an inf or NaN as inf: integers order them
 #pragma unroll
@@ -181,7 +190,8 @@ struct Stored<float, kStoreQ8> {
 #pragma unroll
     for (int q = 0; q < M; ++q) code[q] = uint8_t(mada::q8_encode(v[q], scale, sgn));
     mada_cuda::store(static_cast<uint8_t*>(base) + i, code, sp);
-    if ((threadIdx.x & 31) == 0) scales[i / kQ8BlockElems] = scale;
+    __syncwarp();  // every lane's read of the old scale (a tangent row's feeds no shuffle) comes first
+    if ((threadIdx.x & 31) == 0) scales[si] = scale;
   }
 };
 
@@ -337,12 +347,15 @@ __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k
   for (int h = 0; h < N; h += M) {
     const int64_t e = soff + i + h;  // flat state index
     const Span sub{sp.valid - h, sp.vec};
-    // Tangent row of coefficient j is its rank among the learned ones (abi.h).
-    int64_t trow[kNumCoef] = {};
+    // Tangent row of coefficient j is its rank among the learned ones (abi.h);
+    // tsi[j]: the index of its block's scale (8-bit rows).
+    R* trow[kNumCoef] = {};
+    int64_t tsi[kNumCoef] = {};
     if constexpr (Op::kMayDot || Op::kTan) {
 #pragma unroll
       for (int j = 0, r = 0; j < kNumCoef; ++j) {
-        trow[j] = r * c.tan_stride + e;
+        trow[j] = static_cast<R*>(c.tan) + r * c.tan_stride + e;
+        if constexpr (TK == kStoreQ8) tsi[j] = r * c.tan_scale_stride + e / kQ8BlockElems;
         r += (c.learn_mask >> j) & 1u;
       }
     }
@@ -353,7 +366,7 @@ __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k
 #pragma unroll
         for (int w = 0; w < M; w += TW) {
           R t[TW];
-          Tt::fetch(c.tan, c.tan_scales, trow[j] + w, t, Span{sub.valid - w, sp.vec}, true);
+          Tt::fetch(trow[j] + w, 0, c.tan_scales, tsi[j], t, Span{sub.valid - w, sp.vec}, true);
 #pragma unroll
           for (int q = 0; q < TW; ++q)
             if (w + q < sub.valid) acc[j] = fma(double(g[h + w + q]), double(Tt::load(t[q])), acc[j]);
@@ -364,7 +377,8 @@ __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k
       W st[kMaxSlots][M] = {};
 #pragma unroll
       for (int b = 0; b < kMaxSlots; ++b)
-        if ((Op::kBufMask >> b) & 1u) St::fetch(c.buf[b], c.scales[b], e, st[b], sub, !((Op::kUnsigned >> b) & 1u));
+        if ((Op::kBufMask >> b) & 1u)
+          St::fetch(c.buf[b], e, c.scales[b], e / kQ8BlockElems, st[b], sub, !((Op::kUnsigned >> b) & 1u));
 #pragma unroll
       for (int w = 0; w < M; w += TW) {
         R tan[kNumCoef][TW];
@@ -387,12 +401,13 @@ __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k
 #pragma unroll
           for (int j = 0; j < kNumCoef; ++j)
             if ((c.learn_mask >> j) & 1u)
-              Tt::keep(c.tan, c.tan_scales, trow[j] + w, tan[j], Span{sub.valid - w, sp.vec}, true);
+              Tt::keep(trow[j] + w, 0, c.tan_scales, tsi[j], tan[j], Span{sub.valid - w, sp.vec}, true);
         }
       }
 #pragma unroll
       for (int b = 0; b < kMaxSlots; ++b)
-        if ((Op::kBufMask >> b) & 1u) St::keep(c.buf[b], c.scales[b], e, st[b], sub, !((Op::kUnsigned >> b) & 1u));
+        if ((Op::kBufMask >> b) & 1u)
+          St::keep(c.buf[b], e, c.scales[b], e / kQ8BlockElems, st[b], sub, !((Op::kUnsigned >> b) & 1u));
     }
   }
   if constexpr (Op::kUpdate) {
@@ -484,14 +499,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __g
                                    Span{left < 0 ? 0 : left < L ? int(left) : L, vec});
       }
     } else {
-      // At least one 16-byte word of params, of stored state and of stored tangents per unit.
-      constexpr int narrow = sizeof(P) < Stored<S, SK>::kBytes ? sizeof(P) : Stored<S, SK>::kBytes;
-      constexpr int U = 16 / (narrow < Stored<S, TK>::kBytes ? narrow : Stored<S, TK>::kBytes);
-      static_assert(kPad % U == 0, "a0 must start a unit");
-      for (int64_t i = a0 + int64_t(threadIdx.x) * U; i < a1; i += int64_t(kThreads) * U) {
-        const int64_t left = a1 - i;
-        run_unit<P, SK, TK, Op, U>(c, k, param, grad, off, i, dot, scale, acc, Span{left < U ? int(left) : U, vec});
+      int64_t tail = a0;
+      if (vec) {
+        // At least one 16-byte word of params, of stored state and of stored tangents per unit.
+        constexpr int narrow = sizeof(P) < Stored<S, SK>::kBytes ? sizeof(P) : Stored<S, SK>::kBytes;
+        constexpr int U = 16 / (narrow < Stored<S, TK>::kBytes ? narrow : Stored<S, TK>::kBytes);
+        static_assert(kPad % U == 0, "a0 must start a unit");
+        const int64_t u1 = a1 / U;
+        for (int64_t u = a0 / U + threadIdx.x; u < u1; u += kThreads)
+          run_unit<P, SK, TK, Op, U>(c, k, param, grad, off, u * U, dot, scale, acc, Span{U, true});
+        tail = u1 * U;
       }
+      for (int64_t i = tail + threadIdx.x; i < a1; i += kThreads)
+        run_unit<P, SK, TK, Op, 1>(c, k, param, grad, off, i, dot, scale, acc, Span{1, false});
     }
   }
 

@@ -59,6 +59,7 @@ struct Config {
   bool vbar_detach = false;
   double beta3 = 0.999;  // AdaMod's
   bool q8 = false;       // 8-bit state (fp32 compute only)
+  bool q8_rows = false;  // and 8-bit tangent rows
 };
 
 // 8-bit state's map of slot k (docs/spec.md 5.4): E5M3 for v, vb, s (AdaMod's v, s).
@@ -74,15 +75,18 @@ struct Bucket {
   int64_t state_numel = 0, tan_stride = 0;
   std::vector<Buf<P>> param, grad;  // per segment: pmis + numel + kGuard elements
   Buf<S> state[mc::kMaxSlots], tan;
-  bool q8;  // the state is codes (8-bit state): `state` is the decoding scratch of reference()
-  Buf<uint8_t> code[mc::kMaxSlots];
-  Buf<float> scale[mc::kMaxSlots];
+  // 8-bit state (rows): the codes and block scales; `state` (`tan`) is the decoding scratch of reference().
+  bool q8, q8_rows;
+  Buf<uint8_t> code[mc::kMaxSlots], tcode;
+  Buf<float> scale[mc::kMaxSlots], tscale;
+  int64_t tan_scale_stride = 0;
   std::vector<double> coef{0.9, 0.999, 0.3, 0.6, 0.7, 0.8}, lr{1e-2, 3e-3}, wd{0.0, 0.1}, steps;
   float grad_scale = 512.0f, found_inf = 1.0f;
   std::vector<double> dot_out;
   static constexpr int kGuard = 3;  // elements after each segment that nothing may touch
 
-  Bucket(std::vector<Seg> s, int n_learn, uint64_t seed, const Config& cfg = {}) : segs(std::move(s)), q8(cfg.q8) {
+  Bucket(std::vector<Seg> s, int n_learn, uint64_t seed, const Config& cfg = {})
+      : segs(std::move(s)), q8(cfg.q8), q8_rows(cfg.q8_rows) {
     Rng rng(seed);
     const int64_t block = mc::kQ8BlockElems;
     for (const Seg& g : segs) {
@@ -106,32 +110,54 @@ struct Bucket {
       code[b] = Buf<uint8_t>(state_numel);  // padding past a segment holds garbage nothing may touch
       for (uint8_t& x : code[b]) x = uint8_t(rng.below(256));
       scale[b] = Buf<float>(state_numel / block);
-      for (size_t i = 0; i < segs.size(); ++i) encode(b, i, q8_signed(cfg, b));
+      for (size_t i = 0; i < segs.size(); ++i) encode(state[b].data(), code[b].data(), scale[b].data(), i, q8_signed(cfg, b));
     }
-    tan_stride = state_numel + (state_numel % 4 ? 4 - state_numel % 4 : 0);
+    // 8-bit rows: a stride of whole blocks, their scales' one block longer than needed.
+    tan_stride = q8_rows ? state_numel : state_numel + (state_numel % 4 ? 4 - state_numel % 4 : 0);
     tan = Buf<S>(size_t(n_learn) * size_t(tan_stride));
     fill(tan, rng, -1.0, 1.0);
+    if (q8_rows) {
+      tan_scale_stride = state_numel / block + 1;
+      tcode = Buf<uint8_t>(tan.size());
+      for (uint8_t& x : tcode) x = uint8_t(rng.below(256));
+      tscale = Buf<float>(size_t(n_learn) * size_t(tan_scale_stride), 1.0f);
+      rows(false);
+    }
     dot_out.assign(size_t(n_learn), 0.25);
   }
-  // Segment s's values of slot b as codes and scales, block by block over its elements.
-  void encode(int b, size_t s, bool sgn) {
+  // Segment s's values x (a state buffer or a tangent row, in flat state order) as codes
+  // and the scales of its blocks, block by block over its elements (docs/spec.md 5.4).
+  void encode(const S* x, uint8_t* code, float* scale, size_t s, bool sgn) {
     const int64_t block = mc::kQ8BlockElems;
     for (int64_t lo = 0; lo < segs[s].numel; lo += block) {
       const int64_t e0 = offset[s] + lo, n = std::min(block, segs[s].numel - lo);
       float amax = 0.0f;
       bool finite = true;
       for (int64_t j = 0; j < n; ++j) {
-        amax = std::max(amax, std::fabs(float(state[b][e0 + j])));
-        finite = finite && std::isfinite(float(state[b][e0 + j]));
+        amax = std::max(amax, std::fabs(float(x[e0 + j])));
+        finite = finite && std::isfinite(float(x[e0 + j]));
       }
       const float sc = mada::q8_scale(amax, finite);
-      scale[b][e0 / block] = sc;
-      for (int64_t j = 0; j < n; ++j) code[b][e0 + j] = uint8_t(mada::q8_encode(float(state[b][e0 + j]), sc, sgn));
+      scale[e0 / block] = sc;
+      for (int64_t j = 0; j < n; ++j) code[e0 + j] = uint8_t(mada::q8_encode(float(x[e0 + j]), sc, sgn));
     }
   }
-  void decode(int b, bool sgn) {
-    for (int64_t e = 0; e < state_numel; ++e)
-      state[b][e] = S(mada::q8_decode(code[b][e], scale[b][e / mc::kQ8BlockElems], sgn));
+  void decode(S* x, const uint8_t* code, const float* scale, bool sgn) {
+    for (int64_t e = 0; e < state_numel; ++e) x[e] = S(mada::q8_decode(code[e], scale[e / mc::kQ8BlockElems], sgn));
+  }
+  void decode(int b, bool sgn) { decode(state[b].data(), code[b].data(), scale[b].data(), sgn); }
+  void encode(int b, bool sgn) {
+    for (size_t s = 0; s < segs.size(); ++s) encode(state[b].data(), code[b].data(), scale[b].data(), s, sgn);
+  }
+  // Every 8-bit tangent row (signed codes) decoded into `tan`, or encoded from it.
+  void rows(bool decoding) {
+    for (size_t r = 0; r < tan.size() / size_t(tan_stride); ++r) {
+      S* x = tan.data() + r * tan_stride;
+      float* sc = tscale.data() + r * tan_scale_stride;
+      if (decoding) decode(x, tcode.data() + r * tan_stride, sc, true);
+      else
+        for (size_t s = 0; s < segs.size(); ++s) encode(x, tcode.data() + r * tan_stride, sc, s, true);
+    }
   }
   P* param_at(size_t s) { return param[s].data() + segs[s].pmis; }
   P* grad_at(size_t s) { return grad[s].data() + segs[s].gmis; }
@@ -150,7 +176,7 @@ void run_kernels(Bucket<P>& b, const Config& cfg, mc::Plan* plan_out = nullptr) 
   call.variant = uint32_t(cfg.variant);
   call.dtype = dtype_code<P>();
   call.state_dtype = cfg.q8 ? mc::kQ8 : call.dtype == mc::kF64 ? mc::kF64 : mc::kF32;
-  call.tangent_dtype = call.dtype == mc::kF64 ? mc::kF64 : mc::kF32;  // rows in the compute dtype
+  call.tangent_dtype = cfg.q8_rows ? mc::kQ8 : call.dtype == mc::kF64 ? mc::kF64 : mc::kF32;
   call.learn_mask = cfg.learn;
   call.maximize = cfg.maximize;
   call.vbar_detach = cfg.vbar_detach;
@@ -165,8 +191,10 @@ void run_kernels(Bucket<P>& b, const Config& cfg, mc::Plan* plan_out = nullptr) 
     call.state[k] = b.q8 ? static_cast<void*>(b.code[k].data()) : b.state[k].data();
     call.scales[k] = b.q8 ? b.scale[k].data() : nullptr;
   }
-  call.tangents = cfg.learn ? b.tan.data() : nullptr;
+  call.tangents = !cfg.learn ? nullptr : b.q8_rows ? static_cast<void*>(b.tcode.data()) : b.tan.data();
   call.tan_stride = b.tan_stride;
+  call.tan_scales = b.q8_rows ? b.tscale.data() : nullptr;
+  call.tan_scale_stride = b.tan_scale_stride;
   const double mada[] = {cfg.eps, cfg.mod_beta, cfg.lion_b1, cfg.lion_b2};
   const double adamod[] = {b.coef[0], b.coef[1], cfg.beta3, cfg.eps};
   std::memcpy(call.consts, cfg.op == mc::kAdamodStep ? adamod : mada, sizeof call.consts);
@@ -204,6 +232,7 @@ void reference(Bucket<P>& b, const Config& cfg) {
   if (b.q8)
     for (int k = 0; k < mc::kMaxSlots; ++k)
       if ((used >> k) & 1u) b.decode(k, q8_signed(cfg, k));
+  if (b.q8_rows) b.rows(true);
   const int n_learn = __builtin_popcount(cfg.learn);
   std::vector<double> dot(size_t(n_learn), 0.0);
   const bool update = cfg.op != mc::kMadaDot;
@@ -250,8 +279,8 @@ void reference(Bucket<P>& b, const Config& cfg) {
     for (int r = 0; r < n_learn; ++r) b.dot_out[r] += dot[r];
   if (b.q8)
     for (int k = 0; k < mc::kMaxSlots; ++k)
-      if ((used >> k) & 1u)
-        for (size_t s = 0; s < b.segs.size(); ++s) b.encode(k, s, q8_signed(cfg, k));
+      if ((used >> k) & 1u) b.encode(k, q8_signed(cfg, k));
+  if (b.q8_rows && tangents) b.rows(false);
 }
 
 template <typename P>
@@ -266,7 +295,10 @@ void compare(const Bucket<P>& got, const Bucket<P>& want, const std::string& nam
     else
       expect(bits_equal(got.state[k], want.state[k]), slot);
   }
-  expect(bits_equal(got.tan, want.tan), name + ": tangent rows");
+  if (got.q8_rows)
+    expect(bits_equal(got.tcode, want.tcode) && bits_equal(got.tscale, want.tscale), name + ": tangent row codes");
+  else
+    expect(bits_equal(got.tan, want.tan), name + ": tangent rows");
   for (size_t r = 0; r < got.dot_out.size(); ++r) {
     const double d = std::fabs(got.dot_out[r] - want.dot_out[r]);
     expect(d <= 1e-12 * (1.0 + std::fabs(want.dot_out[r])) * double(got.state_numel + 1),
@@ -336,23 +368,36 @@ void dtype_cases(const char* name) {
 
 // 8-bit state: blocks past a segment's end (padding codes that nothing may
 // touch), segments spanning chunks, misaligned params and grads (the scalar
-// path), every MADA term with a dot, AdaMod and DiffMod.
+// path); every MADA term with a dot, 8-bit tangent rows read by a dot and
+// written, their dot pass, and (fp32 only) the clip alone and DiffMod.
 template <typename P>
-void q8_cases(const char* name) {
+void q8_cases(const char* name, bool all_cases) {
   const std::string n(name);
-  const std::vector<Seg> layout{{4097}, {300, 1}, {5003}, {256, 0, 3}, {2048}, {7001}};
-  Config all;
-  all.q8 = true;
-  all.variant = 31;
-  all.learn = 63;
-  all.dot = all.scale = true;
-  const mc::Plan plan = check_case<P>(n + " 8-bit mada all+dot+scale", layout, all, 11);
+  const std::vector<Seg> layout{{4097}, {300, 1}, {256, 0, 3}, {2600}};
+  Config every;
+  every.q8 = true;
+  every.variant = 31;
+  every.learn = 63;
+  every.dot = every.scale = true;
+  const mc::Plan plan = check_case<P>(n + " 8-bit mada all+dot+scale", layout, every, 11);
   expect(plan.launches[0].s.vstart[1] % mc::kQ8BlockElems == 0 && vector_path(plan, 0, 0) && !vector_path(plan, 0, 1),
          n + " 8-bit: blocks and the vector/scalar split");
-  Config plain;
-  plain.q8 = true;
-  plain.variant = mc::kHasMod;
-  check_case<P>(n + " 8-bit mada clip", layout, plain, 12);
+  Config rows = every;  // 8-bit tangent rows: read for the dot, then written
+  rows.q8_rows = true;
+  rows.variant = mc::kTangents | mc::kHasBeta3 | mc::kHasLion;
+  rows.learn = 0b100101;
+  check_case<P>(n + " 8-bit rows mada subset+dot", layout, rows, 14);
+  if (!all_cases) return;
+  Config dot;
+  dot.q8 = dot.q8_rows = true;
+  dot.op = mc::kMadaDot;
+  dot.learn = 0b110000;
+  dot.dot = dot.scale = true;
+  check_case<P>(n + " 8-bit rows dot pass", layout, dot, 15);
+  Config clip;
+  clip.q8 = true;
+  clip.variant = mc::kHasMod;
+  check_case<P>(n + " 8-bit mada clip", layout, clip, 12);
   Config adamod;
   adamod.q8 = true;
   adamod.op = mc::kAdamodStep;
@@ -491,9 +536,9 @@ int main(int argc, char** argv) {
   dtype_cases<double>("f64");
   dtype_cases<__nv_bfloat16>("bf16");
   dtype_cases<__half>("f16");
-  q8_cases<float>("f32");
-  q8_cases<__nv_bfloat16>("bf16");
-  q8_cases<__half>("f16");
+  q8_cases<float>("f32", true);
+  q8_cases<__nv_bfloat16>("bf16", false);
+  q8_cases<__half>("f16", false);
   many_segments();
   found_inf();
   device_restore();
