@@ -31,7 +31,9 @@ Q8, BF16, F32 = "8bit", torch.bfloat16, torch.float32
 FROZEN = {n: 0.0 for n in COEFFICIENTS}  # hyper_lr: learned (rows stored), never moving
 # Odd sizes (a partial last block, padding between parameters) and one under MIN_NUMEL.
 SHAPES = [(4097,), (70, 81), (300,)]
-BACKENDS = ["reference", pytest.param("cpu", marks=needs_cpu), pytest.param("triton", marks=needs_triton)]
+# The Triton interpreter is slow (CI's budget): Triton runs in one test, on fewer elements.
+BACKENDS = ["reference", pytest.param("cpu", marks=needs_cpu)]
+SMALL = [(4097,), (300,)]
 
 
 def _grads(steps: int, shapes=SHAPES, seed: int = 0):
@@ -55,9 +57,8 @@ def _decoded(opt, p) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_stored_rows_are_the_quantized_fp32_rows(backend, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read per call: Triton on CPU tensors interprets
-    grads = _grads(2 if backend == "triton" else 4)
+def test_stored_rows_are_the_quantized_fp32_rows(backend):
+    grads = _grads(3)
     f32, params32 = _run(backend, grads, tangent_dtype=F32, hyper_lr=FROZEN)
     q8, params8 = _run(backend, grads, hyper_lr=FROZEN)
     assert {b.name for b in q8._backend_for.values()} == {backend}
@@ -80,19 +81,19 @@ def test_stored_rows_are_the_quantized_fp32_rows(backend, monkeypatch):
 ORDERS = [
     *(pytest.param("reference", order, id=f"reference-{order}") for order in ("lagged", "exact")),
     *(pytest.param("cpu", order, marks=needs_cpu, id=f"cpu-{order}") for order in ("lagged", "exact")),
-    *(pytest.param("triton", order, marks=needs_triton, id=f"triton-{order}") for order in ("lagged", "exact")),
+    pytest.param("triton", "lagged", marks=needs_triton, id="triton-lagged"),
 ]
 
 
 @pytest.mark.parametrize("backend, order", ORDERS)
 def test_backends_store_the_reference_codes_and_sum_the_rows_they_stored(backend, order, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    grads = _grads(3 if backend == "triton" else 5)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read per call: Triton on CPU tensors interprets
+    grads = _grads(3, SMALL) if backend == "triton" else _grads(4)
     # Frozen coefficients: a row code one step apart (below) moves h by up to 1/8 of its term,
     # and a learning run would carry that into the coefficients and the state.
     kw = dict(hyper_order=order, hyper_lr=FROZEN)
     ref = _run("reference", grads[:-1], **kw)
-    opt, params = _run(backend, grads[:-1], **kw)
+    opt, params = ref if backend == "reference" else _run(backend, grads[:-1], **kw)
     a, b = stored(*ref), stored(opt, params)
     for key in [k for k in a if k[1] in ("tangents", "tangents_scale")]:
         x, y = a.pop(key), b.pop(key)
@@ -155,8 +156,7 @@ def test_hypergradient_with_8bit_rows_is_the_fp32_one_within_the_codes_error(bac
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_step_grad_scaler_skips_writes_no_row(backend, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_a_step_grad_scaler_skips_writes_no_row(backend):
     opt, params = _run(backend, _grads(2))
     snap = spec.snapshot(opt, params)
     opt.grad_scale, opt.found_inf = torch.tensor([2.0]), torch.tensor([1.0])
@@ -216,7 +216,7 @@ def test_checkpoints_convert_between_fp32_bf16_and_8bit_rows():
     (lambda st: st.__setitem__("tangents", st["tangents"].to(torch.int8)), "entries"),
 ])
 def test_a_corrupt_checkpoint_is_refused_and_changes_nothing(corrupt, why):
-    opt, params = _run("reference", _grads(2))
+    opt, params = _run("reference", _grads(2, SMALL))
     sd = copy.deepcopy(opt.state_dict())
     corrupt(sd["state"][0])
     snap = spec.snapshot(opt, params)
