@@ -23,7 +23,6 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..flat_state import STATE_8BIT
 from . import BackendUnavailable
 from .native import DTYPE_CODES, NativeBackend
 
@@ -106,7 +105,6 @@ def driver_problem(driver: int, runtime: int) -> str | None:
 
 class CudaBackend(NativeBackend):
     name = "cuda"
-    tangent_dtypes = NativeBackend.tangent_dtypes | {STATE_8BIT}  # docs/spec.md 5.5
 
     def __init__(self, ext) -> None:
         super().__init__(ext)

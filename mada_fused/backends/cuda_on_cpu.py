@@ -15,14 +15,12 @@ from typing import Callable
 
 import torch
 
-from ..flat_state import STATE_8BIT
 from . import BackendUnavailable
 from .native import DTYPE_CODES, NativeBackend
 
 
 class CudaOnCpuBackend(NativeBackend):
     name = "cuda_on_cpu"
-    tangent_dtypes = NativeBackend.tangent_dtypes | {STATE_8BIT}  # docs/spec.md 5.5
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return torch.device(device).type == "cpu" and dtype in DTYPE_CODES

@@ -43,9 +43,9 @@ class NativeBackend:
     name: str
     # Every native extension stores bf16 state and tangent rows with the stochastic
     # rounding of docs/spec.md sections 5.1 and 5.3 (csrc/mada_math.h: StoreBf16Sr),
-    # and 8-bit state (section 5.4: q8_scale, q8_encode, q8_decode).
-    tangent_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64, torch.bfloat16))
-    state_dtypes: frozenset[torch.dtype] = tangent_dtypes | {STATE_8BIT}
+    # and 8-bit state and tangent rows (sections 5.4, 5.5: q8_scale, q8_encode, q8_decode).
+    state_dtypes: frozenset[torch.dtype] = frozenset((_F32, _F64, torch.bfloat16, STATE_8BIT))
+    tangent_dtypes: frozenset[torch.dtype] = state_dtypes
     # And bf16 parameters rounded to nearest, stochastically or with Kahan
     # summation (docs/spec.md section 5.2; abi.h Call::param_round).
     param_rounds: frozenset[str] = frozenset(PARAM_ROUNDS)
