@@ -92,12 +92,12 @@ __device__ __forceinline__ uint32_t warp_max(uint32_t x) {
 }
 
 // How state (Call::state_dtype) and tangent rows (Call::tangent_dtype) are
-// stored (launch.h: Storage). `type` is what a unit holds between fetch(),
-// which reads M stored elements from index i of a buffer, and keep(), which
-// writes them back (8-bit codes: with their block's scale, scales[si]); load()
-// and put() convert one element to and from the compute type S around the
-// element math, and round() is the math's storage policy (mada_math.h) for the
-// element at flat index `index`.
+// stored (launch.h: Storage). `elem` is a stored element and `type` what a
+// unit holds of one between fetch(), which reads M elements of a buffer from
+// its elem i on, and keep(), which writes them back (8-bit codes: with their
+// block's scale, scales[si]); load() and put() convert one element to and from
+// the compute type S around the element math, and round() is the math's
+// storage policy (mada_math.h) for the element at flat index `index`.
 template <typename T>
 struct Moved {  // stored as `type` itself
   template <int M>
@@ -114,8 +114,9 @@ template <typename S, int K>
 struct Stored;
 template <typename S>
 struct Stored<S, kStoreCompute> : Moved<S> {
+  using elem = S;
   using type = S;
-  static constexpr int kBytes = sizeof(S);
+  static constexpr int kBytes = sizeof(elem);
   __device__ static S load(S x) { return x; }
   __device__ static S put(S x) { return x; }
   __device__ static mada::StoreExact round(const uint32_t*, int64_t) { return {}; }
@@ -127,8 +128,9 @@ struct Stored<S, kStoreCompute> : Moved<S> {
 // sr_bf16 gave it, as the CPU backend stores them.
 template <>
 struct Stored<float, kStoreBf16> : Moved<uint16_t> {
+  using elem = uint16_t;
   using type = uint16_t;
-  static constexpr int kBytes = 2;
+  static constexpr int kBytes = sizeof(elem);
   __device__ static float load(uint16_t x) {
     const uint32_t u = uint32_t(x) << 16;
     float f;
@@ -155,8 +157,9 @@ struct Stored<float, kStoreBf16> : Moved<uint16_t> {
 // signed (E4M3) map.
 template <>
 struct Stored<float, kStoreQ8> {
+  using elem = uint8_t;
   using type = float;
-  static constexpr int kBytes = 1;
+  static constexpr int kBytes = sizeof(elem);
   __device__ static float load(float x) { return x; }
   __device__ static float put(float x) { return x; }
   __device__ static mada::StoreExact round(const uint32_t*, int64_t) { return {}; }
@@ -349,12 +352,12 @@ __device__ __forceinline__ void run_unit(const Common& c, const SegConsts<Op>& k
     const Span sub{sp.valid - h, sp.vec};
     // Tangent row of coefficient j is its rank among the learned ones (abi.h);
     // tsi[j]: the index of its block's scale (8-bit rows).
-    R* trow[kNumCoef] = {};
+    typename Tt::elem* trow[kNumCoef] = {};
     int64_t tsi[kNumCoef] = {};
     if constexpr (Op::kMayDot || Op::kTan) {
 #pragma unroll
       for (int j = 0, r = 0; j < kNumCoef; ++j) {
-        trow[j] = static_cast<R*>(c.tan) + r * c.tan_stride + e;
+        trow[j] = static_cast<typename Tt::elem*>(c.tan) + r * c.tan_stride + e;
         if constexpr (TK == kStoreQ8) tsi[j] = r * c.tan_scale_stride + e / kQ8BlockElems;
         r += (c.learn_mask >> j) & 1u;
       }
