@@ -5,7 +5,8 @@ through csrc/cuda/cuda_on_cpu.h (each block's threads are real threads) into
 tests/native/cuda_on_cpu_driver, which checks every buffer bit for bit against
 a per-element loop over mada_math.h: four dtypes, vector and scalar paths,
 chunks spanning segments, more than 600 segments, learn subsets, the dot
-reduction, found_inf, grad scale and the caller's current device. The same
+reduction, found_inf, grad scale, the caller's current device, and 8-bit state
+and tangent rows (codes and block scales, blocks past a segment's end untouched). The same
 driver runs under the sanitizers in .ci/cuda_on_cpu_sanitize.sh.
 
 When the extension ``_C_cuda_on_cpu`` is built (MADA_BUILD_CUDA_ON_CPU=1),

@@ -380,7 +380,7 @@ CUDA_CASES = [
 @needs_cpu
 @needs_cuda_on_cpu
 @pytest.mark.parametrize("dtype, case, extra", CUDA_CASES,
-                         ids=[f"{str(d)[6:]}-{c}-{'-'.join(e) or 'plain'}" for d, c, e in CUDA_CASES])
+                         ids=[f"{str(d)[6:]}-{c}-{'-'.join(f'{k}={v}' for k, v in e.items()) or 'plain'}" for d, c, e in CUDA_CASES])
 def test_cuda_kernels_store_the_cpu_codes(dtype, case, extra):
     shapes = SHAPES + [(9001,)]
     grads = _grads(2, shapes=shapes)  # the first step (d = 0) and a later one

@@ -29,7 +29,7 @@ constexpr int64_t kPad = 8;     // segments start at multiples of 8 in the launc
 
 // How the kernels store state and tangent rows: as the compute type, as bf16
 // bit patterns (docs/spec.md sections 5.1, 5.3) or as 8-bit codes with block
-// scales (section 5.4); the last two for fp32 compute only.
+// scales (sections 5.4, 5.5); the last two for fp32 compute only.
 enum Storage : int { kStoreCompute = 0, kStoreBf16 = 1, kStoreQ8 = 2 };
 constexpr int storage_of(int32_t dtype) {
   return dtype == kBF16 ? kStoreBf16 : dtype == kQ8 ? kStoreQ8 : kStoreCompute;

@@ -7,7 +7,8 @@
 //   cuda_on_cpu_driver --convert IN OUT   float32s in, their bf16 then fp16 bits out
 //
 // Params, state and tangent rows must match bit for bit (same math, same
-// types: only the memory schedule differs); a hyper-gradient to 1e-12 of its
+// types: only the memory schedule differs; 8-bit codes and scales too, the loop
+// decoding, stepping and encoding each block once); a hyper-gradient to 1e-12 of its
 // terms (the kernels sum in a fixed tree, the loop in element order). Exit 0
 // when every check passes. --plant breaks one thing on purpose for the
 // sanitizer self-check (.ci/cuda_on_cpu_sanitize.sh); --big adds a 1M case.
