@@ -286,20 +286,16 @@ def set_optimizer_state_dict(
 
 
 def _dcp_form(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> dict[str, Any] | None:
-    """A state_dict post hook: ``sd`` with every 8-bit state buffer (codes and their
-    ``{name}_scale``) replaced by its decoded values, bf16 tensors or DTensors like the
-    codes (docs/spec.md 5.4). The scales are per local shard: no placement describes
-    them, and DCP could not reshard them; values reshard like parameters. bf16 loses
-    nothing: a code's value has 4 significant bits and is 0 or at least 2^-126, and
-    encoding it again under the same blocks gives the same code and scale. The
-    per-parameter dicts are the optimizer's own (torch.optim packs them as they are):
-    replaced, never changed."""
+    """A state_dict post hook: ``sd`` with every 8-bit entry (state buffers and tangent
+    rows: codes with their ``{name}_scale``) replaced by its decoded values, bf16 tensors
+    or DTensors like the codes (docs/spec.md 5.4, 5.5). The scales are per local shard:
+    no placement describes them, and DCP could not reshard them; values reshard like
+    parameters. bf16 loses nothing: a code's value has 4 significant bits and is 0 or at
+    least 2^-126, and encoding it again under the same blocks gives the same code and
+    scale. The per-parameter dicts are the optimizer's own (torch.optim packs them as
+    they are): replaced, never changed."""
     from . import quant8
 
-    state_names = getattr(optimizer, "_state_names", None)
-    if state_names is None:  # not ours: get_optimizer_state_dict says so
-        return None
-    names = set(state_names())
     state = {}
     for key, st in sd["state"].items():
         coded = [n for n, t in st.items() if isinstance(n, str) and n + _SCALE in st
@@ -307,19 +303,17 @@ def _dcp_form(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> dict[str,
         if coded:
             st = dict(st)
             for n in coded:
-                if n not in names:
-                    raise NotImplementedError(f"8-bit {n!r} has no DCP form yet (docs/spec.md 5.4)")
-                st[n] = _decoded(st[n], st.pop(n + _SCALE), quant8.is_signed(n))
+                st[n] = _decoded(n, st[n], st.pop(n + _SCALE))
         state[key] = st
     return {**sd, "state": state}
 
 
-def _decoded(codes: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch.Tensor:
+def _decoded(name: str, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The bf16 values of 8-bit ``codes`` (a DTensor: its local shard, re-wrapped alike)."""
-    from . import quant8
+    from .flat_state import _decode
 
     local = local_tensor(codes)
-    values = quant8.dequantize(local, scale, signed).to(torch.bfloat16).view(local.shape)
+    values = _decode(name, local, scale).to(torch.bfloat16).view(local.shape)
     if not is_dtensor(codes):
         return values
     return _dtensor_type().from_local(values, codes.device_mesh, codes.placements, run_check=False,

@@ -47,6 +47,8 @@ SHAPES = [((5, 7), 0), ((4, 6), 1), ((1, 3), 0), ((3,), 0)]
 # 2,100 elements, so its blocks end mid-row and a single process's would straddle the
 # shards), and keeps the others (601 or fewer) in fp32.
 Q8, HIDDEN_Q8 = dict(state_dtype="8bit"), 601
+# The DCP runs with 8-bit state: (optimizer, storage options), MADA with 8-bit tangent rows too (spec 5.5).
+Q8_DCP = {"MADA": ("MADA", Q8), "AdaMod": ("AdaMod", Q8), "MADA_tangents": ("MADA", dict(Q8, tangent_dtype="8bit"))}
 # Hand-sharded for 8-bit: shards of 4,096 or more (66 + 65 rows or columns), and a small one.
 SHAPES_Q8 = [((131, 70), 0), ((70, 131), 1), ((5, 7), 0)]
 
@@ -194,7 +196,8 @@ def _scenarios(rank: int, mesh, ckpt_dir: str) -> dict:
 
     def dcp_resume(name, dtype=F64, hidden=5, **extra):
         cls, kw = (MADA, MADA_KW) if name == "MADA" else OTHERS[name]
-        data, where = batches(dtype), os.path.join(ckpt_dir, name + str(dtype) + str(extra.get("state_dtype", "")))
+        where = os.path.join(ckpt_dir, "-".join([name, str(dtype), *(f"{k}={v}" for k, v in sorted(extra.items()))]))
+        data = batches(dtype)
         m = _fsdp(mesh, dtype, hidden)
         opt = cls(m.parameters(), **kw, **extra)
         train(m, opt, data[:5], rank, WORLD)
@@ -260,7 +263,7 @@ def _scenarios(rank: int, mesh, ckpt_dir: str) -> dict:
             ("fsdp_8bit", lambda: fsdp_mada(F32, hidden=HIDDEN_Q8, **Q8)),
             ("dtensor_8bit_AdaMod", lambda: manual_q8(*OTHERS["AdaMod"])),
             ("dtensor_8bit_MADA", lambda: manual_q8(MADA, dict(MADA_KW, process_group=mesh))),
-            *[(f"dcp_{n}_8bit", lambda n=n: dcp_resume(n, F32, HIDDEN_Q8, **Q8)) for n in ("MADA", "AdaMod")]]
+            *[(f"dcp_{n}_8bit", lambda n=n: dcp_resume(Q8_DCP[n][0], F32, HIDDEN_Q8, **Q8_DCP[n][1])) for n in Q8_DCP]]
     for name, job in jobs:
         try:
             out[name] = job()
@@ -500,11 +503,11 @@ def test_fsdp2_mada_with_8bit_state_matches_single_process(ranks):
         assert err(got, want) <= max(err(want, want32), 1e-6), f"parameter {i}"
 
 
-@pytest.mark.parametrize("name", ["MADA", "AdaMod"])
+@pytest.mark.parametrize("name", sorted(Q8_DCP))
 def test_dcp_8bit_state_resumes_bit_exact_and_reloads_per_rank(ranks, name):
-    """DCP saves 8-bit state decoded (bf16 DTensors); loading encodes it again into the
-    same codes and scales on the same world size. A rank's own state_dict (codes as
-    DTensors, its scales plain) loads back on that rank."""
+    """DCP saves 8-bit state (and tangent rows) decoded, as bf16 DTensors; loading encodes
+    it again into the same codes and scales on the same world size. A rank's own state_dict
+    (codes as DTensors, its scales plain) loads back on that rank."""
     for r, res in enumerate(result(ranks, f"dcp_{name}_8bit")):
         straight, resumed = res["coefs"]
         assert torch.equal(straight, resumed), f"rank {r}: coefficients after resuming differ"
@@ -514,23 +517,29 @@ def test_dcp_8bit_state_resumes_bit_exact_and_reloads_per_rank(ranks, name):
         saved = res["saved"]["0.weight"]
         assert "m_scale" not in saved and saved["m"].dtype == BF16 and saved["m"].shape == (HIDDEN_Q8, 7)
         assert res["saved"]["0.bias"]["m"].dtype == F32
+        if name == "MADA_tangents":
+            assert res["dtypes"]["tangents"] == "torch.uint8" and res["dtypes"]["tangents_scale"] == "torch.float32"
+            assert "tangents_scale" not in saved and saved["tangents"].dtype == BF16
+            assert res["saved"]["0.bias"]["tangents"].dtype == F32
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # one process: as meant
-@pytest.mark.parametrize("name", ["MADA", "AdaMod"])
+@pytest.mark.parametrize("name", sorted(Q8_DCP))
 def test_dcp_8bit_state_saved_on_two_ranks_loads_on_one(ranks, name):
     """Other blocks: the one process encodes the saved values with its own (bit for bit
-    quant8.quantize of the whole decoded buffer), and trains on as the two ranks did, within
-    8-bit state's latitude."""
+    quant8's encoding of the whole decoded buffer, or row), and trains on as the two ranks
+    did, within 8-bit state's latitude."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from mada_fused import distributed as md, quant8
+    from mada_fused import distributed as md
+    from mada_fused.flat_state import _encode
 
     res = result(ranks, f"dcp_{name}_8bit")[0]
-    cls, kw = (MADA, MADA_KW) if name == "MADA" else OTHERS[name]
+    base, storage = Q8_DCP[name]
+    cls, kw = (MADA, MADA_KW) if base == "MADA" else OTHERS[base]
     m = make_model(F32, HIDDEN_Q8)
-    opt = cls(m.parameters(), **kw, **Q8)
+    opt = cls(m.parameters(), **kw, **storage)
     sd = {"model": get_model_state_dict(m), "optim": md.get_optimizer_state_dict(m, opt)}
     dcp.load(sd, checkpoint_id=res["where"])
     set_model_state_dict(m, sd["model"])
@@ -543,13 +552,13 @@ def test_dcp_8bit_state_saved_on_two_ranks_loads_on_one(ranks, name):
             if k == "step":
                 continue
             if v.dtype == BF16:
-                codes, scale = quant8.quantize(v.float().reshape(-1), quant8.is_signed(k))
-                assert torch.equal(st[k].reshape(-1), codes) and torch.equal(st[f"{k}_scale"], scale), (fqn, k)
+                codes, scale = _encode(k, v.float())
+                assert torch.equal(st[k].reshape(codes.shape), codes) and torch.equal(st[f"{k}_scale"], scale), (fqn, k)
             else:
                 assert torch.equal(st[k], v), (fqn, k)
-    if name == "MADA":
-        assert st["m"].dtype == F32  # the last, small parameter
-        assert opt.state[m[0].weight]["m"].dtype == torch.uint8
+    assert st["m"].dtype == F32 and opt.state[m[0].weight]["m"].dtype == torch.uint8  # the last is small
+    if name == "MADA_tangents":
+        assert opt.state[m[0].weight]["tangents"].dtype == torch.uint8
     train(m, opt, batches(F32)[5:])
     for i, (got, want) in enumerate(zip(m.parameters(), res["straight_params"])):
         assert_rel(got.detach(), want, 5e-3, f"parameter {i} after training on")
