@@ -206,6 +206,8 @@ def _scenarios(rank: int, mesh, ckpt_dir: str) -> dict:
         # What was saved, whole (8-bit state: its DCP form), for resuming on one rank.
         saved = {k: {n: full(t) for n, t in v.items()} for k, v in sd["optim"]["state"].items()}
         saved_params = {n: full(t) for n, t in sd["model"].items()}
+        # This rank's state as saved (what a step may overwrite, tangent rows, is checked on loading).
+        snapshot = [{k: md.local_tensor(v).clone() for k, v in opt.state[p].items()} for p in m.parameters()]
         straight = train(m, opt, data[5:], rank, WORLD)
         m2 = _fsdp(mesh, dtype, hidden)  # back at the initial weights
         # fresh: no state until set_optimizer_state_dict, and the default sr_seed until then too
@@ -214,6 +216,9 @@ def _scenarios(rank: int, mesh, ckpt_dir: str) -> dict:
         dcp.load(sd, checkpoint_id=where)
         set_model_state_dict(m2, sd["model"])
         md.set_optimizer_state_dict(m2, opt2, sd["optim"])
+        loaded = all(sorted(st) == sorted(opt2.state[q]) and all(
+            torch.equal(t, md.local_tensor(opt2.state[q][k])) for k, t in st.items())
+            for st, q in zip(snapshot, m2.parameters()))
         resumed = train(m2, opt2, data[5:], rank, WORLD)
         pairs = list(zip(m.parameters(), m2.parameters()))
 
@@ -224,6 +229,7 @@ def _scenarios(rank: int, mesh, ckpt_dir: str) -> dict:
 
         same_params = all(torch.equal(p.to_local(), q.to_local()) for p, q in pairs)
         out = dict(coefs=torch.stack([straight, resumed]), same_state=same_state(opt, opt2), same_params=same_params,
+                   loaded=loaded,
                    names=sorted(opt2.state[m2[0].weight]),
                    dtypes={k: str(v.dtype) for k, v in opt2.state[m2[0].weight].items()})
         if extra.get("state_dtype") == "8bit":
@@ -413,6 +419,7 @@ def test_dcp_save_and_resume_is_bit_exact(ranks, name, state):
         straight, resumed = res["coefs"]
         assert torch.equal(straight, resumed), f"rank {r}: coefficients after resuming differ"
         assert res["same_params"] and res["same_state"], f"rank {r}: parameters or state differ after resuming"
+        assert res["loaded"], f"rank {r}: the state loaded is not the state saved"
         assert ("kahan_comp" in res["names"]) == (name == "kahan")
         assert res["dtypes"]["m"] == f"torch.{state}"
 
@@ -512,6 +519,7 @@ def test_dcp_8bit_state_resumes_bit_exact_and_reloads_per_rank(ranks, name):
         straight, resumed = res["coefs"]
         assert torch.equal(straight, resumed), f"rank {r}: coefficients after resuming differ"
         assert res["same_params"] and res["same_state"], f"rank {r}: parameters or state differ after resuming"
+        assert res["loaded"], f"rank {r}: the state loaded is not the state saved"
         assert res["plain_reload"], f"rank {r}: a rank's state_dict did not load back the same"
         assert res["dtypes"]["m"] == "torch.uint8" and res["dtypes"]["m_scale"] == "torch.float32"
         saved = res["saved"]["0.weight"]
