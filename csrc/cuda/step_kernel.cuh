@@ -442,16 +442,19 @@ __device__ __forceinline__ double block_sum(double v, double* sh) {
 // spills; fp64 (the test oracle) needs more registers and gets 2 blocks. With
 // bf16 state or rows a unit holds 8 elements' state and tangents at once: ptxas
 // (sm_90) reports spills in 1-4 variants per table, at most 164 bytes, not yet
-// timed on a GPU against 2 blocks per SM.
-template <typename P>
-constexpr int kMinBlocks = sizeof(typename StateOf<P>::type) == 8 ? 2 : 3;
+// timed on a GPU against 2 blocks per SM. An 8-bit unit holds 8 elements of
+// every buffer decoded until its block's scales are known: at 3 blocks per SM
+// ptxas (sm_80) spilled in 35 of a table's 67 kernels (up to 288 bytes), at 2
+// (<= 240 registers) in none; not yet timed on a GPU either.
+template <typename P, int SK, int TK>
+constexpr int kMinBlocks = sizeof(typename StateOf<P>::type) == 8 || SK == kStoreQ8 || TK == kStoreQ8 ? 2 : 3;
 
 // SK, TK: how the state and the tangent rows are stored (Storage; not
 // kStoreCompute for fp32 compute only). With 8-bit codes on either, the
 // planner starts every segment on a 256-element block (kQ8BlockElems) of the
 // launch's index space, and a warp steps a block at a time.
 template <typename P, int SK, int TK, class Op>
-__global__ void __launch_bounds__(kThreads, kMinBlocks<P>) step_kernel(const __grid_constant__ Args a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<P, SK, TK>) step_kernel(const __grid_constant__ Args a) {
   using S = typename StateOf<P>::type;
   const Common& c = a.c;
   const SegTable& t = a.s;
