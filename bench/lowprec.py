@@ -1,7 +1,7 @@
 """`python -m bench.train --experiments lowprec`: what storing less costs in final loss.
 
 Rows, per optimizer: everything fp32 (the baseline); bf16 state; bf16 state and bf16
-tangents (MADA); 8-bit state, alone and with bf16 tangents (MADA); and bf16 parameters
+tangents (MADA); 8-bit state, alone and with bf16 or 8-bit tangents (MADA); and bf16 parameters
 without fp32 master weights, rounded to nearest (plain: why the other two exist), with a
 Kahan compensation buffer, or stochastically rounded (their state stays fp32, so those
 rows show the parameter rounding alone). Every row is compared with its optimizer's fp32 row in units of that
@@ -36,6 +36,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("bf16-state+tangents", torch.float32, dict(state_dtype=BF16, tangent_dtype=BF16), 1.0, tangents=True),
     Variant("8bit-state", torch.float32, dict(state_dtype="8bit"), 2.0),
     Variant("8bit-state+bf16-tangents", torch.float32, dict(state_dtype="8bit", tangent_dtype=BF16), 2.0,
+            tangents=True),
+    Variant("8bit-state+tangents", torch.float32, dict(state_dtype="8bit", tangent_dtype="8bit"), 2.0,
             tangents=True),
     Variant("bf16-params", BF16),
     Variant("bf16-params+kahan", BF16, dict(kahan_sum=True), 1.0),

@@ -3,7 +3,8 @@
 ``python -m bench.memory`` builds an MLP (``--layers`` x Linear(``--width``,
 ``--width``), fp32 parameters) and, for torch's AdamW and each of this
 package's configurations with fp32, bf16 and 8-bit state (and, for the MADA
-configurations that learn coefficients, fp32 and bf16 tangent rows), reports:
+configurations that learn coefficients, fp32 and bf16 tangent rows, and 8-bit
+ones with 8-bit state), reports:
 
 - ``state B/param``: the bytes of per-element state the optimizer keeps for
   each parameter element, summed over its per-parameter state tensors
@@ -12,8 +13,8 @@ configurations that learn coefficients, fp32 and bf16 tangent rows), reports:
   twice; for sizes that are multiples of 16 bytes this is the exact
   per-element cost (m, v, ... at ``state_dtype``, tangent rows at
   ``tangent_dtype``; 8-bit
-  state counts its codes and its fp32 block scales, and parameters under 4,096
-  elements keep fp32 state there).
+  state and rows count their codes and their fp32 block scales, and parameters
+  under 4,096 elements keep fp32 state and rows there).
 - ``alloc B/param``: every distinct storage the optimizer holds (flat buckets
   with their alignment and page padding, step counters, MADA's coefficient
   state), the real allocations, over the parameter count.
@@ -38,7 +39,7 @@ import torch
 from .step import CONFIGS as STEP_CONFIGS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # state and tangent rows
-STATE_DTYPES = {**DTYPES, "8bit": "8bit"}
+STATE_DTYPES = {**DTYPES, "8bit": "8bit"}  # 8-bit tangent rows need 8-bit state (docs/spec.md 5.5)
 OURS = ("adam_corner", "mada_full", "mada_mod", "avgrad", "adamod", "diffmod")
 
 
@@ -67,11 +68,11 @@ def make_optimizer(name: str, dtype: str, params: list[torch.Tensor],
     from mada_fused.flat_state import STATE_8BIT
 
     cfg = STEP_CONFIGS[name]
-    extra = dict(tangent_dtype=DTYPES[tangents]) if learns(name) else {}
+    extra = dict(tangent_dtype=STATE_DTYPES[tangents]) if learns(name) else {}
     opt = getattr(mada_fused, cfg.cls)(params, lr=1e-3, state_dtype=STATE_DTYPES[dtype], **extra, **cfg.kwargs)
     # The peak counts the backend's temporaries too: say which one ``auto`` picks.
-    bucket_dtype = STATE_8BIT if dtype == "8bit" else DTYPES[dtype]
-    return opt, backends.resolve("auto", device, params[0].dtype, bucket_dtype, tangent_dtype=DTYPES[tangents]).name
+    bucket = {**DTYPES, "8bit": STATE_8BIT}
+    return opt, backends.resolve("auto", device, params[0].dtype, bucket[dtype], tangent_dtype=bucket[tangents]).name
 
 
 def _tensors(obj: Any, seen: set[int], out: list[torch.Tensor]) -> None:
@@ -119,7 +120,8 @@ def tangent_dtype(opt: torch.optim.Optimizer) -> str:
     """The dtype MADA's tangent rows are stored in, or '-' when it keeps none."""
     for s in opt.state.values():
         if "tangents" in s:
-            return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64"}[s["tangents"].dtype]
+            return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64",
+                    torch.uint8: "8bit"}[s["tangents"].dtype]
     return "-"
 
 
@@ -171,9 +173,11 @@ def measure(name: str, dtype: str, layers: int, width: int, batch: int, device: 
 def rows_for(configs: tuple[str, ...], layers: int, width: int, batch: int, device: torch.device,
              progress: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
     """AdamW first, then each of ``configs`` with fp32, bf16 and 8-bit state (and tangent rows, where
-    it keeps them); each row's peak also relative to AdamW's."""
-    cases = [("adamw", "fp32", "fp32")] + [(c, d, t) for c in configs for d in STATE_DTYPES
-                                           for t in (DTYPES if learns(c) else ("fp32",))]
+    it keeps them: fp32 and bf16, and 8-bit with 8-bit state); each row's peak also relative to AdamW's."""
+    def rows_of(c: str, d: str) -> tuple[str, ...]:
+        return (*DTYPES, *(("8bit",) if d == "8bit" else ())) if learns(c) else ("fp32",)
+
+    cases = [("adamw", "fp32", "fp32")] + [(c, d, t) for c in configs for d in STATE_DTYPES for t in rows_of(c, d)]
     rows = []
     for name, dtype, tangents in cases:
         progress(f"{name} {dtype} {tangents}")

@@ -17,8 +17,9 @@ namespace mada_abi {
 // Bumped whenever a layout or a code below changes meaning.
 // 2: maximize applies to kAdamodStep too; 3: Call::state_dtype, Call::sr_seed;
 // 4 (purebf16): Call::param_round, Call::comp; 5: Call::tangent_dtype (bf16
-// tangent rows), in the place of 4's reserved field; 6: kQ8 state, Call::scales.
-constexpr int kVersion = 6;
+// tangent rows), in the place of 4's reserved field; 6: kQ8 state, Call::scales;
+// 7: kQ8 tangent rows, Call::tan_scales, Call::tan_scale_stride.
+constexpr int kVersion = 7;
 
 // Parameter (and gradient) dtypes, and (Call::state_dtype, Call::tangent_dtype)
 // how the state buffers and the tangent rows are stored. Arithmetic is float64
@@ -26,8 +27,10 @@ constexpr int kVersion = 6;
 // the others, whose state and tangents are each kF32 or kBF16 (stored with
 // stochastic rounding, docs/spec.md sections 5.1 and 5.3).
 enum Dtype : int32_t { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3, kNumDtypes = 4 };
-// Call::state_dtype only: 8-bit codes (uint8) with one fp32 scale per 256 elements
-// in Call::scales (docs/spec.md section 5.4); every segment offset a multiple of 256.
+// Call::state_dtype and Call::tangent_dtype only: 8-bit codes (uint8) with one fp32
+// scale per 256 elements, in Call::scales (state, docs/spec.md section 5.4) and
+// Call::tan_scales (tangent rows, signed codes, section 5.5); every segment offset
+// a multiple of 256. kQ8 tangent rows go with kQ8 state only (they share its blocks).
 constexpr int32_t kQ8 = 4;
 constexpr int64_t kQ8BlockElems = 256;
 
@@ -54,9 +57,9 @@ constexpr uint32_t kAdamodVariants = 2;
 constexpr bool state_dtype_ok(int32_t dtype, int32_t state_dtype) {
   return dtype == kF64 ? state_dtype == kF64 : (state_dtype == kF32 || state_dtype == kBF16 || state_dtype == kQ8);
 }
-// Tangent rows follow the same rule, 8-bit codes aside.
-constexpr bool tangent_dtype_ok(int32_t dtype, int32_t tangent_dtype) {
-  return tangent_dtype != kQ8 && state_dtype_ok(dtype, tangent_dtype);  // 8-bit codes are state only
+// Tangent rows follow the same rule, and 8-bit rows need 8-bit state.
+constexpr bool tangent_dtype_ok(int32_t dtype, int32_t state_dtype, int32_t tangent_dtype) {
+  return state_dtype_ok(dtype, tangent_dtype) && (tangent_dtype != kQ8 || state_dtype == kQ8);
 }
 
 // State slots of Call::state, in this order.
@@ -128,6 +131,8 @@ struct Call {
   void* scales[kMaxSlots];  // kQ8 state: each slot's fp32 block scales (state_numel / 256); else 0
   void* tangents;         // (num_learned, tan_stride) rows of tangent_dtype
   int64_t tan_stride;     // elements from one tangent row to the next, >= state_numel
+  void* tan_scales;       // kQ8 rows: (num_learned, tan_scale_stride) fp32 block scales; else 0
+  int64_t tan_scale_stride;  // scales from one row's to the next, >= state_numel / 256
   double consts[kNumConsts];  // MadaConst or AdamodConst
   // -- per step
   const SegRow* rows;     // host memory, read during the call only

@@ -21,9 +21,10 @@ inline std::string check_call(Call& c) {
   if (!state_dtype_ok(c.dtype, c.state_dtype))
     return "state dtype code " + std::to_string(c.state_dtype) + " does not go with parameter dtype code " +
            std::to_string(c.dtype);
-  if (!tangent_dtype_ok(c.dtype, c.tangent_dtype))
+  if (!tangent_dtype_ok(c.dtype, c.state_dtype, c.tangent_dtype))
     return "tangent dtype code " + std::to_string(c.tangent_dtype) + " does not go with parameter dtype code " +
-           std::to_string(c.dtype);
+           std::to_string(c.dtype) + " and state dtype code " + std::to_string(c.state_dtype) +
+           " (8-bit tangent rows need 8-bit state)";
   if (c.param_round < 0 || c.param_round >= kNumParamRounds)
     return "unknown parameter rounding code " + std::to_string(c.param_round);
   if (c.param_round != kRoundNearest && c.dtype != kBF16)
@@ -74,6 +75,13 @@ inline std::string check_call(Call& c) {
     c.tangents = nullptr;
   } else if (!c.tangents || c.tan_stride < c.state_numel) {
     return "this pass needs the tangent rows of the learned coefficients";
+  }
+  if (!tangents || c.tangent_dtype != kQ8) {
+    c.tan_scales = nullptr;
+  } else if (!c.tan_scales || c.tan_scale_stride < c.state_numel / kQ8BlockElems) {
+    return "8-bit tangent rows need their block scales";
+  } else if (c.tan_stride % kQ8BlockElems) {
+    return "8-bit tangent rows need a row stride of whole 256-element blocks";
   }
   if (c.op == kMadaDot || c.param_round != kRoundKahan) {
     c.comp = nullptr;  // the dot pass writes no parameter

@@ -89,7 +89,8 @@ inline pybind11::dict report() {
       MADA_ABI_FIELD(Call, steps), MADA_ABI_FIELD(Call, state), MADA_ABI_FIELD(Call, comp),
       MADA_ABI_FIELD(Call, scales),
       MADA_ABI_FIELD(Call, tangents),
-      MADA_ABI_FIELD(Call, tan_stride), MADA_ABI_FIELD(Call, consts), MADA_ABI_FIELD(Call, rows),
+      MADA_ABI_FIELD(Call, tan_stride), MADA_ABI_FIELD(Call, tan_scales), MADA_ABI_FIELD(Call, tan_scale_stride),
+      MADA_ABI_FIELD(Call, consts), MADA_ABI_FIELD(Call, rows),
       MADA_ABI_FIELD(Call, n_rows), MADA_ABI_FIELD(Call, coef), MADA_ABI_FIELD(Call, grad_scale),
       MADA_ABI_FIELD(Call, found_inf), MADA_ABI_FIELD(Call, dot_out), MADA_ABI_FIELD(Call, stream),
       MADA_ABI_FIELD(Call, num_threads));

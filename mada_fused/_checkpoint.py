@@ -78,18 +78,21 @@ def check(opt: FusedOptimizer, sd: Mapping[str, Any], params: list[torch.Tensor]
 
 
 def _param_state(opt: FusedOptimizer, st: Any, p: torch.Tensor, i: int) -> Mapping[str, Any]:
-    """Parameter ``i``'s saved state, checked, with ``step`` as a tensor. A buffer is
-    values (any float dtype) or 8-bit codes with their ``{name}_scale`` (docs/spec.md 5.4),
-    whatever this optimizer's state dtype: loading converts."""
+    """Parameter ``i``'s saved state, checked, with ``step`` as a tensor. A buffer, and the
+    tangent rows, are values (any float dtype) or 8-bit codes with their ``{name}_scale``
+    (docs/spec.md 5.4, 5.5), whatever this optimizer's state and tangent dtypes: loading
+    converts."""
     expected = {"step": ()} | {n: tuple(p.shape) for n in opt._state_names()}
+    coded = set(opt._state_names())
     if opt._num_tangents():
         expected["tangents"] = (opt._num_tangents(), *p.shape)
+        coded.add("tangents")
     # Kahan summation's compensation may be there or not, whatever this optimizer keeps:
     # absent, it starts at 0; kept by the checkpoint only, it is dropped (docs/spec.md 5.2).
     given = set(st) - {KAHAN_COMP} if isinstance(st, Mapping) else set()
-    for n in opt._state_names():
+    for n in sorted(coded):
         if isinstance(st, Mapping) and isinstance(st.get(n), torch.Tensor) and st[n].dtype == quant8.CODE_DTYPE:
-            expected[f"{n}_scale"] = (quant8.num_blocks(p.numel()),)
+            expected[f"{n}_scale"] = expected[n][: len(expected[n]) - p.dim()] + (quant8.num_blocks(p.numel()),)
     if not isinstance(st, Mapping) or given != set(expected):
         got = sorted(st) if isinstance(st, Mapping) else type(st).__name__
         raise ValueError(f"state of parameter {i} has entries {got}, expected {sorted(expected)}")
@@ -100,10 +103,10 @@ def _param_state(opt: FusedOptimizer, st: Any, p: torch.Tensor, i: int) -> Mappi
     st["step"] = _step_tensor(st["step"], i)
     for name, shape in expected.items():
         t = st[name]
-        codes = isinstance(t, torch.Tensor) and name in opt._state_names() and t.dtype == quant8.CODE_DTYPE
+        codes = isinstance(t, torch.Tensor) and name in coded and t.dtype == quant8.CODE_DTYPE
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not (t.is_floating_point() or codes):
-            raise ValueError(f"state[{i}][{name!r}] must be a float tensor (or, for a state buffer, 8-bit "
-                             f"codes) of shape {shape}")
+            raise ValueError(f"state[{i}][{name!r}] must be a float tensor (or, for a state buffer or the "
+                             f"tangent rows, 8-bit codes) of shape {shape}")
         if name.endswith("_scale"):
             _scales(name, t, i)
             continue

@@ -247,10 +247,18 @@ def state_dtype(value: Any) -> torch.dtype:
     return value
 
 
-def tangent_dtype(value: Any) -> torch.dtype:
-    """MADA's ``tangent_dtype`` argument: fp32 (default) or bf16 storage of the tangent rows."""
+def tangent_dtype(value: Any, state: torch.dtype) -> torch.dtype:
+    """MADA's ``tangent_dtype`` argument: fp32 (default), bf16 or 8-bit ("8bit", held as
+    torch.uint8) storage of the tangent rows, given the checked ``state_dtype``."""
+    if isinstance(value, str) and value == "8bit":
+        if state != torch.uint8:
+            # docs/spec.md 5.5: the rows are coded in the 8-bit state's blocks.
+            raise ValueError("tangent_dtype='8bit' needs state_dtype='8bit': 8-bit tangent rows share "
+                             "8-bit state's blockwise layout, and bf16 or fp32 state with 8-bit rows "
+                             "would save less than 8-bit state with bf16 rows (docs/spec.md 5.5)")
+        return torch.uint8
     if value not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"tangent_dtype must be torch.float32 or torch.bfloat16, got {value!r}")
+        raise ValueError(f"tangent_dtype must be torch.float32, torch.bfloat16 or '8bit', got {value!r}")
     return value
 
 

@@ -14,11 +14,11 @@ from ._lru import LruCache
 from .distributed import local_shape
 
 
-# How a bucket marks 8-bit blockwise state (``state_dtype="8bit"``, docs/spec.md 5.4):
-# its buffers hold uint8 codes, with fp32 scales beside them.
+# How a bucket marks 8-bit blockwise state (``state_dtype="8bit"``, docs/spec.md 5.4) and
+# 8-bit tangent rows (``tangent_dtype="8bit"``, 5.5): uint8 codes, with fp32 scales beside them.
 STATE_8BIT = torch.uint8
 # What the optimizers' ``state_dtype`` and MADA's ``tangent_dtype`` may ask for
-# (docs/spec.md sections 5.1 and 5.3; state also STATE_8BIT, 5.4).
+# (docs/spec.md sections 5.1 and 5.3; both also STATE_8BIT, 5.4 and 5.5).
 STATE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 
 
@@ -40,6 +40,14 @@ def state_dtype_for(param_dtype: torch.dtype, requested: torch.dtype = torch.flo
     # fp64 params (the test oracle) keep fp64 state and tangents whatever was asked;
     # the others store them in the requested dtype (fp32 by default, whatever the param's).
     return torch.float64 if param_dtype == torch.float64 else requested
+
+
+def tangent_dtype_for(param: torch.Tensor, requested: torch.dtype, state_dtype: torch.dtype) -> torch.dtype:
+    """The tangent dtype of a bucket whose state dtype is ``state_dtype`` (its own, after
+    bucket_state_dtype): 8-bit rows share 8-bit state's blocks, so a bucket that keeps fp32
+    state (a parameter under quant8.MIN_NUMEL elements) keeps fp32 rows (docs/spec.md 5.5)."""
+    dtype = state_dtype_for(param.dtype, requested)
+    return torch.float32 if dtype == STATE_8BIT and state_dtype != STATE_8BIT else dtype
 
 
 def compute_dtype_for(state_dtype: torch.dtype) -> torch.dtype:
@@ -117,9 +125,12 @@ class Bucket:
     owns elements ``offsets[i] : offsets[i] + params[i].numel()``, each offset
     and ``numel`` a multiple of 16 bytes (the elements between are zero
     padding, see ALIGN). Tangents are one ``(num_learned, numel)`` buffer of
-    ``tangent_dtype`` (fp32 or bf16, as asked; fp64 for fp64 parameters)
-    whose rows are contiguous (on the host they are padded further apart: its
-    row stride is ``tangents.stride(0)``).
+    ``tangent_dtype`` (fp32, bf16 or 8-bit codes, as asked; fp64 for fp64
+    parameters, fp32 for a bucket without 8-bit state) whose rows are
+    contiguous (on the host they are padded further apart: its row stride is
+    ``tangents.stride(0)``, a whole number of quant8.BLOCK for 8-bit rows);
+    8-bit rows have ``tangent_scales``, (num_learned, numel / quant8.BLOCK)
+    fp32, each row's block scales (else None).
     ``comp`` is Kahan summation's bf16 compensation, one element per state
     element (``param_round == "kahan"`` only, else None).
     With 8-bit state (``state_dtype`` STATE_8BIT) the buffers hold uint8 codes,
@@ -145,7 +156,7 @@ class Bucket:
         self.dtype = first.dtype
         self.state_dtype = bucket_state_dtype(first, state_dtype)
         self.param_round = param_round_for(first.dtype, param_round)
-        self.tangent_dtype = state_dtype_for(first.dtype, tangent_dtype)
+        self.tangent_dtype = tangent_dtype_for(first, tangent_dtype, self.state_dtype)
         self.params = list(params)
         self.built_for = [(p.dtype, p.device, p.shape) for p in self.params]
         # A DTensor parameter (FSDP2) keeps state for its local shard only.
@@ -177,7 +188,10 @@ class Bucket:
             name: torch.zeros(total // quant8.BLOCK, device=self.device, dtype=torch.float32)
             for name in (state_names if self.quantized else ())
         }
-        self.tangents = None
+        self.tangents = self.tangent_scales = None
+        if num_tangents and self.tangent_dtype == STATE_8BIT:
+            self.tangent_scales = torch.zeros(num_tangents, total // quant8.BLOCK, device=self.device,
+                                              dtype=torch.float32)
         if num_tangents:
             slot = _FIRST_SLOT + len(state_names) + (self.comp is not None)
             opts = dict(opts, dtype=self.tangent_dtype)
@@ -200,6 +214,9 @@ class Bucket:
             out[KAHAN_COMP] = self.comp[lo:hi].view(shape)
         if self.tangents is not None:
             out["tangents"] = self.tangents[:, lo:hi].view(len(self.tangents), *shape)
+        if self.tangent_scales is not None:
+            out["tangents_scale"] = self.tangent_scales[:, lo // quant8.BLOCK : lo // quant8.BLOCK
+                                                        + quant8.num_blocks(hi - lo)]
         return out
 
     @property
@@ -213,26 +230,27 @@ class Bucket:
         self.load(i, src.views(j))
 
     def load(self, i: int, saved: dict[str, torch.Tensor]) -> None:
-        """Parameter ``i``'s state := ``saved`` (views' names; a buffer either as values
-        or as 8-bit codes with ``{name}_scale``), converted (docs/spec.md 5.1, 5.4):
-        8-bit codes to and from other state dtypes through fp32 values, and 8-bit to
-        8-bit as the very same codes and scales. An entry only one side has (a Kahan
+        """Parameter ``i``'s state := ``saved`` (views' names; a buffer or the tangent rows
+        either as values or as 8-bit codes with ``{name}_scale``), converted (docs/spec.md
+        5.1, 5.3-5.5): 8-bit codes to and from other dtypes through fp32 values, and 8-bit
+        to 8-bit as the very same codes and scales. An entry only one side has (a Kahan
         compensation) is left at 0, or dropped."""
         mine = self.views(i)
         for name, t in saved.items():
             if name.endswith("_scale") or name not in mine:
                 continue
+            scale_name = f"{name}_scale"
             if t.dtype == STATE_8BIT:
-                scale = saved[f"{name}_scale"]
-                if self.quantized:
+                scale = saved[scale_name]
+                if scale_name in mine:
                     mine[name].copy_(t)
-                    mine[f"{name}_scale"].copy_(scale)
+                    mine[scale_name].copy_(scale)
                     continue
-                t = quant8.dequantize(t.to(self.device), scale.to(self.device), quant8.is_signed(name))
-            if self.quantized and name in self.scales:
-                codes, scale = quant8.quantize(t.to(self.device, torch.float32).reshape(-1), quant8.is_signed(name))
-                mine[name].view(-1).copy_(codes)
-                mine[f"{name}_scale"].copy_(scale)
+                t = _decode(name, t.to(self.device), scale.to(self.device))
+            if scale_name in mine:
+                codes, scale = _encode(name, t.to(self.device, torch.float32))
+                mine[name].copy_(codes.view(mine[name].shape))
+                mine[scale_name].copy_(scale)
             else:
                 mine[name].copy_(t.reshape(mine[name].shape))
 
@@ -248,4 +266,20 @@ class Bucket:
             out.append(self.comp)
         if self.tangents is not None:
             out.append(self.tangents)
+        if self.tangent_scales is not None:
+            out.append(self.tangent_scales)
         return out
+
+
+def _decode(name: str, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 values of a saved 8-bit buffer or of 8-bit tangent rows (as (L, n))."""
+    if name == "tangents":
+        return quant8.dequantize_rows(codes.reshape(len(codes), -1), scale)
+    return quant8.dequantize(codes, scale, quant8.is_signed(name))
+
+
+def _encode(name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of a buffer's or the tangent rows' fp32 values, as a step stores them."""
+    if name == "tangents":
+        return quant8.quantize_rows(x.reshape(len(x), -1))
+    return quant8.quantize(x.reshape(-1), quant8.is_signed(name))

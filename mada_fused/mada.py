@@ -150,13 +150,18 @@ class MADA(FusedOptimizer):
             dimensions of the mesh for sharded DTensors (FSDP2).
         state_dtype: how the state buffers are stored: ``torch.float32`` (default)
             or ``torch.bfloat16``, written with stochastic rounding (docs/spec.md
-            section 5.1); arithmetic stays fp32, and fp64 parameters keep fp64
-            state. ``"8bit"`` is not implemented yet.
+            section 5.1), or ``"8bit"``: blockwise 8-bit codes with an fp32 scale
+            per 256 elements (section 5.4; parameters under 4,096 elements keep
+            fp32 state); arithmetic stays fp32, and fp64 parameters keep fp64
+            state.
         tangent_dtype: how the tangent rows (one per learned coefficient) are
-            stored: ``torch.float32`` (default) or ``torch.bfloat16``, written
-            with stochastic rounding (docs/spec.md section 5.3); fp64 parameters
-            keep fp64 tangents. Full MADA with bf16 state and tangents keeps 24
-            bytes per parameter, against 48 in fp32.
+            stored: ``torch.float32`` (default), ``torch.bfloat16``, written
+            with stochastic rounding (docs/spec.md section 5.3), or ``"8bit"``
+            (with ``state_dtype="8bit"`` only, section 5.5): each row's blocks
+            as 8-bit codes with an fp32 scale per 256 elements, like the state
+            (parameters under 4,096 elements keep fp32 rows). fp64 parameters
+            keep fp64 tangents. Full MADA keeps 48 bytes per parameter in fp32,
+            24 with bf16 state and tangents, 12.2 with 8-bit state and tangents.
         sr_seed: seed of that rounding's random bits (default 0, so runs repeat
             bit for bit); saved in the state_dict.
         kahan_sum: for bf16 parameters trained without fp32 master weights: keep
@@ -436,7 +441,9 @@ class AVGrad(MADA):
     with :math:`m_0 = v_0 = \bar{v}_0 = 0`. Exactly :class:`MADA` with ``rho=0`` and
     nothing learned (docs/spec.md section 1.3); arguments as :class:`MADA`'s. Nothing
     is learned, so, as in torch.optim.AdamW, each parameter group may set its own
-    ``lr``, ``betas``, ``eps``, ``weight_decay`` and ``maximize``.
+    ``lr``, ``betas``, ``eps``, ``weight_decay`` and ``maximize``; there are no tangent
+    rows, so ``tangent_dtype`` stores nothing (``"8bit"`` still needs
+    ``state_dtype="8bit"``, as for :class:`MADA`).
     """
 
     _GROUP_OPTIONS = ("betas", "eps", "maximize")

@@ -97,7 +97,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._state_dtype = _checks.state_dtype(state_dtype)
         self._sr_seed = _checks.sr_seed(sr_seed)
         self._param_round = _checks.param_round(kahan_sum, bf16_stochastic_round)
-        tangent_dtype = _checks.tangent_dtype(tangent_dtype)
+        tangent_dtype = _checks.tangent_dtype(tangent_dtype, self._state_dtype)
         # Without learned coefficients there are no tangent rows to store: no backend is refused for them.
         self._tangent_dtype = tangent_dtype if self._num_tangents() else torch.float32
         request, self._fused_only = _checks.adamw_switches(backend, **switches)

@@ -1,4 +1,5 @@
-"""8-bit blockwise optimizer state (``state_dtype="8bit"``, docs/spec.md section 5.4).
+"""8-bit blockwise optimizer state (``state_dtype="8bit"``, docs/spec.md section 5.4) and
+tangent rows (``tangent_dtype="8bit"``, section 5.5: signed codes, row by row).
 
 Each state buffer is stored as one uint8 code per element and one fp32 scale per block
 of :data:`BLOCK` elements. The scale is a power of two (the block's largest magnitude
@@ -108,6 +109,18 @@ def dequantize(codes: Tensor, scale: Tensor, signed: bool) -> Tensor:
     """The fp32 values of a parameter's flat codes and their blocks' scales."""
     each = scale.repeat_interleave(BLOCK)[: codes.numel()]
     return q8_decode(codes.reshape(-1), each, signed)
+
+
+def quantize_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """(uint8 codes, fp32 scales) of tangent rows ``rows`` (L, n) fp32: each row blockwise, with
+    the signed map (docs/spec.md 5.5); scales have shape (L, num_blocks(n))."""
+    codes, scales = zip(*(quantize(r, True) for r in rows))
+    return torch.stack(codes), torch.stack(scales)
+
+
+def dequantize_rows(codes: Tensor, scales: Tensor) -> Tensor:
+    """The fp32 values (L, n) of 8-bit tangent rows ``codes`` (L, n) and their ``scales``."""
+    return torch.stack([dequantize(c, s, True) for c, s in zip(codes, scales)]).view(codes.shape)
 
 
 def num_blocks(numel: int) -> int:

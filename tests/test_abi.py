@@ -113,6 +113,8 @@ def _spoil(call: Call, case: str) -> None:
         fixed["tangent_dtype"] = abi.DTYPES["float16"]
     elif case == "fp64 tangents":
         fixed["tangent_dtype"] = abi.DTYPES["float64"]
+    elif case == "8-bit rows, fp32 state":
+        fixed["tangent_dtype"] = abi.STATE_8BIT
     elif case == "variant":
         fixed["variant"] = 32
     elif case == "learn mask":
@@ -161,6 +163,7 @@ def _spoil(call: Call, case: str) -> None:
 CASES = {
     "op": "unknown op", "dtype": "unknown dtype", "state dtype": "does not go with",
     "tangent dtype": "tangent dtype code 3 does not go with", "fp64 tangents": "tangent dtype code 1 does not go with",
+    "8-bit rows, fp32 state": "8-bit tangent rows need 8-bit state",
     "variant": "variant", "learn mask": "learn mask",
     "tangents bit": "tangents bit", "lacks its state": "lacks its state", "outside": "outside the flat state",
     "negative": "outside the flat state", "group": "bad group", "step counter": "parameter index",
@@ -303,4 +306,46 @@ def test_the_cuda_planner_refuses_8bit_state_by_name(name):
     before = call.snapshot()
     with pytest.raises(ValueError, match="do not store 8-bit state"):
         ext.plan_info(call.packed())
+    assert all(torch.equal(a, b) for a, b in zip(call.snapshot(), before))
+
+
+def _q8_call(rows: bool) -> Call:
+    """A good MADA step over one whole 8-bit block, with 8-bit tangent rows when ``rows``."""
+    call = Call()
+    blk = 256
+    call.p, call.g = torch.randn(blk), torch.randn(blk)
+    call.row.update(param=call.p.data_ptr(), grad=call.g.data_ptr(), numel=blk)
+    call.state = [torch.zeros(blk, dtype=torch.uint8) for _ in range(4)]
+    call.scales = [torch.ones(1) for _ in range(4)]
+    call.tangents = torch.zeros(2, blk, dtype=torch.uint8 if rows else torch.float32)
+    call.tan_scales = torch.ones(2, 1)
+    call.fixed.update(state_dtype=abi.STATE_8BIT, state=[t.data_ptr() for t in call.state], state_numel=blk,
+                      scales=[t.data_ptr() for t in call.scales], tangents=call.tangents.data_ptr(), tan_stride=blk)
+    if rows:
+        call.fixed.update(tangent_dtype=abi.STATE_8BIT, tan_scales=call.tan_scales.data_ptr(), tan_scale_stride=1)
+    return call
+
+
+@pytest.mark.parametrize("name", ["_C_cuda", "_C_cuda_on_cpu"])
+def test_the_cuda_planner_refuses_8bit_tangent_rows_by_name(name):
+    ext = _ext(name)
+    call = _q8_call(rows=True)
+    before = call.snapshot()
+    with pytest.raises(ValueError, match="do not store 8-bit tangent rows"):
+        ext.plan_info(call.packed())
+    assert all(torch.equal(a, b) for a, b in zip(call.snapshot(), before))
+
+
+@pytest.mark.parametrize("case, why", [("tan_scales", "need their block scales"),
+                                       ("tan_scale_stride", "need their block scales"),
+                                       ("tan_stride", "whole 256-element blocks")])
+def test_8bit_tangent_rows_without_their_scales_are_refused(case, why):
+    ext = _ext("_C_cpu")
+    call = _q8_call(rows=True)
+    call.fixed[case] = 0 if case != "tan_stride" else 257
+    call.tangents = torch.zeros(2, 257, dtype=torch.uint8)[:, :256]
+    call.fixed["tangents"] = call.tangents.data_ptr()
+    before = call.snapshot()
+    with pytest.raises(ValueError, match=why):
+        ext.run(call.packed())
     assert all(torch.equal(a, b) for a, b in zip(call.snapshot(), before))

@@ -186,7 +186,8 @@ def test_memory_counts_each_optimizers_state_bytes(capsys):
                 ("mada_full", "fp32", "fp32"): 48, ("mada_full", "fp32", "bf16"): 6 * 4 + 6 * 2,
                 ("mada_full", "bf16", "fp32"): 6 * 2 + 6 * 4, ("mada_full", "bf16", "bf16"): 24,
                 ("mada_full", "8bit", "fp32"): (6 * q8 + 6 * 4 * 128 + 6 * 4 * n) / n,
-                ("mada_full", "8bit", "bf16"): (6 * q8 + 6 * 4 * 128 + 6 * 2 * n) / n}
+                ("mada_full", "8bit", "bf16"): (6 * q8 + 6 * 4 * 128 + 6 * 2 * n) / n,
+                ("mada_full", "8bit", "8bit"): (12 * q8 + 12 * 4 * 128) / n}  # 8-bit rows too (5.5)
     assert {k: r["state_per_param"] for k, r in got.items()} == pytest.approx(expected, rel=1e-12)
     for r in rows:
         assert r["params"] == n

@@ -394,7 +394,7 @@ def test_triton_compiles_the_bf16_parameter_stores(pround):
     meta = dict(KIND=1, STEP=True, DOT=False, ROWS=0, NL=0, NLP=1, HAS_BETA3=False, HAS_VBAR=False,
                 HAS_LION=False, HAS_MOD=False, VBAR_DETACH=False, MAXIMIZE=False, DIFF=True, HAS_SCALE=False,
                 HAS_INF=False, SR=True, PROUND=pround, ALIGNED=True, T_ALIGNED=True, S_VEC=8, CHUNK=8192,
-                BLOCK=1024, Q8=False)
+                BLOCK=1024, Q8=False, TQ8=False)
     sig = {n: "i32" if n in ("tstride", "n_chunks", "first", "seed") else ptr.get(n, "*bf16")
            for n in fn.arg_names if n not in meta}
     src = ASTSource(fn=fn, signature=sig | {k: "constexpr" for k in meta}, constexprs=meta)

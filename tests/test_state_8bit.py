@@ -284,11 +284,13 @@ def test_bf16_params_without_master_weights_over_8bit_state(backend, mode, case,
 
 
 @needs_triton
-@pytest.mark.parametrize("kind", [0, 1], ids=["mada_full", "diffmod"])
-def test_triton_compiles_the_8bit_state_path(kind):
+@pytest.mark.parametrize("kind, tq8", [(0, False), (1, False), (0, True)],
+                         ids=["mada_full", "diffmod", "mada_full-8bit_rows"])
+def test_triton_compiles_the_8bit_state_path(kind, tq8):
     """The compiled kernel (not only the interpreter) takes the 8-bit path: compiled to TTIR for
     an H100 target (no GPU needed), every state buffer's codes and scales stored in both the
-    unmasked and the masked block, and a max-reduction per 256 elements forming the scales."""
+    unmasked and the masked block, and a max-reduction per 256 elements forming the scales;
+    with 8-bit tangent rows (spec 5.5) each row's codes and scales too."""
     import triton
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this Triton has no NVIDIA compiler")
@@ -299,19 +301,20 @@ def test_triton_compiles_the_8bit_state_path(kind):
 
     fn = launch.kernels(False).fused_step
     ptr = dict(table="*i64", coef="*fp64", steps="*fp64", consts="*fp64", partial="*fp64", qsc="*i64",
-               tan="*fp32", ptype="*fp32", scale_p="*fp32", inf_p="*fp32", lr_p="*fp64", wd_p="*fp64")
+               tan="*u8" if tq8 else "*fp32", ptype="*fp32", scale_p="*fp32", inf_p="*fp32", lr_p="*fp64", wd_p="*fp64")
     mada = kind == 0
     meta = dict(KIND=kind, STEP=True, DOT=mada, ROWS=sum(k << (3 * k) for k in range(6)) if mada else 0,
                 NL=6 if mada else 0, NLP=8 if mada else 1, HAS_BETA3=mada, HAS_VBAR=mada, HAS_LION=mada,
                 HAS_MOD=mada, VBAR_DETACH=False, MAXIMIZE=False, DIFF=not mada, HAS_SCALE=False, HAS_INF=False,
-                SR=False, PROUND=0, ALIGNED=True, T_ALIGNED=True, S_VEC=16, CHUNK=8192, BLOCK=1024, Q8=True)
+                SR=False, PROUND=0, ALIGNED=True, T_ALIGNED=True, S_VEC=16, CHUNK=8192, BLOCK=1024, Q8=True,
+                TQ8=tq8)
     sig = {n: "i32" if n in ("tstride", "n_chunks", "first", "seed") else ptr.get(n, "*u8")
            for n in fn.arg_names if n not in meta}
     src = ASTSource(fn=fn, signature=sig | {k: "constexpr" for k in meta}, constexprs=meta)
     ttir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm["ttir"]
     buffers = 7 if mada else 4
     # codes and scales of each buffer, the parameter (and MADA's six tangent rows), per block kind
-    assert ttir.count("tt.store") >= 2 * (2 * buffers + 1)
+    assert ttir.count("tt.store") >= 2 * (2 * buffers + 1 + (2 * 6 if tq8 else 0))
     assert "tt.reduce" in ttir and "tt.reshape" in ttir
 
 

@@ -237,12 +237,12 @@ def test_fp64_params_keep_fp64_rows():
     assert opt.state[p64]["tangents"].dtype == torch.float64 and opt.state[p32]["tangents"].dtype == BF16
 
 
-@pytest.mark.parametrize("bad", ["8bit", torch.float16, torch.float64, "bfloat16", None])
+@pytest.mark.parametrize("bad", ["8-bit", torch.uint8, torch.float16, torch.float64, "bfloat16", None])
 @pytest.mark.parametrize("cls", [MADA, AVGrad])
 def test_bad_tangent_dtype_is_refused(cls, bad):
     p = torch.nn.Parameter(torch.randn(3))
     before = p.detach().clone()
-    with pytest.raises(ValueError, match="tangent_dtype must be torch.float32 or torch.bfloat16"):
+    with pytest.raises(ValueError, match="tangent_dtype must be torch.float32, torch.bfloat16 or '8bit'"):
         cls([p], tangent_dtype=bad)
     assert torch.equal(p, before)
 

@@ -85,7 +85,7 @@ def test_tangent_row_offset_is_64_bit():
                 HAS_BETA3=True, HAS_VBAR=True, HAS_LION=True, HAS_MOD=True, VBAR_DETACH=False, MAXIMIZE=False,
                 DIFF=False, HAS_SCALE=False, HAS_INF=False, SR=False, PROUND=0, ALIGNED=False, T_ALIGNED=False,
                 S_VEC=4, CHUNK=8192,
-                BLOCK=1024, Q8=False)
+                BLOCK=1024, Q8=False, TQ8=False)
     sig = {n: "i32" if n in ("tstride", "n_chunks", "first", "seed") else ptr.get(n, "*fp32")
            for n in fn.arg_names if n not in meta}
     src = ASTSource(fn=fn, signature=sig | {k: "constexpr" for k in meta}, constexprs=meta)

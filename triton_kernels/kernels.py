@@ -132,14 +132,23 @@ def _grad(gp_, po, mask, scale, m_p, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.const
 
 
 @_device
-def _tangent(tan, tstride, so, x, tkeys, mask, ROWS: tl.constexpr, K: tl.constexpr, TSR: tl.constexpr,
-             MASKED: tl.constexpr):
+def _tangent(tan, tq, so, x, tkeys, mask, ROWS: tl.constexpr, K: tl.constexpr, TSR: tl.constexpr,
+             TQ8: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
     """Coefficient K's du/dk into its row, if learned; TSR: a bf16 row, rounded stochastically with
-    tkeys[K] (spec 5.3: never read in this step, so rounded only here)."""
+    tkeys[K] (spec 5.3: never read in this step, so rounded only here); TQ8: an 8-bit row, each
+    256-element block encoded under its new scale (spec 5.5). tq: _tan_rows's row addressing."""
     if _row(ROWS, K) != NO_ROW:
         if TSR:
             x = _sr_bf16(x, _sr_bits(tkeys[K], so))
-        _st(tan + _row(ROWS, K) * tstride, so, x, mask, MASKED)
+        row, scales = _tan_row(tan, tq, _row(ROWS, K))
+        _put(row, scales, so, x, mask, True, TQ8, MASKED, BLOCK)
+
+
+@_device
+def _tan_row(tan, tq, r):
+    """Tangent row r's codes or values, and (8-bit rows) its block scales."""
+    tstride, tsc, tsstride = tq
+    return tan + r * tstride, tsc + r * tsstride
 
 
 @_device
@@ -457,21 +466,23 @@ def _mada_tangents(k, g, m0, v0, n0, new, mid, etah, clipped, sq, D):
 
 
 @_device
-def _mada_block(pp, gp_, st, qs, keys, tkeys, pio, tan, tstride, po, so, mask, acc, k, scale,
+def _mada_block(pp, gp_, st, qs, keys, tkeys, pio, tan, tq, po, so, mask, acc, k, scale,
                 STEP: tl.constexpr, DOT: tl.constexpr, ROWS: tl.constexpr, NL: tl.constexpr,
                 NLP: tl.constexpr, HAS_BETA3: tl.constexpr, HAS_VBAR: tl.constexpr,
                 HAS_LION: tl.constexpr, HAS_MOD: tl.constexpr, MAXIMIZE: tl.constexpr,
                 HAS_SCALE: tl.constexpr, SR: tl.constexpr, TSR: tl.constexpr, PROUND: tl.constexpr,
-                Q8: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+                Q8: tl.constexpr, TQ8: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
     m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p = st
     comp_p, pkey = pio
     g = _grad(gp_, po, mask, scale, m_p, HAS_SCALE, MAXIMIZE, SR, Q8, MASKED)
     if DOT:
         # sum(g * T) with the previous step's tangents, before they are overwritten.
         # Products of two fp32 values are exact in fp64 (bf16 rows widen exactly); the sums stay in fp64.
+        # 8-bit rows decode to fp32 values (spec 5.5).
         rows = tl.arange(0, NLP)
         for r in tl.static_range(NL):
-            prod = g.to(tl.float64) * _ld(tan + r * tstride, so, mask, MASKED).to(tl.float64)
+            row, scales = _tan_row(tan, tq, r)
+            prod = g.to(tl.float64) * _get(row, scales, so, mask, g.dtype, True, TQ8, MASKED).to(tl.float64)
             acc += tl.where(rows == r, tl.reduce(prod, 0, tl.standard._sum_combine), 0.0)
     if STEP:
         theta = _load_param(pp, po, comp_p, so, mask, g.dtype, PROUND, MASKED)
@@ -506,15 +517,15 @@ def _mada_block(pp, gp_, st, qs, keys, tkeys, pio, tan, tstride, po, so, mask, a
         _store_param(pp, po, theta, comp_p, pkey, so, mask, PROUND, MASKED)
         if NL > 0:
             tb1, tb2, tb3, trho, tc, tgam = _mada_tangents(k, g, m0, v0, n0, new, mid, etah, clipped, sq, D)
-            _tangent(tan, tstride, so, tb1, tkeys, mask, ROWS, B1, TSR, MASKED)
-            _tangent(tan, tstride, so, tb2, tkeys, mask, ROWS, B2, TSR, MASKED)
-            _tangent(tan, tstride, so, tc, tkeys, mask, ROWS, C, TSR, MASKED)
+            _tangent(tan, tq, so, tb1, tkeys, mask, ROWS, B1, TSR, TQ8, MASKED, BLOCK)
+            _tangent(tan, tq, so, tb2, tkeys, mask, ROWS, B2, TSR, TQ8, MASKED, BLOCK)
+            _tangent(tan, tq, so, tc, tkeys, mask, ROWS, C, TSR, TQ8, MASKED, BLOCK)
             if HAS_BETA3:
-                _tangent(tan, tstride, so, tb3, tkeys, mask, ROWS, B3, TSR, MASKED)
+                _tangent(tan, tq, so, tb3, tkeys, mask, ROWS, B3, TSR, TQ8, MASKED, BLOCK)
             if HAS_VBAR:
-                _tangent(tan, tstride, so, trho, tkeys, mask, ROWS, RHO, TSR, MASKED)
+                _tangent(tan, tq, so, trho, tkeys, mask, ROWS, RHO, TSR, TQ8, MASKED, BLOCK)
             if HAS_LION:
-                _tangent(tan, tstride, so, tgam, tkeys, mask, ROWS, GAMMA, TSR, MASKED)
+                _tangent(tan, tq, so, tgam, tkeys, mask, ROWS, GAMMA, TSR, TQ8, MASKED, BLOCK)
     return acc
 
 
@@ -565,7 +576,7 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, comp_p, tan
                MAXIMIZE: tl.constexpr, DIFF: tl.constexpr, HAS_SCALE: tl.constexpr,
                HAS_INF: tl.constexpr, SR: tl.constexpr, TSR: tl.constexpr, PROUND: tl.constexpr,
                ALIGNED: tl.constexpr, T_ALIGNED: tl.constexpr, S_VEC: tl.constexpr,
-               CHUNK: tl.constexpr, BLOCK: tl.constexpr, Q8: tl.constexpr = False):
+               CHUNK: tl.constexpr, BLOCK: tl.constexpr, Q8: tl.constexpr = False, TQ8: tl.constexpr = False):
     pid = first + tl.program_id(0)  # this launch covers table rows first, first + 1, ...
     row = table + pid * 6  # param addr, grad addr, state offset, count, group, param index
     pty = tl.pointer_type(ptype.dtype.element_ty)
@@ -611,12 +622,16 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, comp_p, tan
              _sr_key(seed32, step32, BUF_TAN0 + 2), _sr_key(seed32, step32, BUF_TAN0 + 3),
              _sr_key(seed32, step32, BUF_TAN0 + 4), _sr_key(seed32, step32, BUF_TAN0 + 5))
     pio = (comp_p, _sr_key(seed32, step32, K_BUF_PARAM))  # how the parameter is read and stored
-    # 8-bit state: qsc holds the addresses of each state slot's scales (launch.py), in st's order.
+    # 8-bit state: qsc holds the addresses of each state slot's scales (launch.py), in st's order;
+    # 8-bit tangent rows: then the address of their scales and the scales' row stride.
     fp = tl.pointer_type(tl.float32)
     qs = (qsc, qsc, qsc, qsc, qsc, qsc, qsc)
     if Q8:
         qs = (tl.load(qsc).to(fp), tl.load(qsc + 1).to(fp), tl.load(qsc + 2).to(fp), tl.load(qsc + 3).to(fp),
               tl.load(qsc + 4).to(fp), tl.load(qsc + 5).to(fp), tl.load(qsc + 6).to(fp))
+    tq = (tstride, qsc, tstride)
+    if TQ8:
+        tq = (tstride, tl.load(qsc + 7).to(fp), tl.load(qsc + 8))
     if KIND == MADA:
         k = _make_mada_scalars(coef, consts, lr, decay, t, ct, VBAR_DETACH)
         st = (m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p)
@@ -629,17 +644,17 @@ def fused_step(table, ptype, m_p, v_p, n_p, gprev_p, l_p, vb_p, s_p, comp_p, tan
         mask = po < count
         if start + BLOCK <= count:
             if KIND == MADA:
-                acc = _mada_block(pp, gp_, st, qs, keys, tkeys, pio, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT,
+                acc = _mada_block(pp, gp_, st, qs, keys, tkeys, pio, tan, tq, po, so, mask, acc, k, scale, STEP, DOT,
                                   ROWS, NL, NLP, HAS_BETA3, HAS_VBAR, HAS_LION, HAS_MOD, MAXIMIZE, HAS_SCALE, SR, TSR,
-                                  PROUND, Q8, False, BLOCK)
+                                  PROUND, Q8, TQ8, False, BLOCK)
             else:
                 _adamod_block(pp, gp_, st, qs, keys, pio, po, so, mask, k, scale, DIFF, MAXIMIZE, HAS_SCALE, SR, PROUND, Q8,
                               False, BLOCK)
         elif start < count:
             if KIND == MADA:
-                acc = _mada_block(pp, gp_, st, qs, keys, tkeys, pio, tan, tstride, po, so, mask, acc, k, scale, STEP, DOT,
+                acc = _mada_block(pp, gp_, st, qs, keys, tkeys, pio, tan, tq, po, so, mask, acc, k, scale, STEP, DOT,
                                   ROWS, NL, NLP, HAS_BETA3, HAS_VBAR, HAS_LION, HAS_MOD, MAXIMIZE, HAS_SCALE, SR, TSR,
-                                  PROUND, Q8, True, BLOCK)
+                                  PROUND, Q8, TQ8, True, BLOCK)
             else:
                 _adamod_block(pp, gp_, st, qs, keys, pio, po, so, mask, k, scale, DIFF, MAXIMIZE, HAS_SCALE, SR, PROUND, Q8,
                               True, BLOCK)

@@ -191,13 +191,18 @@ def _launch(kind: int, bucket, seg, scalars, coef, consts, *, states, flags: dic
     dummy = bucket.steps  # stands in for pointers a variant never dereferences
     ptrs = [bucket.buffers.get(n, dummy) if n else dummy for n in states]
     # 8-bit state: the addresses of each slot's scales, in the kernel's state order (MADA's, or
-    # AdaMod's m, v, s, g_prev), as one int64 table.
+    # AdaMod's m, v, s, g_prev), padded to the kernel's seven slots, then (8-bit tangent rows,
+    # spec 5.5) the address of the rows' scales and their row stride, as one int64 table.
     q8 = bool(bucket.scales)
+    tq8 = bucket.tangent_scales is not None and nl > 0
     qsc = dummy
     if q8:
         names = MADA_STATE if kind == _MADA else ADAMOD_STATE
-        qsc = _const(tuple(bucket.scales[n].data_ptr() if n in bucket.scales else 0 for n in names),
-                     bucket.device, torch.int64)
+        table = [bucket.scales[n].data_ptr() if n in bucket.scales else 0 for n in names]
+        table += [0] * (len(MADA_STATE) - len(table))
+        if tq8:
+            table += [bucket.tangent_scales.data_ptr(), bucket.tangent_scales.stride(0)]
+        qsc = _const(tuple(table), bucket.device, torch.int64)
     tan = bucket.tangents if bucket.tangents is not None else dummy
     comp = bucket.comp if bucket.comp is not None else dummy
     scale, found = scalars.grad_scale, scalars.found_inf
@@ -208,7 +213,7 @@ def _launch(kind: int, bucket, seg, scalars, coef, consts, *, states, flags: dic
                 HAS_INF=found is not None, SR=bucket.state_dtype == torch.bfloat16,
                 TSR=bucket.tangent_dtype == torch.bfloat16, PROUND=PARAM_ROUNDS[bucket.param_round],
                 T_ALIGNED=lay.t_aligned, S_VEC=lay.s_vec, CHUNK=chunk,
-                Q8=q8, **flags)
+                Q8=q8, TQ8=tq8, **flags)
     fn = kernels(interp).fused_step
     block, warps = (_INTERP_BLOCK, 1) if interp else _config()
     # Triton launches on the current device.

@@ -129,30 +129,65 @@ T* slot_ptr(void* const* state, int i, int64_t offset) {
 // not a copy of them: each 256-element block of a segment part is decoded into
 // fp32 scratch, stepped by the fp32 piece as if the scratch were the state, and
 // every buffer is encoded back with its block's new scale. The piece sees the
-// block as a segment of its own at the block's flat offset (tangent rows, a
-// Kahan compensation and the hash index stay where they are); the state
-// pointers it gets are the scratch's address moved back by that offset, so
-// state[offset + j] is scratch[j]. Parts start on block boundaries
-// (run_chunks' align); `unsigned_slots`: the slots of the non-negative map.
+// block as a segment of its own at the block's flat offset (a Kahan
+// compensation and the hash index stay where they are); the state pointers it
+// gets are the scratch's address moved back by that offset, so state[offset +
+// j] is scratch[j]. 8-bit tangent rows (5.5) go the same way: the block of
+// each row is decoded into fp32 rows of scratch, kQ apart, that the piece
+// reads (the hyper-gradient sum) and overwrites (the new du/dk) as fp32 rows,
+// and a step encodes them back; the dot pass only reads. Parts start on block
+// boundaries (run_chunks' align); `unsigned_slots`: the slots of the
+// non-negative map.
 constexpr uint32_t kMadaUnsigned = (1u << kV) | (1u << kVb) | (1u << kS);
 constexpr uint32_t kAdamodUnsigned = (1u << kAv) | (1u << kAs);
+constexpr int kQ = mada::kQ8Block;
+static_assert(kQ == kQ8BlockElems, "abi.h and mada_math.h agree on the block size");
+
+void q8_load(const uint8_t* __restrict__ code, float scale, int nb, bool sgn, float* __restrict__ out) {
+  for (int j = 0; j < nb; ++j) out[j] = mada::q8_decode(code[j], scale, sgn);
+}
+
+// Encodes x[0, nb) under its block's new scale (the largest magnitude's binade,
+// NaN when the block holds an inf or a NaN); returns that scale.
+float q8_store(const float* __restrict__ x, int nb, bool sgn, uint8_t* __restrict__ code) {
+  float amax = 0.0f;
+  int finite = 1;
+  for (int j = 0; j < nb; ++j) {
+    const float a = std::fabs(x[j]);
+    amax = a > amax ? a : amax;
+    finite &= a <= FLT_MAX;  // false for inf and NaN
+  }
+  const float scale = mada::q8_scale(amax, finite != 0);
+  for (int j = 0; j < nb; ++j) code[j] = uint8_t(mada::q8_encode(x[j], scale, sgn));
+  return scale;
+}
 
 template <class P, class Piece>
 void q8_blocks(const Pass& c, const SegRow& r, int64_t lo, int64_t hi, uint32_t unsigned_slots, Piece piece) {
-  constexpr int kQ = mada::kQ8Block;
-  static_assert(kQ == kQ8BlockElems, "abi.h and mada_math.h agree on the block size");
   alignas(64) float buf[kMaxSlots][kQ];
+  alignas(64) float rows[kNumCoef][kQ];
   Pass q = c;
+  const bool q8_rows = c.c.tangents && c.c.tangent_dtype == kQ8;
+  float* tscale = static_cast<float*>(c.c.tan_scales);
+  if (q8_rows) {
+    q.c.tangent_dtype = kF32;
+    q.c.tan_stride = kQ;
+  }
   for (int64_t b0 = lo; b0 < hi; b0 += kQ) {
     const int nb = int(std::min<int64_t>(kQ, hi - b0));
     const int64_t at = r.offset + b0;
     for (int b = 0; b < kMaxSlots; ++b) {
       if (!c.c.state[b]) continue;
-      const uint8_t* __restrict__ code = static_cast<const uint8_t*>(c.c.state[b]) + at;
-      const float scale = static_cast<const float*>(c.c.scales[b])[at / kQ];
-      const bool sgn = !((unsigned_slots >> b) & 1u);
-      for (int j = 0; j < nb; ++j) buf[b][j] = mada::q8_decode(code[j], scale, sgn);
+      q8_load(static_cast<const uint8_t*>(c.c.state[b]) + at, static_cast<const float*>(c.c.scales[b])[at / kQ],
+              nb, !((unsigned_slots >> b) & 1u), buf[b]);
       q.c.state[b] = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(buf[b]) - uintptr_t(at) * sizeof(float));
+    }
+    if (q8_rows) {
+      if (c.c.dot_out)  // last step's rows, for the sum; a step without it overwrites them unread
+        for (int j = 0; j < c.num_learn; ++j)
+          q8_load(static_cast<const uint8_t*>(c.c.tangents) + j * c.c.tan_stride + at,
+                  tscale[j * c.c.tan_scale_stride + at / kQ], nb, true, rows[j]);
+      q.c.tangents = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(rows) - uintptr_t(at) * sizeof(float));
     }
     SegRow part = r;
     part.param = r.param + b0 * int64_t(sizeof(P));
@@ -162,19 +197,13 @@ void q8_blocks(const Pass& c, const SegRow& r, int64_t lo, int64_t hi, uint32_t 
     piece(q, part, nb);
     for (int b = 0; b < kMaxSlots; ++b) {
       if (!c.c.state[b]) continue;
-      float amax = 0.0f;
-      int finite = 1;
-      for (int j = 0; j < nb; ++j) {
-        const float a = std::fabs(buf[b][j]);
-        amax = a > amax ? a : amax;
-        finite &= a <= FLT_MAX;  // false for inf and NaN
-      }
-      const float scale = mada::q8_scale(amax, finite != 0);
-      const bool sgn = !((unsigned_slots >> b) & 1u);
-      uint8_t* __restrict__ code = static_cast<uint8_t*>(c.c.state[b]) + at;
-      for (int j = 0; j < nb; ++j) code[j] = uint8_t(mada::q8_encode(buf[b][j], scale, sgn));
-      static_cast<float*>(c.c.scales[b])[at / kQ] = scale;
+      static_cast<float*>(c.c.scales[b])[at / kQ] =
+          q8_store(buf[b], nb, !((unsigned_slots >> b) & 1u), static_cast<uint8_t*>(c.c.state[b]) + at);
     }
+    if (q8_rows && c.c.op == kMadaStep)
+      for (int j = 0; j < c.num_learn; ++j)
+        tscale[j * c.c.tan_scale_stride + at / kQ] =
+            q8_store(rows[j], nb, true, static_cast<uint8_t*>(c.c.tangents) + j * c.c.tan_stride + at);
   }
 }
 
@@ -334,6 +363,11 @@ void mada_pass(const Pass& c) {
           });
       mada_piece<D, R, SB, B3, VB, LI, MO, TAN, YOGI>(c, k, r, lo, hi, sign, ch.lanes);
     } else {
+      if constexpr (std::is_same_v<T, float>)
+        if (c.c.tangent_dtype == kQ8)  // decoded a block at a time, as a step reads them
+          return q8_blocks<typename Param<D>::P>(c, r, lo, hi, 0u, [&](const Pass& q, const SegRow& part, int nb) {
+            mada_dot_piece<D>(q, part, 0, nb, sign, ch.lanes);
+          });
       mada_dot_piece<D>(c, r, lo, hi, sign, ch.lanes);
     }
   }, q8 ? kQ8BlockElems : 1);

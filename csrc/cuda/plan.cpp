@@ -23,6 +23,9 @@ int64_t chunk_for(int64_t total) {
 }  // namespace
 
 Request make_request(const Call& checked) {
+  if (checked.tangent_dtype == kQ8)
+    throw std::invalid_argument("the CUDA kernels do not store 8-bit tangent rows; "
+                                "tangent_dtype='8bit' runs on the cpu, triton and reference backends");
   if (checked.state_dtype == kQ8)
     throw std::invalid_argument("the CUDA kernels do not store 8-bit state; "
                                 "state_dtype='8bit' runs on the cpu, triton and reference backends");

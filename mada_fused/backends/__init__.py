@@ -133,9 +133,10 @@ def resolve(request: str, device: torch.device, dtype: torch.dtype,
         if (backend.supports(device, dtype) and state_dtype in backend.state_dtypes
                 and param_round in backend.param_rounds and tangent_dtype in backend.tangent_dtypes
                 and (name != "triton" or device.type == "cuda")):
-            low = state_dtype in (torch.bfloat16, STATE_8BIT) or tangent_dtype == torch.bfloat16
+            low = state_dtype in (torch.bfloat16, STATE_8BIT) or tangent_dtype in (torch.bfloat16, STATE_8BIT)
             if name == "reference" and device.type != "cpu" and low:
-                warnings.warn(f"no fused backend stores {state_dtype_name(state_dtype)} state with {tangent_dtype} "
+                warnings.warn(f"no fused backend stores {state_dtype_name(state_dtype)} state with "
+                              f"{state_dtype_name(tangent_dtype)} "
                               f"tangents on {device.type} yet: "
                               "these parameters step on the (slow) reference backend", stacklevel=4)
             elif name == "reference" and device.type != "cpu" and param_round != "nearest":

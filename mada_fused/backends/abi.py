@@ -14,13 +14,14 @@ from typing import Iterable, Sequence
 
 # 2: Call.maximize applies to ADAMOD_STEP too; 3: Call.state_dtype, Call.sr_seed;
 # 4 (purebf16): Call.param_round, Call.comp; 5: Call.tangent_dtype, in the place of 4's reserved field;
-# 6: STATE_8BIT, Call.scales.
-VERSION = 6
+# 6: STATE_8BIT, Call.scales; 7: STATE_8BIT tangent rows, Call.tan_scales, Call.tan_scale_stride.
+VERSION = 7
 
 DTYPES: dict[str, int] = {"float32": 0, "float64": 1, "bfloat16": 2, "float16": 3}
 # How a bf16 parameter's new value is stored (Call.param_round, docs/spec.md 5.2).
 PARAM_ROUNDS: dict[str, int] = {"nearest": 0, "stochastic": 1, "kahan": 2}
-# Call.state_dtype only: 8-bit codes with fp32 block scales in Call.scales (docs/spec.md 5.4).
+# Call.state_dtype and Call.tangent_dtype only: 8-bit codes with fp32 block scales in Call.scales
+# (docs/spec.md 5.4) and Call.tan_scales (5.5; 8-bit rows need 8-bit state).
 STATE_8BIT = 4
 MADA_STEP, MADA_DOT, ADAMOD_STEP = 0, 1, 2
 OPS: dict[str, int] = {"mada_step": MADA_STEP, "mada_dot": MADA_DOT, "adamod_step": ADAMOD_STEP}
@@ -49,7 +50,7 @@ CALL_FIXED: tuple[tuple[str, str], ...] = (
     ("num_groups", "q"), ("num_params", "q"),
     ("lr", "Q"), ("wd", "Q"), ("steps", "Q"), ("state", f"{MAX_SLOTS}Q"), ("comp", "Q"),
     ("scales", f"{MAX_SLOTS}Q"), ("tangents", "Q"),
-    ("tan_stride", "q"), ("consts", f"{NUM_CONSTS}d"),
+    ("tan_stride", "q"), ("tan_scales", "Q"), ("tan_scale_stride", "q"), ("consts", f"{NUM_CONSTS}d"),
 )
 # ... and the part that changes from step to step.
 CALL_STEP: tuple[tuple[str, str], ...] = (
@@ -106,15 +107,16 @@ def pack_fixed(*, op: int, variant: int, dtype: int, state_dtype: int, sr_seed: 
                maximize: bool, vbar_detach: bool, device: int, state_numel: int, num_groups: int,
                num_params: int, lr: int, wd: int, steps: int, state: Sequence[int], tangents: int, tan_stride: int,
                consts: Sequence[float], param_round: int = PARAM_ROUNDS["nearest"], comp: int = 0,
-               tangent_dtype: int = DTYPES["float32"], scales: Sequence[int] = ()) -> bytes:
+               tangent_dtype: int = DTYPES["float32"], scales: Sequence[int] = (), tan_scales: int = 0,
+               tan_scale_stride: int = 0) -> bytes:
     """The fixed part of a Call; ``state`` (and, for 8-bit state, ``scales``) is in MADA_STATE or
-    ADAMOD_STATE order, shorter lists padded with 0."""
+    ADAMOD_STATE order, shorter lists padded with 0; ``tan_scales``: 8-bit rows' block scales."""
     if len(state) > MAX_SLOTS or len(scales) > MAX_SLOTS or len(consts) != NUM_CONSTS:
         raise ValueError(f"a call holds at most {MAX_SLOTS} state addresses and exactly {NUM_CONSTS} constants")
     return _FIXED.pack(op, variant, dtype, learn_mask, int(maximize), int(vbar_detach), state_dtype, sr_seed,
                        param_round, tangent_dtype, device, state_numel, num_groups, num_params, lr, wd, steps,
                        *state, *[0] * (MAX_SLOTS - len(state)), comp, *scales, *[0] * (MAX_SLOTS - len(scales)),
-                       tangents, tan_stride, *consts)
+                       tangents, tan_stride, tan_scales, tan_scale_stride, *consts)
 
 
 def pack_step(*, rows: int, n_rows: int, coef: int, grad_scale: int, found_inf: int, dot_out: int,

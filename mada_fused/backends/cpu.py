@@ -23,7 +23,9 @@ from .native import DTYPE_CODES, NativeBackend
 
 class CpuBackend(NativeBackend):
     name = "cpu"
+    # 8-bit state and tangent rows (docs/spec.md 5.4, 5.5): kernels.cpp's q8_blocks.
     state_dtypes = NativeBackend.state_dtypes | {STATE_8BIT}
+    tangent_dtypes = NativeBackend.tangent_dtypes | {STATE_8BIT}
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return torch.device(device).type == "cpu" and dtype in DTYPE_CODES

@@ -22,7 +22,8 @@ from . import abi, segments
 from .base import AdamodKernelConfig, DeviceScalars, MadaKernelConfig, Segments
 
 DTYPE_CODES: dict[torch.dtype, int] = {getattr(torch, name): code for name, code in abi.DTYPES.items()}
-# Call.state_dtype of each bucket state dtype: a parameter dtype's code, or 8-bit codes.
+# Call.state_dtype (and Call.tangent_dtype) of each bucket state (tangent) dtype: a parameter
+# dtype's code, or 8-bit codes.
 STATE_CODES: dict[torch.dtype, int] = {**DTYPE_CODES, STATE_8BIT: abi.STATE_8BIT}
 _F32, _F64 = torch.float32, torch.float64
 _MAX_FIXED = 64  # packed fixed parts kept per bucket (one per pass and group configuration)
@@ -134,6 +135,9 @@ class NativeBackend:
                 self._check("kahan_comp", bucket.comp, dev, torch.bfloat16, bucket.numel)
             if bucket.tangents is not None:
                 segments.check_rows(self.name, "tangents", bucket.tangents, dev, bucket.tangent_dtype, bucket.numel)
+            if bucket.tangent_scales is not None:
+                segments.check_rows(self.name, "tangent scales", bucket.tangent_scales, dev, _F32,
+                                    bucket.numel // quant8.BLOCK)
             known = self._known[bucket] = {"tensors": list(map(id, tensors)), "scalars": None, "coef": None,
                                            "fixed": {}}
         scalars = (sc.lr, sc.weight_decay)
@@ -158,12 +162,14 @@ class NativeBackend:
             consts = (cfg.eps, cfg.mod_beta, *cfg.lion_betas)
         return abi.pack_fixed(
             op=op, variant=variant, dtype=DTYPE_CODES[bucket.dtype], state_dtype=STATE_CODES[bucket.state_dtype],
-            sr_seed=sc.sr_seed, tangent_dtype=DTYPE_CODES[bucket.tangent_dtype], learn_mask=abi.mask_of(learn),
+            sr_seed=sc.sr_seed, tangent_dtype=STATE_CODES[bucket.tangent_dtype], learn_mask=abi.mask_of(learn),
             maximize=maximize, vbar_detach=vbar_detach, device=self._device_index(bucket.device),
             state_numel=bucket.numel, num_groups=sc.lr.numel(), num_params=len(bucket.params),
             lr=sc.lr.data_ptr(), wd=sc.weight_decay.data_ptr(), steps=bucket.steps.data_ptr(),
             state=segments.addresses(bucket.buffers, state_names),
             scales=segments.addresses(bucket.scales, state_names),
             tangents=segments.address(bucket.tangents if learn else None), tan_stride=bucket.tangent_stride,
+            tan_scales=segments.address(bucket.tangent_scales if learn else None),
+            tan_scale_stride=0 if bucket.tangent_scales is None else bucket.tangent_scales.stride(0),
             consts=consts, param_round=abi.PARAM_ROUNDS[bucket.param_round], comp=segments.address(bucket.comp),
         )

@@ -48,6 +48,10 @@ class _Slot:
         self.state = {name: quant8.dequantize(v, self.scales[name], quant8.is_signed(name)) if self.scales
                       else v.to(sd) for name, v in self.views.items()}
         self.tangents = None if bucket.tangents is None else bucket.tangents[:, lo:hi]
+        # 8-bit tangent rows: each row's block scales (docs/spec.md 5.5).
+        self.tangent_scales = (None if bucket.tangent_scales is None else
+                               bucket.tangent_scales[:, lo // quant8.BLOCK : lo // quant8.BLOCK
+                                                     + quant8.num_blocks(hi - lo)])
         g = seg.grads[i].view(-1).to(sd)
         if sc.grad_scale is not None:
             g = g / sc.grad_scale.reshape(()).to(sd)
@@ -85,6 +89,23 @@ class _Slot:
     def write(self, dst: torch.Tensor, new: torch.Tensor) -> None:
         """Store ``new`` unless GradScaler found an inf this step."""
         dst.copy_(new if self.skip is None else torch.where(self.skip, dst, new.to(dst.dtype)))
+
+    def read_tangents(self) -> Tensor:
+        """Last step's tangent rows (L, n) in the compute dtype: bf16 rows widen exactly,
+        8-bit rows decode (docs/spec.md 5.3, 5.5)."""
+        if self.tangent_scales is not None:
+            return quant8.dequantize_rows(self.tangents, self.tangent_scales)
+        return self.tangents.to(self.grad.dtype)
+
+    def write_tangent(self, row: int, j: int, new: Tensor) -> None:
+        """Store the new du/dk of coefficient ``j`` (canonical index) in tangent row ``row``;
+        8-bit rows encode it here, a block at a time (docs/spec.md 5.5)."""
+        if self.tangent_scales is None:
+            self.write(self.tangents[row], self.round_tangent(j, new))
+            return
+        codes, scale = quant8.quantize(new, True)
+        self.write(self.tangents[row], codes)
+        self.write(self.tangent_scales[row], scale)
 
     def write_state(self, name: str, new: torch.Tensor) -> None:
         """Store a state buffer's new values; 8-bit state quantizes them here, a block at a
@@ -198,8 +219,8 @@ def _blend(a: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _accumulate_dot(slot: _Slot, dot_out: torch.Tensor) -> None:
-    # bf16 rows widen exactly; each product is rounded in the compute dtype, as the kernels do.
-    part = (slot.grad.unsqueeze(0) * slot.tangents.to(slot.grad.dtype)).sum(dim=1, dtype=torch.float64)
+    # Stored rows read as the compute dtype; each product is rounded in it, as the kernels do.
+    part = (slot.grad.unsqueeze(0) * slot.read_tangents()).sum(dim=1, dtype=torch.float64)
     dot_out.add_(part if slot.skip is None else torch.where(slot.skip, 0.0, part))
 
 
@@ -348,7 +369,7 @@ def _mada_slot(slot: _Slot, coef: Tensor, cfg: MadaKernelConfig, want_tangents: 
     theta, tan = mada_apply(k, slot.theta, x, slot.state, new, cfg, want_tangents, slot.round)
     if tan is not None:
         for row, j in enumerate(cfg.learn):
-            slot.write(slot.tangents[row], slot.round_tangent(j, tan[j]))
+            slot.write_tangent(row, j, tan[j])
     for name, value in new.items():
         slot.write_state(name, value)
     slot.store_param(theta)
@@ -391,8 +412,8 @@ def adamod_element(k: AdamodScalars, g: Tensor, theta: Tensor, st: dict[str, Ten
 class ReferenceBackend:
     name = "reference"
 
-    tangent_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
-    state_dtypes = tangent_dtypes | {STATE_8BIT}
+    tangent_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16, STATE_8BIT))
+    state_dtypes = tangent_dtypes
     param_rounds = frozenset(PARAM_ROUNDS)
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:

@@ -35,8 +35,9 @@ def _import_kernels():
 
 class TritonBackend:
     name = "triton"
-    tangent_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16))
-    state_dtypes = tangent_dtypes | {STATE_8BIT}
+    # 8-bit state and tangent rows (docs/spec.md 5.4, 5.5): kernels.py's _get and _put.
+    tangent_dtypes = frozenset((torch.float32, torch.float64, torch.bfloat16, STATE_8BIT))
+    state_dtypes = tangent_dtypes
     param_rounds = frozenset(PARAM_ROUNDS)
 
     def __init__(self, kernels) -> None:
