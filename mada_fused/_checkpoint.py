@@ -90,9 +90,11 @@ def _param_state(opt: FusedOptimizer, st: Any, p: torch.Tensor, i: int) -> Mappi
     # Kahan summation's compensation may be there or not, whatever this optimizer keeps:
     # absent, it starts at 0; kept by the checkpoint only, it is dropped (docs/spec.md 5.2).
     given = set(st) - {KAHAN_COMP} if isinstance(st, Mapping) else set()
+    # Blocks are per local shard: a DTensor parameter's scales are its rank's, a plain tensor.
+    blocks = quant8.num_blocks(local_shape(p).numel())
     for n in sorted(coded):
         if isinstance(st, Mapping) and isinstance(st.get(n), torch.Tensor) and st[n].dtype == quant8.CODE_DTYPE:
-            expected[f"{n}_scale"] = expected[n][: len(expected[n]) - p.dim()] + (quant8.num_blocks(p.numel()),)
+            expected[f"{n}_scale"] = expected[n][: len(expected[n]) - p.dim()] + (blocks,)
     if not isinstance(st, Mapping) or given != set(expected):
         got = sorted(st) if isinstance(st, Mapping) else type(st).__name__
         raise ValueError(f"state of parameter {i} has entries {got}, expected {sorted(expected)}")

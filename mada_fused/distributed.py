@@ -8,6 +8,8 @@ all-reduce, and checkpointing with torch.distributed.checkpoint (DCP).
   as DTensors with the parameter's mesh and placements, so DCP saves and
   reshards them like the parameters. MADA's hyper-gradient is a sum over all
   elements, so each rank's partial sum is all-reduced (:class:`ShardSum`).
+- 8-bit state: blocks are per local shard, so the scales are plain per-rank
+  tensors; DCP gets the codes decoded to bf16 DTensors instead (:func:`_dcp_form`).
 
 Nothing here imports ``torch.distributed.tensor`` eagerly (it costs seconds);
 a DTensor can only exist once someone else has imported it.
@@ -88,6 +90,10 @@ def _shifted(placement: Any) -> Any:
     return type(placement)(placement.dim + 1, **kwargs)
 
 
+# 8-bit codes' scales are the entry ``name + _SCALE`` beside the codes ``name`` (quant8).
+_SCALE = "_scale"
+
+
 def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     stride, acc = [], 1
     for n in reversed(shape):
@@ -103,6 +109,9 @@ def param_state(p: torch.Tensor, views: dict[str, torch.Tensor]) -> dict[str, to
     writes straight into the flat buffers. ``step`` stays a plain 0-d tensor, as
     in torch.optim: it is the same on every rank (replicated). ``tangents`` has
     shape ``(L, *p.shape)``, so a shard of dim ``d`` of ``p`` is one of its dim ``d + 1``.
+    8-bit codes are DTensors like the values they stand for; their ``{name}_scale``
+    stay plain tensors, this rank's: blocks are per local shard and no placement
+    describes them (DCP sees the codes decoded instead, :func:`get_optimizer_state_dict`).
     """
     if not is_dtensor(p):
         return views
@@ -110,7 +119,7 @@ def param_state(p: torch.Tensor, views: dict[str, torch.Tensor]) -> dict[str, to
     mesh, placements = p.device_mesh, tuple(p.placements)
     out = {}
     for name, view in views.items():
-        if name == "step":
+        if name == "step" or name.endswith(_SCALE):
             out[name] = view
             continue
         shape, where = tuple(p.shape), placements
@@ -211,11 +220,16 @@ def get_optimizer_state_dict(
     Per-parameter state comes keyed by parameter name, DTensors for sharded
     parameters; the ``'mada'`` entries (coefficients, bucket layout) are the same on
     every rank, so DCP saves them once. Save it with ``dcp.save`` and restore with
-    :func:`set_optimizer_state_dict`.
+    :func:`set_optimizer_state_dict`. 8-bit state comes decoded, as bf16 values
+    (:func:`_dcp_form`), so that it reshards like any other state.
     """
     from torch.distributed.checkpoint import state_dict as dsd
 
-    osd = dsd.get_optimizer_state_dict(model, optimizer, options=options)
+    handle = optimizer.register_state_dict_post_hook(_dcp_form)
+    try:
+        osd = dsd.get_optimizer_state_dict(model, optimizer, options=options)
+    finally:
+        handle.remove()
     # Asked after torch's call, which may have allocated the state (a zero-grad
     # step with lr 0 on a fresh optimizer). Only the small 'mada' part is kept.
     extra = optimizer.state_dict().get("mada")
@@ -259,9 +273,48 @@ def set_optimizer_state_dict(
                   if isinstance(b, list) else b for b in extra["buckets"]]
         return {**sd, "mada": {**extra, "buckets": layout}}
 
-    handle = optimizer.register_load_state_dict_pre_hook(restore)
+    handles = [optimizer.register_load_state_dict_pre_hook(restore),
+               # torch reads the optimizer's own state_dict while loading (to allocate or
+               # distribute the state): it must see the form it saved.
+               optimizer.register_state_dict_post_hook(_dcp_form)]
     try:
         rest = {k: v for k, v in optim_state_dict.items() if k != "mada"}
         dsd.set_optimizer_state_dict(model, optimizer, rest, options=options)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def _dcp_form(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> dict[str, Any] | None:
+    """A state_dict post hook: ``sd`` with every 8-bit entry (state buffers and tangent
+    rows: codes with their ``{name}_scale``) replaced by its decoded values, bf16 tensors
+    or DTensors like the codes (docs/spec.md 5.4, 5.5). The scales are per local shard:
+    no placement describes them, and DCP could not reshard them; values reshard like
+    parameters. bf16 loses nothing: a code's value has 4 significant bits and is 0 or at
+    least 2^-126, and encoding it again under the same blocks gives the same code and
+    scale. The per-parameter dicts are the optimizer's own (torch.optim packs them as
+    they are): replaced, never changed."""
+    from . import quant8
+
+    state = {}
+    for key, st in sd["state"].items():
+        coded = [n for n, t in st.items() if isinstance(n, str) and n + _SCALE in st
+                 and isinstance(t, torch.Tensor) and t.dtype == quant8.CODE_DTYPE]
+        if coded:
+            st = dict(st)
+            for n in coded:
+                st[n] = _decoded(n, st[n], st.pop(n + _SCALE))
+        state[key] = st
+    return {**sd, "state": state}
+
+
+def _decoded(name: str, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The bf16 values of 8-bit ``codes`` (a DTensor: its local shard, re-wrapped alike)."""
+    from .flat_state import _decode
+
+    local = local_tensor(codes)
+    values = _decode(name, local, scale).to(torch.bfloat16).view(local.shape)
+    if not is_dtensor(codes):
+        return values
+    return _dtensor_type().from_local(values, codes.device_mesh, codes.placements, run_check=False,
+                                      shape=codes.shape, stride=codes.stride())

@@ -29,9 +29,11 @@ def state_dtype_name(state_dtype: torch.dtype) -> str:
 
 def bucket_state_dtype(param: torch.Tensor, requested: torch.dtype) -> torch.dtype:
     """The state dtype of ``param``'s bucket: 8-bit state leaves parameters under
-    quant8.MIN_NUMEL elements (local shard) in fp32, as bitsandbytes does."""
+    quant8.MIN_NUMEL elements in fp32, as bitsandbytes does. A DTensor counts its
+    global elements, so every rank (and a single process) decides alike for one
+    parameter, whatever the sharding (docs/spec.md 5.4)."""
     dtype = state_dtype_for(param.dtype, requested)
-    if dtype == STATE_8BIT and local_shape(param).numel() < quant8.MIN_NUMEL:
+    if dtype == STATE_8BIT and param.numel() < quant8.MIN_NUMEL:
         return torch.float32
     return dtype
 

@@ -16,9 +16,9 @@ import torch
 
 from . import _checkpoint, _checks, backends
 from .backends.base import Backend, DeviceScalars, Segments
-from .distributed import is_dtensor, local_pair, local_tensor, param_state
+from .distributed import local_pair, local_tensor, param_state
 from ._lru import LruCache
-from .flat_state import STATE_8BIT, Bucket, bucket_state_dtype, param_round_for, state_dtype_for
+from .flat_state import Bucket, bucket_state_dtype, param_round_for, state_dtype_for
 
 @dataclass(frozen=True)
 class Work:
@@ -306,9 +306,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                                          "materialize it first (e.g. module.to_empty(device=...))")
                     if at is not None:
                         _checks.same_shape(p, at[2][2])
-                    if self._state_dtype == STATE_8BIT and is_dtensor(p):
-                        raise ValueError("state_dtype='8bit' does not take DTensor (FSDP2) parameters yet: "
-                                         "its block scales have no sharded form in a state_dict")
                     (fresh if at is None else moved).append(p)
                 local, lg = local_pair(p, g)  # a DTensor's local shard
                 if at is not None and lg is not g and lg.shape != at[0].shapes[at[1]]:

@@ -109,6 +109,23 @@ def test_round_trip_error_bounds_and_every_code_decodes_to_itself(signed):
             assert torch.equal(quant8.q8_encode(-values[1:], unit[1:], signed), mags[1:] | 0x80)
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_codes_decoded_to_bf16_encode_back_to_the_same_codes_and_scales(signed):
+    """The DCP form of 8-bit state (distributed._dcp_form, docs/spec.md 5.4): a code's value
+    has 4 significant bits and is 0 or at least 2^-126, so bf16 holds it exactly, and the
+    block's largest one stays in the top binade, so its scale comes back too; blocks at
+    scales from 2^-126 (values down to the fp32 normal limit and below) to 2^96 and more."""
+    exps = torch.arange(-170, 100, 7).repeat_interleave(256)
+    x = _wide(len(exps), 2, signed) * 2.0 ** exps
+    codes, scale = quant8.quantize(x, signed)
+    assert scale.min().item() == 2.0 ** -126 and scale.max().item() >= 2.0 ** 96 and scale.isfinite().all()
+    values = quant8.dequantize(codes, scale, signed)
+    assert torch.equal(values.to(torch.bfloat16).float(), values)
+    assert ((values == 0) | (values.abs() >= 2.0 ** -126)).all()
+    again = quant8.quantize(values.to(torch.bfloat16).float(), signed)
+    assert torch.equal(again[0], codes) and torch.equal(again[1], scale)
+
+
 def test_a_block_with_an_inf_or_nan_is_lost_and_the_others_are_not():
     x = torch.randn(1024)
     x[3], x[700] = float("inf"), float("nan")
