@@ -25,6 +25,10 @@ Environment:
   MADA_SANITIZE     e.g. "address,undefined": instrument the CPU extension with
                     these sanitizers (.ci/sanitize_cpu.sh), objects in a build
                     folder of their own
+  MADA_OBJECTS      a folder for the objects that outlives the build (default: the build's
+                    temporary one): scripts/setup_env.sh and .ci/wheel_smoke.sh share one, so
+                    the wheel, built in pip's isolated env, links the CPU kernel objects the
+                    editable install compiled (ninja rebuilds any whose command or headers changed)
   MAX_JOBS          parallel compile jobs; CXX, MADA_NVCC_FLAGS as usual
 """
 from __future__ import annotations
@@ -326,11 +330,14 @@ def cpu_jobs(tmp: str, includes: list[str], out: str, cuda_status: str) -> list[
     # A sanitized build checks memory and UB, which the source decides, not the ISA: the
     # portable objects alone (the AVX2 ones are the same kernels.cpp) keep the CI job short.
     isas = CPU_ISAS[:1] if sanitize_flags() else CPU_ISAS
+    # kernels.cpp includes csrc/ only: without the build env's pybind11 and Python paths its
+    # command is the same in every build, so a shared MADA_OBJECTS folder reuses its objects.
+    csrc_only = ["-I" + CSRC]
     for isa, isa_flags, dtypes in isas:
         for dt in dtypes:
             obj = os.path.join(tmp, f"kernels_{isa}_{dt}.o")
             defs = [f"-DMADA_PARAM_CODE={CPU_DTYPES[dt]}", f"-DMADA_TABLE=kernels_{isa}_{dt}"]
-            argv = [CXX, *flags, *isa_flags, *defs, *includes, "-MMD", "-MF", obj + ".d",
+            argv = [CXX, *flags, *isa_flags, *defs, *csrc_only, "-MMD", "-MF", obj + ".d",
                     "-c", os.path.join(src, "kernels.cpp"), "-o", obj]
             jobs.append(Job(obj, [os.path.join(src, "kernels.cpp")], argv, f"CXX[{isa}]"))
             objs.append(obj)
@@ -417,7 +424,7 @@ class BuildExt(build_ext):
 
         # Sanitized objects never mix with the normal ones.
         folder = "mada_fused-sanitize" if sanitize_flags() else "mada_fused"
-        tmp = os.path.abspath(os.path.join(self.build_temp, folder))
+        tmp = os.path.abspath(os.path.join(os.environ.get("MADA_OBJECTS") or self.build_temp, folder))
         os.makedirs(tmp, exist_ok=True)
         includes = ["-I" + CSRC, "-I" + pybind11.get_include(), "-I" + sysconfig.get_paths()["include"],
                     "-I" + tmp]

@@ -2,8 +2,9 @@
 # The CUDA kernels on the CPU under the sanitizers (tests/native/cuda_on_cpu_driver):
 #  1. AddressSanitizer + UndefinedBehaviorSanitizer (alignment checks included),
 #  2. ThreadSanitizer.
-# Each build runs the driver's checks, which must pass with no report, then the
-# planted bugs, each of which its sanitizer must report:
+# Each build runs the driver's checks (the ASan one through pytest: tests/test_cuda_on_cpu.py's
+# native_driver tests, which also compare its conversions with torch's), which must pass with
+# no report, then the planted bugs, each of which its sanitizer must report:
 #   overrun     a segment one element longer than its state (index off by one)  ASan
 #   misaligned  the 16-byte vector path on a misaligned pointer                  UBSan
 #   no-sync     __syncthreads() removed                                           TSan
@@ -58,7 +59,10 @@ time "$root/tests/native/build_driver.sh" "$work/asan" -O0 -fno-omit-frame-point
 drv="$work/asan/cuda_on_cpu_driver"
 if [ -x "$drv" ]; then
   export ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1
-  clean_run asan "$drv"
+  # The driver's checks, and its conversions against torch's: tests/test_cuda_on_cpu.py's
+  # native_driver tests on this build (scripts/test.sh's test suite leaves them to this job).
+  clean_run asan env MADA_CUDA_ON_CPU_DRIVER="$drv" "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider \
+    -m native_driver "$root/tests/test_cuda_on_cpu.py"
   planted_run asan-overrun "AddressSanitizer: heap-buffer-overflow" "$drv" --plant overrun
   planted_run ubsan-misaligned "misaligned address [^ ]* for type '[a-z ]*uint4'" "$drv" --plant misaligned
 fi

@@ -2,13 +2,14 @@
 # Issue #8's wheel job. Builds a wheel (CPU extension + CUDA extension for one
 # arch, in pip's isolated build env, which has no torch), checks what is in it,
 # installs it into a FRESH venv with torch==2.13.0 (the CPU wheel that pip's
-# configured find-links provide: a looser pin would pull GBs of CUDA packages)
-# and runs a smoke test plus the CPU-backend tests there, against the
-# installed wheel, not the source tree.
+# configured find-links provide: a looser pin would pull GBs of CUDA packages;
+# when $PYTHON's environment has that torch, the venv sees it instead of
+# installing it again) and runs a smoke test plus the extensions' tests there,
+# against the installed wheel, not the source tree.
 #
 #   MADA_WHEEL_ARCH   CUDA arch to build (default 80: one arch keeps it fast)
 #   MADA_BUILD_CUDA   1 (default): fail without nvcc; auto: CPU-only if none
-#   MADA_WHEEL_TORCH  torch requirement for the venv (default torch==2.13.0)
+#   MADA_WHEEL_TORCH  torch requirement for the venv, installed there (default: torch==2.13.0, or $PYTHON's if it has that)
 #   MAX_JOBS          parallel compile jobs (default: all cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,12 +23,15 @@ START=$SECONDS
 step() { echo "== [$((SECONDS - START))s] $*"; }
 
 step "pip wheel . (MADA_CUDA_ARCHS=$ARCH, MADA_BUILD_CUDA=$MADA_BUILD_CUDA)"
-if ! MADA_CUDA_ARCHS=$ARCH "$PY" -m pip wheel . --no-deps -w "$WORK/dist" -v >"$WORK/build.log" 2>&1; then
+# The CPU kernel objects scripts/setup_env.sh compiled (build/objects) are linked as they are:
+# their command lines are the same in pip's isolated env (build_support.py, MADA_OBJECTS).
+if ! MADA_OBJECTS=${MADA_OBJECTS:-$ROOT/build/objects} MADA_CUDA_ARCHS=$ARCH "$PY" -m pip wheel . --no-deps -w "$WORK/dist" -v >"$WORK/build.log" 2>&1; then
     tail -n 60 "$WORK/build.log"
     echo "wheel build FAILED" >&2
     exit 1
 fi
 grep "mada-fused:" "$WORK/build.log" | sort -u
+echo "compiled: $(grep -oE '\[[0-9]+/[0-9]+\] (CXX|NVCC)[^ ]* [^ ]+' "$WORK/build.log" | awk '{print $3}' | xargs -r -n1 basename | xargs)"
 WHEEL=$(ls "$WORK"/dist/mada_fused-*.whl)
 echo "built $(basename "$WHEEL") ($(du -h "$WHEEL" | cut -f1))"
 
@@ -51,12 +55,23 @@ assert torch_reqs == ["Requires-Dist: torch>=2.4"], torch_reqs
 print(f"ok: {len(names)} files; requires {torch_reqs[0].split(': ')[1]}")
 EOF
 
-step "fresh venv with ${MADA_WHEEL_TORCH:-torch==2.13.0} + the wheel"
-"$PY" -m venv "$WORK/venv"
-VPY="$WORK/venv/bin/python"
 # (grep: pip's configured extra index lists names it has no folder for, one warning each)
-"$VPY" -m pip install -q "${MADA_WHEEL_TORCH:-torch==2.13.0}" numpy pytest "$WHEEL" 2>&1 \
-    | { grep -v "^WARNING: Location 'file:" || true; }
+quiet_pip() { "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; }
+if [ -z "${MADA_WHEEL_TORCH:-}" ] && "$PY" -c 'import numpy, pytest, torch; assert torch.__version__.split("+")[0] == "2.13.0"' 2>/dev/null; then
+    # $PY's environment has them (CI: .venv): the fresh venv sees its site-packages through a
+    # .pth line, after its own, without running that folder's .pth files, so .venv's editable
+    # install of this checkout stays invisible; pip still checks the wheel's torch requirement.
+    step "fresh venv seeing $PY's torch $("$PY" -c 'import torch; print(torch.__version__)'), numpy and pytest + the wheel"
+    "$PY" -m venv --without-pip "$WORK/venv"
+    VPY="$WORK/venv/bin/python"
+    "$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/outer.pth"
+    quiet_pip "$PY" -m pip --python "$VPY" install -q "$WHEEL"
+else
+    step "fresh venv with ${MADA_WHEEL_TORCH:-torch==2.13.0} + the wheel"
+    "$PY" -m venv "$WORK/venv"
+    VPY="$WORK/venv/bin/python"
+    quiet_pip "$VPY" -m pip install -q "${MADA_WHEEL_TORCH:-torch==2.13.0}" numpy pytest "$WHEEL"
+fi
 
 step "smoke test in the venv"
 cd "$WORK"  # nothing from the source tree is importable from here

@@ -17,5 +17,7 @@ python -m pip install -q "torch==2.13.0"
 if [ "${CI:-}" = "true" ]; then export MADA_BUILD_CUDA=${MADA_BUILD_CUDA:-0}; fi
 # The CUDA sources built by the host compiler (backend="cuda_on_cpu"): how CI tests the CUDA kernels.
 export MADA_BUILD_CUDA_ON_CPU=${MADA_BUILD_CUDA_ON_CPU:-1}
+# Objects kept in build/objects: a rerun recompiles what changed, and the wheel job reuses them.
+export MADA_OBJECTS=${MADA_OBJECTS:-$PWD/build/objects}
 MADA_CUDA_ARCHS=${MADA_CUDA_ARCHS:-90} python -m pip install -q -e ".[test,triton,bench]"
 python -m mada_fused.info

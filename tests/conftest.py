@@ -109,3 +109,12 @@ def two_layer():
 def pytest_configure(config):
     # torch emits this from its own internals the first time forward-mode AD runs
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+    config.addinivalue_line("markers", "native_driver: builds and runs tests/native's cuda_on_cpu_driver; "
+                            "scripts/test.sh leaves these to .ci/cuda_on_cpu_sanitize.sh, which builds it anyway")
+
+
+def pytest_collection_modifyitems(items):
+    """Marks every test that uses test_cuda_on_cpu.py's ``driver`` fixture native_driver."""
+    for item in items:
+        if item.path.name == "test_cuda_on_cpu.py" and "driver" in getattr(item, "fixturenames", ()):
+            item.add_marker("native_driver")
