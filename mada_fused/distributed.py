@@ -310,10 +310,10 @@ def _dcp_form(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> dict[str,
 
 def _decoded(name: str, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The bf16 values of 8-bit ``codes`` (a DTensor: its local shard, re-wrapped alike)."""
-    from .flat_state import _decode
+    from .quant8 import decode_entry
 
     local = local_tensor(codes)
-    values = _decode(name, local, scale).to(torch.bfloat16).view(local.shape)
+    values = decode_entry(name, local, scale).to(torch.bfloat16).view(local.shape)
     if not is_dtensor(codes):
         return values
     return _dtensor_type().from_local(values, codes.device_mesh, codes.placements, run_check=False,

@@ -211,14 +211,13 @@ class Bucket:
         for name, buf in self.buffers.items():
             out[name] = buf[lo:hi].view(shape)
         for name, buf in self.scales.items():
-            out[f"{name}_scale"] = buf[lo // quant8.BLOCK : lo // quant8.BLOCK + quant8.num_blocks(hi - lo)]
+            out[f"{name}_scale"] = buf[quant8.blocks_of(lo, hi)]
         if self.comp is not None:
             out[KAHAN_COMP] = self.comp[lo:hi].view(shape)
         if self.tangents is not None:
             out["tangents"] = self.tangents[:, lo:hi].view(len(self.tangents), *shape)
         if self.tangent_scales is not None:
-            out["tangents_scale"] = self.tangent_scales[:, lo // quant8.BLOCK : lo // quant8.BLOCK
-                                                        + quant8.num_blocks(hi - lo)]
+            out["tangents_scale"] = self.tangent_scales[:, quant8.blocks_of(lo, hi)]
         return out
 
     @property
@@ -248,9 +247,9 @@ class Bucket:
                     mine[name].copy_(t)
                     mine[scale_name].copy_(scale)
                     continue
-                t = _decode(name, t.to(self.device), scale.to(self.device))
+                t = quant8.decode_entry(name, t.to(self.device), scale.to(self.device))
             if scale_name in mine:
-                codes, scale = _encode(name, t.to(self.device, torch.float32))
+                codes, scale = quant8.encode_entry(name, t.to(self.device, torch.float32))
                 mine[name].copy_(codes.view(mine[name].shape))
                 mine[scale_name].copy_(scale)
             else:
@@ -272,16 +271,3 @@ class Bucket:
             out.append(self.tangent_scales)
         return out
 
-
-def _decode(name: str, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The fp32 values of a saved 8-bit buffer or of 8-bit tangent rows (as (L, n))."""
-    if name == "tangents":
-        return quant8.dequantize_rows(codes.reshape(len(codes), -1), scale)
-    return quant8.dequantize(codes, scale, quant8.is_signed(name))
-
-
-def _encode(name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, scales) of a buffer's or the tangent rows' fp32 values, as a step stores them."""
-    if name == "tangents":
-        return quant8.quantize_rows(x.reshape(len(x), -1))
-    return quant8.quantize(x.reshape(-1), quant8.is_signed(name))

@@ -125,3 +125,23 @@ def dequantize_rows(codes: Tensor, scales: Tensor) -> Tensor:
 
 def num_blocks(numel: int) -> int:
     return -(-numel // BLOCK)
+
+
+def blocks_of(lo: int, hi: int) -> slice:
+    """The scales of flat elements ``[lo, hi)``, ``lo`` on a block boundary (a parameter's)."""
+    return slice(lo // BLOCK, lo // BLOCK + num_blocks(hi - lo))
+
+
+def decode_entry(name: str, codes: Tensor, scale: Tensor) -> Tensor:
+    """The fp32 values of a saved 8-bit state buffer ``name`` or of 8-bit tangent rows
+    (``"tangents"``, as (L, n))."""
+    if name == "tangents":
+        return dequantize_rows(codes.reshape(len(codes), -1), scale)
+    return dequantize(codes, scale, is_signed(name))
+
+
+def encode_entry(name: str, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(codes, scales) of a state buffer's or the tangent rows' fp32 values, as a step stores them."""
+    if name == "tangents":
+        return quantize_rows(x.reshape(len(x), -1))
+    return quantize(x.reshape(-1), is_signed(name))

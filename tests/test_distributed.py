@@ -541,7 +541,7 @@ def test_dcp_8bit_state_saved_on_two_ranks_loads_on_one(ranks, name):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     from mada_fused import distributed as md
-    from mada_fused.flat_state import _encode
+    from mada_fused.quant8 import encode_entry
 
     res = result(ranks, f"dcp_{name}_8bit")[0]
     base, storage = Q8_DCP[name]
@@ -560,7 +560,7 @@ def test_dcp_8bit_state_saved_on_two_ranks_loads_on_one(ranks, name):
             if k == "step":
                 continue
             if v.dtype == BF16:
-                codes, scale = _encode(k, v.float())
+                codes, scale = encode_entry(k, v.float())
                 assert torch.equal(st[k].reshape(codes.shape), codes) and torch.equal(st[f"{k}_scale"], scale), (fqn, k)
             else:
                 assert torch.equal(st[k], v), (fqn, k)

@@ -43,15 +43,13 @@ class _Slot:
         sd = compute_dtype_for(bucket.state_dtype)  # bf16 and 8-bit state are only storage
         self.views = {name: buf[lo:hi] for name, buf in bucket.buffers.items()}
         # 8-bit state: each buffer's block scales (its offset is a whole number of blocks).
-        self.scales = {name: buf[lo // quant8.BLOCK : lo // quant8.BLOCK + quant8.num_blocks(hi - lo)]
-                       for name, buf in bucket.scales.items()}
+        self.scales = {name: buf[quant8.blocks_of(lo, hi)] for name, buf in bucket.scales.items()}
         self.state = {name: quant8.dequantize(v, self.scales[name], quant8.is_signed(name)) if self.scales
                       else v.to(sd) for name, v in self.views.items()}
         self.tangents = None if bucket.tangents is None else bucket.tangents[:, lo:hi]
         # 8-bit tangent rows: each row's block scales (docs/spec.md 5.5).
-        self.tangent_scales = (None if bucket.tangent_scales is None else
-                               bucket.tangent_scales[:, lo // quant8.BLOCK : lo // quant8.BLOCK
-                                                     + quant8.num_blocks(hi - lo)])
+        self.tangent_scales = (None if bucket.tangent_scales is None
+                               else bucket.tangent_scales[:, quant8.blocks_of(lo, hi)])
         g = seg.grads[i].view(-1).to(sd)
         if sc.grad_scale is not None:
             g = g / sc.grad_scale.reshape(()).to(sd)
